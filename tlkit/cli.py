@@ -1,0 +1,218 @@
+"""Command line: YAML -> config -> flag overrides -> one library call -> exit code. argparse only.
+
+Every `FinetuneConfig` field is a flag (`--field-name`), its help taken from the dataclass docstring, so
+flags, YAML keys and the Python API cannot drift apart.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+import traceback
+import typing
+from typing import Any, Callable
+
+from tlkit import config as C
+from tlkit.errors import ConfigError, TlkitError
+
+CHOICES = {
+    "augment": C.AUGMENT_PRESETS, "cache": C.CACHE_CHOICES, "strategy": C.STRATEGIES, "optimizer": C.OPTIMIZERS,
+    "schedule": C.SCHEDULES, "precision": C.PRECISIONS, "xla": C.XLA_CHOICES, "distribute": C.DISTRIBUTE_CHOICES,
+}
+METAVARS = {"dataset": "NAME", "image_dir": "DIR", "data_dir": "DIR", "base": "NAME|PATH.keras",
+            "weights": "imagenet|none|PATH", "output_dir": "DIR", "early_stopping": "PATIENCE"}
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """Parses the `Attributes:` section of a dataclass docstring into {name: text}."""
+    doc = cls.__doc__ or ""
+    out: dict[str, str] = {}
+    part = doc.split("Attributes:", 1)[-1]
+    current = None
+    for line in part.splitlines():
+        m = re.match(r"^\s{8}(\w+): (.*)$", line)
+        if m:
+            current = m.group(1)
+            out[current] = m.group(2).strip()
+        elif current and line.strip():
+            out[current] += " " + line.strip()
+    return {k: v.replace("%", "%%").replace("`", "") for k, v in out.items()}
+
+
+def _field_type(cls: type, name: str) -> type:
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Adds one flag per config field (default None: only given flags override the YAML/defaults)."""
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML configuration (nested sections or flat keys); "
+                        "flags override it.")
+    groups = list(C.SECTIONS.items()) + [("run", C.FinetuneConfig)]
+    for section, cls in groups:
+        group = parser.add_argument_group(f"{section} options")
+        docs = _attribute_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in C.SECTIONS or f.name in skip:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            typ = _field_type(cls, f.name)
+            help_text = docs.get(f.name, "")
+            if typ is bool:
+                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            else:
+                group.add_argument(flag, dest=f.name, type=typ, default=None, choices=CHOICES.get(f.name),
+                                   metavar=METAVARS.get(f.name, f.name.upper() if f.name not in CHOICES else None),
+                                   help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> C.FinetuneConfig:
+    """Defaults <- YAML (`--config`) <- flags."""
+    cfg = C.load_config(args.config) if getattr(args, "config", None) else C.FinetuneConfig()
+    index = C.field_index()
+    given = {k: v for k, v in vars(args).items() if k in index and v is not None}
+    return C.config_from_dict(given, cfg)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="Show the full traceback of an error.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tlkit", description="Transfer learning for Keras 3: fine-tune pretrained "
+                                     "backbones on TFDS datasets or image folders, evaluate, inspect.")
+    _add_common(parser)
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+
+    p = sub.add_parser("finetune", help="Fine-tune a pretrained backbone and write a run folder.",
+                       description="Fine-tune a pretrained backbone. Outputs in --output-dir: config.yaml, labels.txt, "
+                       "model.keras, history.csv, metrics.json. Example: tlkit finetune --base resnet50 --dataset "
+                       "oxford_flowers102")
+    add_config_flags(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="Evaluate a run folder or .keras model on a dataset split.",
+                       description="Evaluate a model: prints a table and writes metrics.json (loss, top-1, top-5, "
+                       "mean per-class accuracy, per-class precision/recall/F1).")
+    p.add_argument("model", metavar="MODEL", help="A run folder (model.keras + labels.txt) or a .keras file.")
+    p.add_argument("--dataset", metavar="NAME", help="TFDS name or shapes (default: the run's own data).")
+    p.add_argument("--image-dir", metavar="DIR", help="A folder of class sub-folders (default: the run's own data).")
+    p.add_argument("--data-dir", metavar="DIR", help="TensorFlow Datasets data folder.")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="Split to evaluate (test falls back to val when there is none). Default: test.")
+    p.add_argument("--batch-size", type=int, default=None, help="Batch size (default: the run's, else 32).")
+    p.add_argument("--output-dir", metavar="DIR", default=None,
+                   help="Where to write metrics.json (default: RUN/eval-SPLIT for a run folder).")
+    p.add_argument("--json", action="store_true", help="Print the metrics as JSON instead of a table.")
+    _add_common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("info", help="Versions, devices, registered backbones and datasets.",
+                       description="Print versions, devices, registered backbones and datasets.")
+    p.add_argument("--json", action="store_true", help="Print as JSON.")
+    _add_common(p)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+VERB_REGISTRY: list[Callable[[Any], None]] = []
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from tlkit.train import finetune
+
+    finetune(config_from_args(args))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from tlkit.evaluate import evaluate, per_class_table, summary_table
+
+    data = C.DataConfig()
+    seed = 42
+    run_cfg = os.path.join(args.model, "config.yaml") if os.path.isdir(args.model) else None
+    if run_cfg and os.path.isfile(run_cfg):
+        rc = C.load_config(run_cfg)
+        data, seed = rc.data, rc.seed
+    if args.dataset or args.image_dir:
+        data = dataclasses.replace(data, dataset=args.dataset, image_dir=args.image_dir)
+    if args.data_dir:
+        data = dataclasses.replace(data, data_dir=args.data_dir)
+    if data.dataset is None and data.image_dir is None:
+        raise ConfigError("evaluate needs --dataset NAME or --image-dir DIR (or a run folder that names its data).")
+    m = evaluate(args.model, data, split=args.split, batch_size=args.batch_size, output_dir=args.output_dir, seed=seed)
+    if args.json:
+        print(json.dumps({k: v for k, v in m.items() if k != "confusion_matrix"}, indent=2))
+    else:
+        print(summary_table({m["split"]: m}))
+        print()
+        print(per_class_table(m))
+        if m.get("output_dir"):
+            print(f"\n[tlkit] metrics written to {os.path.join(m['output_dir'], 'metrics.json')}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import tlkit
+    from tlkit.backbones import get_backbone, list_backbones
+    from tlkit.data import list_datasets
+
+    versions = {"tlkit": tlkit.__version__, "python": sys.version.split()[0], "tensorflow": tf.__version__,
+                "keras": keras.__version__, "numpy": np.__version__}
+    for mod in ("keras_tuner", "tensorflow_datasets"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:  # optional at info time
+            versions[mod] = "not installed"
+    devices = [f"{d.device_type}:{d.name}" for d in tf.config.list_physical_devices()]
+    backbones = {n: {"input_size": get_backbone(n).default_size, "preprocess": get_backbone(n).preprocess}
+                 for n in list_backbones()}
+    info = {"versions": versions, "devices": devices, "backbones": backbones, "datasets": list_datasets(),
+            "note": "any TensorFlow Datasets image-classification name works with --dataset"}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print("versions:")
+    for k, v in versions.items():
+        print(f"  {k:20s} {v}")
+    print("devices:\n  " + "\n  ".join(devices))
+    print("backbones (--base):")
+    for n, b in backbones.items():
+        print(f"  {n:18s} {b['input_size']}px  preprocess={b['preprocess']}")
+    print("  or PATH.keras (your own backbone: raw 0-255 RGB in, features out)")
+    print("datasets (--dataset): " + ", ".join(list_datasets()) + ", or any TFDS image-classification name")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the tlkit command line; returns the exit code (0 ok, 2 user error, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed its one line
+        return int(e.code or 0)
+    debug = bool(getattr(args, "debug", False))
+    try:
+        return int(args.func(args) or 0)
+    except TlkitError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"tlkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tlkit: interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Where examples come from: TensorFlow Datasets, a folder of class sub-folders, or built-in `shapes`.
+
+Every source gives the same thing: a `Datasets` of `Split`s, each an unbatched `tf.data.Dataset` of
+`(image, label)` where `image` is either encoded bytes / a file path (decoded later, in parallel, by the
+pipeline) or an already decoded uint8 array. Nothing here knows about models.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from typing import Literal
+
+import numpy as np
+import tensorflow as tf
+
+from tlkit.config import DataConfig
+from tlkit.errors import DataError, OfflineError, suggest
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+DATASET_ALIASES = {"oxford_flowers": "oxford_flowers102", "flowers102": "oxford_flowers102"}
+BUILTIN_DATASETS = ("shapes",)
+
+
+@dataclasses.dataclass
+class Split:
+    """One split of a dataset.
+
+    Attributes:
+        ds: Unbatched `tf.data.Dataset` of `(image, label int64)`.
+        count: Number of examples.
+        kind: `encoded` (image is encoded bytes), `path` (image is a file path) or `decoded` (uint8 HxWx3).
+        files: For `path` splits, the file paths in order (for reporting and pictures).
+    """
+
+    ds: tf.data.Dataset
+    count: int
+    kind: Literal["encoded", "path", "decoded"]
+    files: list[str] | None = None
+
+
+@dataclasses.dataclass
+class Datasets:
+    """The splits of one dataset and its class names.
+
+    Attributes:
+        train: Training split.
+        val: Validation split (may be taken from train), or `None` when `val_split` is 0.
+        test: Test split, or `None` when the data has none.
+        class_names: Class names, index = label.
+        name: Short name for run folders and reports.
+        skipped: Files found but not usable (reported in the summary).
+    """
+
+    train: Split
+    val: Split | None
+    test: Split | None
+    class_names: list[str]
+    name: str
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def list_datasets() -> list[str]:
+    """Built-in dataset names and the TFDS aliases tlkit knows (any TFDS image classification name works)."""
+    return list(BUILTIN_DATASETS) + sorted(DATASET_ALIASES)
+
+
+def load_sources(cfg: DataConfig, image_size: int, seed: int = 42) -> Datasets:
+    """Finds the data named by `cfg` and returns its splits.
+
+    Args:
+        cfg: The `DataConfig`.
+        image_size: Model input size (the built-in dataset is drawn at this size).
+        seed: Seed of the train/validation split. Defaults to `42`.
+
+    Raises:
+        DataError: the data is missing or unusable. OfflineError: a download failed.
+    """
+    if cfg.image_dir is not None:
+        return _from_folder(cfg.image_dir, cfg.val_split, seed)
+    name = (cfg.dataset or "").strip()
+    if name == "shapes":
+        return _shapes(cfg.shapes_per_class, image_size, cfg.val_split, seed)
+    return _from_tfds(DATASET_ALIASES.get(name, name), cfg.data_dir, cfg.val_split)
+
+
+def _shapes(per_class: int, size: int, val_split: float, seed: int) -> Datasets:
+    from tlkit.data.shapes import CLASS_NAMES, make_shapes
+
+    def split(n: int, s: int) -> Split:
+        x, y = make_shapes(n, size, seed=s)
+        return Split(tf.data.Dataset.from_tensor_slices((x, y)), len(y), "decoded")
+
+    n_eval = max(1, int(round(per_class * max(val_split, 0.1))))
+    return Datasets(split(per_class, seed), split(n_eval, seed + 1) if val_split > 0 else None,
+                    split(n_eval, seed + 2), list(CLASS_NAMES), "shapes")
+
+
+# ---------------------------------------------------------------- image folders
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def scan_folder(root: str, class_names: list[str] | None = None) -> tuple[list[str], list[int], list[str]]:
+    """Lists the image files of a folder of class sub-folders, with a progress bar.
+
+    Returns:
+        `(files, labels, class_names)`; hidden and non-image files are ignored.
+    """
+    import keras
+
+    if class_names is None:
+        class_names = sorted(d for d in os.listdir(root)
+                             if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
+    files, labels = [], []
+    bar = keras.utils.Progbar(len(class_names), unit_name="class") if len(class_names) > 20 else None
+    for i, cname in enumerate(class_names):
+        folder = os.path.join(root, cname)
+        if os.path.isdir(folder):
+            for dirpath, dirnames, names in os.walk(folder):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for n in sorted(names):
+                    if _is_image(n):
+                        files.append(os.path.join(dirpath, n))
+                        labels.append(i)
+        if bar is not None:
+            bar.update(i + 1)
+    return files, labels, class_names
+
+
+def _path_split(files: list[str], labels: list[int]) -> Split:
+    ds = tf.data.Dataset.from_tensor_slices((tf.constant(files, tf.string), tf.constant(labels, tf.int64)))
+    return Split(ds, len(files), "path", list(files))
+
+
+def _from_folder(root: str, val_split: float, seed: int) -> Datasets:
+    if not os.path.isdir(root):
+        raise DataError(f"--image-dir {root!r} does not exist or is not a folder.")
+    subdirs = {d.lower(): d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))}
+    name = os.path.basename(os.path.normpath(root)) or "images"
+    if "train" in subdirs and any(k in subdirs for k in ("val", "validation", "test")):
+        train_dir = os.path.join(root, subdirs["train"])
+        files, labels, classes = scan_folder(train_dir)
+        _check_classes(train_dir, files, labels, classes)
+        val = test = None
+        vkey = "val" if "val" in subdirs else ("validation" if "validation" in subdirs else None)
+        if vkey:
+            vf, vl, _ = scan_folder(os.path.join(root, subdirs[vkey]), classes)
+            val = _path_split(vf, vl) if vf else None
+        if "test" in subdirs:
+            tf_, tl, _ = scan_folder(os.path.join(root, subdirs["test"]), classes)
+            test = _path_split(tf_, tl) if tf_ else None
+        if val is None and val_split > 0:
+            files, labels, vf, vl = _stratified_split(files, labels, val_split, seed)
+            val = _path_split(vf, vl)
+        return Datasets(_path_split(files, labels), val, test, classes, name)
+    files, labels, classes = scan_folder(root)
+    _check_classes(root, files, labels, classes)
+    val = None
+    if val_split > 0:
+        files, labels, vf, vl = _stratified_split(files, labels, val_split, seed)
+        val = _path_split(vf, vl)
+    return Datasets(_path_split(files, labels), val, None, classes, name)
+
+
+def _check_classes(root: str, files: list[str], labels: list[int], classes: list[str]) -> None:
+    if not classes:
+        raise DataError(f"--image-dir {root!r} has no class sub-folders (expected one sub-folder of images per class).")
+    if not files:
+        raise DataError(f"--image-dir {root!r} has no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+    counts = np.bincount(labels, minlength=len(classes))
+    empty = [c for c, n in zip(classes, counts) if n == 0]
+    if empty:
+        raise DataError(f"Class folder(s) with no images in {root!r}: {', '.join(empty[:5])}.")
+    if len(classes) < 2:
+        raise DataError(f"--image-dir {root!r} has only one class ({classes[0]!r}); a classifier needs at least two.")
+
+
+def _stratified_split(files: list[str], labels: list[int], frac: float, seed: int):
+    """Seeded per-class split: `frac` of each class (at least one image) goes to validation."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[str]] = {}
+    for f, l in zip(files, labels):
+        by_class.setdefault(l, []).append(f)
+    tf_, tl, vf, vl = [], [], [], []
+    for label in sorted(by_class):
+        items = by_class[label][:]
+        rng.shuffle(items)
+        n_val = max(1, int(round(len(items) * frac)))
+        if n_val >= len(items):
+            raise DataError(f"Class {label} has {len(items)} image(s): too few for a validation split of {frac} "
+                            "(add images or lower --val-split).")
+        vf += items[:n_val]
+        vl += [label] * n_val
+        tf_ += items[n_val:]
+        tl += [label] * (len(items) - n_val)
+    return tf_, tl, vf, vl
+
+
+# ---------------------------------------------------------------- TensorFlow Datasets
+
+def _from_tfds(name: str, data_dir: str | None, val_split: float) -> Datasets:
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # DatasetNotFoundError and friends
+        if "not found" in str(e).lower() or type(e).__name__ == "DatasetNotFoundError":
+            names = list(BUILTIN_DATASETS) + list(DATASET_ALIASES) + list(tfds.list_builders())
+            raise DataError(f"Unknown dataset {name!r}.{suggest(name, names)} Use a TensorFlow Datasets name, "
+                            "'shapes', or --image-dir DIR.") from None
+        raise DataError(f"Could not open dataset {name!r}: {str(e).splitlines()[0]}") from None
+    features = builder.info.features
+    image_key = next((k for k, f in features.items() if isinstance(f, tfds.features.Image)), None)
+    label_key = next((k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)), None)
+    if image_key is None or label_key is None:
+        missing = "an image feature" if image_key is None else "a class-label feature"
+        raise DataError(f"Dataset {name!r} has no {missing}: tlkit needs an image classification dataset "
+                        f"(features: {', '.join(features.keys())}).")
+    try:
+        builder.download_and_prepare()
+    except Exception as e:
+        raise OfflineError(
+            f"Could not download or prepare dataset {name!r} ({str(e).strip().splitlines()[0][:200]}). To work "
+            f"offline, run `tfds build {name}` on a machine with internet and copy its data folder here, then pass "
+            "--data-dir DIR."
+        ) from None
+    splits = list(builder.info.splits.keys())
+
+    def has(split: str) -> bool:
+        if splits:
+            return split in splits
+        try:  # splits unknown (e.g. under tfds.testing.mock_data): probe
+            builder.as_dataset(split=split)
+            return True
+        except Exception:
+            return False
+
+    def load(split: str) -> Split:
+        ds = builder.as_dataset(split=split, decoders={image_key: tfds.decode.SkipDecoding()}, shuffle_files=False)
+        ds = ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int64)), num_parallel_calls=tf.data.AUTOTUNE)
+        count = int(ds.cardinality())
+        if count < 0:
+            count = int(ds.reduce(0, lambda c, _: c + 1))
+        return Split(ds, count, "encoded")
+
+    if not has("train"):
+        raise DataError(f"Dataset {name!r} has no 'train' split (splits: {', '.join(splits) or 'unknown'}).")
+    val_name = next((s for s in ("validation", "val") if has(s)), None)
+    if val_name is not None:
+        train, val = load("train"), load(val_name)
+    elif val_split > 0:
+        pct = int(round(val_split * 100))
+        train, val = load(f"train[{pct}%:]"), load(f"train[:{pct}%]")
+    else:
+        train, val = load("train"), None
+    test = load("test") if has("test") else None
+    class_names = list(features[label_key].names)
+    return Datasets(train, val, test, class_names, name)
