@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 
-def make_tiny_backbone(path: str, size: int = 32, width: int = 8) -> str:
+def make_tiny_backbone(path: str, size: int = 32, width: int = 16) -> str:
     """Writes a small conv net with BatchNorm and three downsampling stages as a .keras backbone."""
     import keras
     from keras import layers
@@ -17,10 +17,10 @@ def make_tiny_backbone(path: str, size: int = 32, width: int = 8) -> str:
     inp = keras.Input((size, size, 3))
     x = layers.Rescaling(1 / 127.5, offset=-1, name="scale")(inp)
     for i, ch in enumerate((width, width * 2, width * 4)):
-        x = layers.Conv2D(ch, 3, strides=2, padding="same", use_bias=False, name=f"s{i}_conv")(x)
-        x = layers.BatchNormalization(name=f"s{i}_bn")(x)
+        x = layers.Conv2D(ch, 3, padding="same", use_bias=False, name=f"s{i}_conv")(x)
+        x = layers.BatchNormalization(momentum=0.9, name=f"s{i}_bn")(x)
         x = layers.ReLU(name=f"s{i}_relu")(x)
-        x = layers.Conv2D(ch, 3, padding="same", name=f"s{i}_conv2")(x)
+        x = layers.Conv2D(ch, 3, strides=2, padding="same", name=f"s{i}_down")(x)
         x = layers.ReLU(name=f"s{i}_relu2")(x)
     model = keras.Model(inp, x, name="tiny")
     model.save(path)
@@ -29,7 +29,7 @@ def make_tiny_backbone(path: str, size: int = 32, width: int = 8) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory) -> str:
-    """Path of a tiny 32 px `.keras` backbone (raw 0-255 RGB in, 4x4x32 feature map out)."""
+    """Path of a tiny 32 px `.keras` backbone (raw 0-255 RGB in, 4x4x64 feature map out, 3 stages + input)."""
     return make_tiny_backbone(str(tmp_path_factory.mktemp("backbone") / "tiny.keras"))
 
 

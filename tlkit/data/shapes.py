@@ -14,9 +14,9 @@ def _draw(rng: np.random.Generator, kind: int, size: int) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     bg = rng.uniform(0, 255, 3)
     fg = rng.uniform(0, 255, 3)
-    while np.abs(fg - bg).sum() < 150:  # keep the shape visible
+    while np.abs(fg - bg).sum() < 240:  # keep the shape visible
         fg = rng.uniform(0, 255, 3)
-    r = rng.uniform(0.18, 0.38) * size
+    r = rng.uniform(0.25, 0.42) * size
     cx, cy = rng.uniform(r, size - r, 2)
     dx, dy = xx - cx, yy - cy
     if kind == 0:
@@ -43,7 +43,7 @@ def _draw(rng: np.random.Generator, kind: int, size: int) -> np.ndarray:
     img = np.empty((size, size, 3), np.float32)
     img[:] = bg
     img[mask] = fg
-    img += rng.normal(0, 12, img.shape)
+    img += rng.normal(0, 8, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
