@@ -1,0 +1,81 @@
+"""tlkit/strategies.py and model.set_trainable: each strategy trains exactly what it says."""
+import numpy as np
+import keras
+import pytest
+
+from tlkit import backbones
+from tlkit.config import ModelConfig, TrainConfig
+from tlkit.model import build_classifier, get_base, set_trainable
+from tlkit.strategies import plan
+
+
+def _counts(model, spec):
+    """Trainable weight tensors per backbone stage, and in the head."""
+    base = get_base(model)
+    per = {}
+    for layer, s in zip(base.layers, spec.stages(base)):
+        if layer.trainable and base.trainable:
+            per[s] = per.get(s, 0) + len(layer.trainable_weights)
+    head = len(model.trainable_weights) - sum(per.values())
+    return {k: v for k, v in per.items() if v}, head
+
+
+@pytest.mark.parametrize("strategy,expected", [
+    ("feature_extraction", [("head", frozenset())]),
+    ("full", [("full", None)]),
+    ("top_k", [("top_k", frozenset({3, 4}))]),
+    ("two_stage", [("head", frozenset()), ("finetune", frozenset({3, 4}))]),
+])
+def test_plans(strategy, expected):
+    stages = plan(TrainConfig(strategy=strategy, epochs=4, head_epochs=2, unfreeze_stages=2, lr=1e-3), 5)
+    assert [(s.name, s.trainable) for s in stages] == expected
+    if strategy == "two_stage":
+        assert stages[0].epochs == 2 and stages[1].epochs == 4
+        assert stages[1].lr == pytest.approx(1e-4)
+
+
+def test_gradual_unfreezes_one_more_stage_each_step():
+    stages = plan(TrainConfig(strategy="gradual", epochs=5, gradual_every=2), 4)
+    assert [len(s.trainable) for s in stages] == [0, 1, 2]
+    assert [s.epochs for s in stages] == [2, 2, 1]
+    assert stages[1].trainable == frozenset({3}) and stages[2].trainable == frozenset({2, 3})
+
+
+def test_resnet50_trainable_weights_per_stage():
+    spec = backbones.get_backbone("resnet50")
+    model = build_classifier(spec, 3, ModelConfig(weights="none", train_bn=False), 32)
+    set_trainable(model, spec, set(), train_bn=False)
+    assert _counts(model, spec) == ({}, 2)  # only the head's kernel and bias
+    set_trainable(model, spec, {4}, train_bn=False)
+    per, head = _counts(model, spec)
+    assert list(per) == [4] and head == 2
+    # conv5: 3 blocks x 3 convs (+ 1 shortcut conv), kernel + bias each; BatchNorm frozen
+    assert per[4] == (3 * 3 + 1) * 2
+    set_trainable(model, spec, {4}, train_bn=True)
+    per, _ = _counts(model, spec)
+    assert per[4] == (3 * 3 + 1) * 2 + (3 * 3 + 1) * 2  # + gamma and beta of each BatchNorm
+    set_trainable(model, spec, None, train_bn=False)
+    per, _ = _counts(model, spec)
+    assert sorted(per) == [0, 1, 2, 3, 4]
+
+
+def test_frozen_layers_do_not_move_during_fit(tiny_backbone):
+    spec = backbones.get_backbone(tiny_backbone)
+    model = build_classifier(spec, 4, ModelConfig(weights="none", train_bn=False), 32)
+    set_trainable(model, spec, {3}, train_bn=False)  # only the top stage of the backbone
+    base = get_base(model)
+    before = {l.name: [w.copy() for w in l.get_weights()] for l in base.layers}
+    head_before = model.get_layer("logits").get_weights()[0].copy()
+    model.compile(keras.optimizers.SGD(0.1), "categorical_crossentropy")
+    x = np.random.default_rng(0).uniform(0, 255, (16, 32, 32, 3)).astype("float32")
+    y = keras.utils.to_categorical(np.arange(16) % 4, 4)
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    stages = dict(zip([l.name for l in base.layers], spec.stages(base)))
+    for layer in base.layers:
+        for a, b in zip(before[layer.name], layer.get_weights()):
+            moved = not np.array_equal(a, b)
+            if stages[layer.name] == 3 and layer.name.endswith(("_down", "_conv")):
+                assert moved, layer.name
+            else:
+                assert not moved, layer.name  # frozen stages and inference-mode BatchNorm stay put
+    assert not np.array_equal(head_before, model.get_layer("logits").get_weights()[0])
