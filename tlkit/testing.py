@@ -1,0 +1,97 @@
+"""Small, real stand-ins for smoke runs: a tiny `.keras` backbone and a folder of real image files.
+
+The notebooks and examples use these in smoke mode (`TLKIT_SMOKE=1`) so that the same code path as a
+real run (a `.keras` backbone through `--base PATH`, a folder of encoded images through `--image-dir`)
+runs in seconds on a CPU, without downloading anything.
+
+Example:
+    >>> from tlkit.testing import make_tiny_backbone, write_image_folder
+    >>> base = make_tiny_backbone("/tmp/tiny.keras")          # use as ModelConfig(base=base, weights="none")
+    >>> root = write_image_folder("/tmp/pets", ("cat", "dog"))  # use as DataConfig(image_dir=root)
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+
+def is_smoke() -> bool:
+    """Whether smoke mode is asked for: the environment variable `TLKIT_SMOKE` is `1`, `true` or `yes`.
+
+    Example:
+        >>> os.environ["TLKIT_SMOKE"] = "1"; is_smoke()
+        True
+    """
+    return os.environ.get("TLKIT_SMOKE", "").strip().lower() in ("1", "true", "yes")
+
+
+def make_tiny_backbone(path: str, size: int = 32, width: int = 8) -> str:
+    """Writes a small conv net (three downsampling stages with BatchNorm) as a `.keras` backbone.
+
+    Its input is raw 0-255 RGB (it rescales itself), its output a feature map, so it plugs into
+    `ModelConfig(base=path, weights="none")` like any user backbone; tlkit infers its stages from where
+    the resolution drops.
+
+    Args:
+        path: Where to write the `.keras` file (its folder must exist).
+        size: Square input side in pixels. Defaults to `32`.
+        width: Channels of the first stage (doubled per stage). Defaults to `8`.
+
+    Returns:
+        `path`.
+
+    Example:
+        >>> make_tiny_backbone("/tmp/tiny.keras")
+        '/tmp/tiny.keras'
+    """
+    import keras
+    from keras import layers
+
+    inp = keras.Input((size, size, 3))
+    x = layers.Rescaling(1 / 127.5, offset=-1, name="scale")(inp)
+    for i, ch in enumerate((width, width * 2, width * 4)):
+        x = layers.Conv2D(ch, 3, strides=2, padding="same", use_bias=False, name=f"s{i}_conv")(x)
+        x = layers.BatchNormalization(name=f"s{i}_bn")(x)
+        x = layers.ReLU(name=f"s{i}_relu")(x)
+        x = layers.Conv2D(ch, 3, padding="same", name=f"s{i}_conv2")(x)
+        x = layers.ReLU(name=f"s{i}_relu2")(x)
+    keras.Model(inp, x, name="tiny").save(path)
+    return path
+
+
+def write_image_folder(root: str, classes: Sequence[str] = ("red", "green", "blue"), per_class: int = 8,
+                       size: tuple[int, int] = (48, 40), seed: int = 0) -> str:
+    """Writes real JPEG and PNG files, one sub-folder per class, each class with its own colour cast.
+
+    Args:
+        root: Folder to write into (created if missing).
+        classes: Class (sub-folder) names. Defaults to `("red", "green", "blue")`.
+        per_class: Images per class. Defaults to `8`.
+        size: `(width, height)` of the images. Defaults to `(48, 40)`.
+        seed: Seed of the pixel noise. Defaults to `0`.
+
+    Returns:
+        `root`, ready for `DataConfig(image_dir=root)`.
+
+    Example:
+        >>> write_image_folder("/tmp/pets", ("cat", "dog"), per_class=4)
+        '/tmp/pets'
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    for ci, name in enumerate(classes):
+        folder = os.path.join(root, name)
+        os.makedirs(folder, exist_ok=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+            arr[..., ci % 3] = 220  # a learnable colour cast per class
+            img = Image.fromarray(arr)
+            if i % 2:
+                img.save(os.path.join(folder, f"{name}_{i}.png"))
+            else:
+                img.save(os.path.join(folder, f"{name}_{i}.jpg"), quality=90)
+    return str(root)
