@@ -121,6 +121,12 @@ class TrainConfig:
         early_stopping: Stop a stage after this many epochs without validation improvement.
             Defaults to `None` (off).
         tensorboard: Write TensorBoard logs to the run folder. Defaults to `False`.
+        lr_mult: Discriminative learning rates: each backbone stage trains at the head's learning rate times
+            `lr_mult ** depth`, where the top stage has depth 1, the one below it 2, and so on (fastai's
+            `slice(lo, hi)`, ULMFiT's 1/2.6). `1.0` is off. Defaults to `1.0`.
+        stage_lrs: Comma-separated learning-rate factors, one per backbone stage, bottom (stem) first, each
+            relative to the head's learning rate (e.g. `0.01,0.03,0.1,0.3,1`); overrides `lr_mult`.
+            Defaults to `None` (off).
     """
 
     strategy: str = "two_stage"
@@ -140,6 +146,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     early_stopping: int | None = None
     tensorboard: bool = False
+    lr_mult: float = 1.0
+    stage_lrs: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +226,28 @@ class FinetuneConfig:
             raise ConfigError(f"early_stopping must be >= 1 epoch, got {t.early_stopping}.")
         if t.warmup_epochs < 0:
             raise ConfigError(f"warmup_epochs must be >= 0, got {t.warmup_epochs}.")
+        if not t.lr_mult > 0:
+            raise ConfigError(f"lr_mult must be > 0, got {t.lr_mult}.")
+        if t.stage_lrs is not None:
+            parse_stage_lrs(t.stage_lrs)
         return self
+
+
+def parse_stage_lrs(text: str) -> list[float]:
+    """Parses `stage_lrs` ("0.01,0.1,1") into positive floats; raises `ConfigError` naming the bad text.
+
+    Example:
+        >>> parse_stage_lrs("0.01, 0.1, 1")
+        [0.01, 0.1, 1.0]
+    """
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(v > 0 for v in values):
+        raise ConfigError(f"stage_lrs must be comma-separated positive numbers, one per backbone stage, bottom "
+                          f"first (e.g. 0.01,0.1,1), got {text!r}.")
+    return values
 
 
 SECTIONS: dict[str, type] = {
@@ -386,3 +415,202 @@ def load_config(path: str | os.PathLike, base: FinetuneConfig | None = None) -> 
 def dump_yaml(values: Mapping[str, Any]) -> str:
     """YAML text of a mapping, keys in insertion order."""
     return yaml.safe_dump(dict(values), sort_keys=False, default_flow_style=False)
+
+
+PRUNE_SCHEDULES = ("polynomial", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """What `tlkit distill` adds to a `FinetuneConfig` (whose `model.base` is the student backbone).
+
+    Attributes:
+        teacher: A run folder (model.keras + labels.txt) or a `.keras` classifier whose layer `logits`
+            gives the pre-softmax outputs (else the log of its probabilities is used). Defaults to `None`
+            (required).
+        temperature: Softening temperature T of both softmaxes in the distillation term. Defaults to `4.0`.
+        alpha: Weight of the hard-label cross-entropy; the distillation term
+            `T^2 * KL(softmax(teacher/T) || softmax(student/T))` gets `1 - alpha`. Defaults to `0.5`.
+        cache_teacher: Compute the teacher's logits once and feed them with the data. `None` caches when
+            the training split has no augmentation (`--augment none`); `True` requires that. Defaults to `None`.
+        latency_runs: Timed single-image CPU forward passes per model for the latency column.
+            Defaults to `30`.
+    """
+
+    teacher: str | None = None
+    temperature: float = 4.0
+    alpha: float = 0.5
+    cache_teacher: bool | None = None
+    latency_runs: int = 30
+
+    def validate(self) -> "DistillConfig":
+        """Checks ranges; raises `ConfigError` naming the bad value. Returns self."""
+        if not self.teacher:
+            raise ConfigError("distill needs a teacher: --teacher RUN_DIR or --teacher MODEL.keras.")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}.")
+        _range("alpha", self.alpha, 0.0, 1.0)
+        _positive("latency_runs", self.latency_runs)
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+    """How `tlkit prune` sparsifies a fine-tuned run.
+
+    Attributes:
+        run_dir: The run folder to prune (model.keras, labels.txt, config.yaml). Defaults to `None` (required).
+        sparsity: Final fraction of zero weights in every pruned kernel (Conv2D, DepthwiseConv2D, Dense).
+            Defaults to `0.5`.
+        schedule: `polynomial` (sparsity rises from 0 as 1 - (1 - t)^3 over the first `ramp` of the
+            fine-tuning steps, as tfmot's PolynomialDecay) or `constant` (one-shot: full sparsity from the
+            first step). Defaults to `"polynomial"`.
+        epochs: Fine-tuning epochs to recover accuracy under the masks. Defaults to `2`.
+        ramp: Fraction of the fine-tuning steps over which `polynomial` reaches the final sparsity.
+            Defaults to `0.7`.
+        frequency: Steps between two mask updates of `polynomial`. Defaults to `None` (about ten updates).
+        lr: Peak learning rate of the fine-tuning. Defaults to `None` (the run's `lr * finetune_lr_scale`).
+        prune_head: Also prune the classification layer `logits`. Defaults to `False`.
+        sweep: Comma-separated extra sparsities evaluated one-shot (no fine-tuning) for the accuracy
+            table, e.g. `0.25,0.5,0.75`. Defaults to `None`.
+        batch_size: Batch size. Defaults to `None` (the run's).
+        output_dir: Output run folder. Defaults to `None` (`RUN_DIR-pruned<percent>`).
+        overwrite: Allow writing into an existing non-empty output folder. Defaults to `False`.
+    """
+
+    run_dir: str | None = None
+    sparsity: float = 0.5
+    schedule: str = "polynomial"
+    epochs: int = 2
+    ramp: float = 0.7
+    frequency: int | None = None
+    lr: float | None = None
+    prune_head: bool = False
+    sweep: str | None = None
+    batch_size: int | None = None
+    output_dir: str | None = None
+    overwrite: bool = False
+
+    def validate(self) -> "PruneConfig":
+        """Checks choices and ranges; raises `ConfigError` naming the bad value. Returns self."""
+        if not self.run_dir:
+            raise ConfigError("prune needs a run folder: tlkit prune RUN_DIR --sparsity 0.5.")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}.")
+        _choice("schedule", self.schedule, PRUNE_SCHEDULES)
+        if self.epochs < 0:
+            raise ConfigError(f"epochs must be >= 0, got {self.epochs}.")
+        if not 0.0 < self.ramp <= 1.0:
+            raise ConfigError(f"ramp must be in (0, 1], got {self.ramp}.")
+        if self.frequency is not None:
+            _positive("frequency", self.frequency)
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}.")
+        if self.batch_size is not None:
+            _positive("batch_size", self.batch_size)
+        for s in parse_sparsities(self.sweep):
+            if not 0.0 <= s < 1.0:
+                raise ConfigError(f"sweep sparsities must be in [0, 1), got {s} in {self.sweep!r}.")
+        return self
+
+
+def parse_sparsities(text: str | None) -> list[float]:
+    """Parses `sweep` ("0.25,0.5") into floats; raises `ConfigError` naming the bad text."""
+    if not text:
+        return []
+    try:
+        return [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"sweep must be comma-separated numbers such as 0.25,0.5,0.75, got {text!r}.") from None
+
+
+TUNERS = ("random", "bayesian", "hyperband", "grid")
+TUNE_OBJECTIVES = ("val_accuracy", "val_loss")
+TUNE_DIMENSIONS = ("dropout", "label_smoothing", "unfreeze_stages", "optimizer", "augment")
+TWO_STAGE_LR_CHOICES = ("finetune", "head", "both")
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig:
+    """What `tlkit tune` adds to a `FinetuneConfig`: the search space and the search.
+
+    The learning rate (log scale) and the batch size are always searched; `search` adds more dimensions.
+    The ranges of the optional dimensions are fixed: dropout 0.0-0.5 (step 0.1), label_smoothing 0.0-0.2
+    (step 0.05), unfreeze_stages 1 to the backbone's number of stages, optimizer adam|adamw|sgd, augment
+    none|light|standard|strong.
+
+    Attributes:
+        tuner: Search algorithm: `random`, `bayesian` (Gaussian-process Bayesian optimisation), `hyperband`
+            (many short trials, the best continued for longer) or `grid` (every combination, the learning
+            rate at `grid_points` log-spaced values). Defaults to `"bayesian"`.
+        max_trials: Number of trials (hyperparameter combinations) at most; re-running with a larger value
+            continues the search. Defaults to `10`.
+        executions_per_trial: Trainings per trial (different initialisation), averaged. Defaults to `1`.
+        objective: `val_accuracy` (maximised) or `val_loss` (minimised), the best epoch of a trial counts.
+            Defaults to `"val_accuracy"`.
+        trial_epochs: Epochs of each trial; replaces `epochs` (for `two_stage` the fine-tuning stage: the
+            head warm-up keeps `head_epochs`); the best configuration keeps your `epochs`. For `hyperband`
+            the most epochs a trial gets. Defaults to `None` (`epochs`).
+        lr_range: Lowest and highest learning rate, searched on a log scale. Defaults to `(1e-05, 0.01)`.
+        batch_sizes: Batch sizes to choose from (the data is re-batched for every trial).
+            Defaults to `(16, 32, 64)`.
+        search: Further dimensions to search, comma-separated, from `dropout`, `label_smoothing`,
+            `unfreeze_stages` (two_stage and top_k), `optimizer`, `augment`. Defaults to `""` (none).
+        two_stage_lr: Which learning rate is searched for `strategy: two_stage`: `finetune` (the fine-tuning
+            stage's; the head warm-up stays at `lr` for `head_epochs`), `head` (the warm-up's `lr`, the
+            fine-tuning stage following at `lr * finetune_lr_scale`) or `both` (two dimensions in
+            `lr_range`). Defaults to `"finetune"`.
+        grid_points: Learning-rate values of the `grid` tuner, log-spaced over `lr_range`, ends included.
+            Defaults to `4`.
+        max_consecutive_failures: Stop the search after this many failed trials in a row. Defaults to `None`
+            (never: failed trials are recorded and the search goes on).
+        then_finetune: Run the full `finetune` with the best configuration at the end, into the `finetune/`
+            sub-folder of the run folder. Defaults to `False`.
+    """
+
+    tuner: str = "bayesian"
+    max_trials: int = 10
+    executions_per_trial: int = 1
+    objective: str = "val_accuracy"
+    trial_epochs: int | None = None
+    lr_range: tuple[float, float] = (1e-5, 1e-2)
+    batch_sizes: tuple[int, ...] = (16, 32, 64)
+    search: str = ""
+    two_stage_lr: str = "finetune"
+    grid_points: int = 4
+    max_consecutive_failures: int | None = None
+    then_finetune: bool = False
+
+    @property
+    def dimensions(self) -> tuple[str, ...]:
+        """The optional dimensions named by `search`, in order, without duplicates."""
+        names = [s.strip() for s in str(self.search or "").split(",") if s.strip()]
+        return tuple(dict.fromkeys(names))
+
+    def validate(self) -> "TuneConfig":
+        """Checks choices and ranges; raises `ConfigError` naming the bad value. Returns self."""
+        _choice("tuner", self.tuner, TUNERS)
+        _choice("objective", self.objective, TUNE_OBJECTIVES)
+        _choice("two_stage_lr", self.two_stage_lr, TWO_STAGE_LR_CHOICES)
+        for name in self.dimensions:
+            if name not in TUNE_DIMENSIONS:
+                raise ConfigError(f"Unknown search dimension {name!r} in --search {self.search!r}. Choose from: "
+                                  f"{', '.join(TUNE_DIMENSIONS)}.{suggest(name, TUNE_DIMENSIONS)}")
+        _positive("max_trials", self.max_trials)
+        _positive("executions_per_trial", self.executions_per_trial)
+        if self.trial_epochs is not None:
+            _positive("trial_epochs", self.trial_epochs)
+        if self.max_consecutive_failures is not None:
+            _positive("max_consecutive_failures", self.max_consecutive_failures)
+        if len(self.lr_range) != 2:
+            raise ConfigError(f"lr_range must be two numbers LO HI, got {self.lr_range!r}.")
+        lo, hi = self.lr_range
+        if not 0 < lo < hi:
+            raise ConfigError(f"lr_range must satisfy 0 < LO < HI, got {lo:g} {hi:g}.")
+        if not self.batch_sizes:
+            raise ConfigError("batch_sizes must name at least one batch size.")
+        for b in self.batch_sizes:
+            if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+                raise ConfigError(f"batch_sizes must be positive integers, got {b!r} in {list(self.batch_sizes)}.")
+        _positive("grid_points", self.grid_points)
+        return self

@@ -13,7 +13,7 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from tlkit import backbones, rundir, runtime, schedules, strategies
+from tlkit import backbones, param_groups, rundir, runtime, schedules, strategies
 from tlkit.config import FinetuneConfig, config_to_dict, dump_yaml
 from tlkit.data import Datasets, load_sources, make_dataset
 from tlkit.errors import ConfigError, DataError, TrainingError
@@ -83,12 +83,20 @@ class _NaNGuard(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def compile_model(model: keras.Model, cfg: FinetuneConfig, learning_rate, num_classes: int, jit_compile: bool) -> None:
-    """Compiles with the configured optimizer, label-smoothed cross-entropy, top-1 and top-5 accuracy."""
+def compile_model(model: keras.Model, cfg: FinetuneConfig, learning_rate, num_classes: int, jit_compile: bool,
+                  spec: backbones.BackboneSpec | None = None) -> None:
+    """Compiles with the configured optimizer, label-smoothed cross-entropy, top-1 and top-5 accuracy.
+
+    With `spec`, the optimizer applies the discriminative learning rates of `cfg.train.lr_mult` /
+    `stage_lrs` to the backbone's stages (`param_groups`).
+    """
     metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
     if num_classes > 5:
         metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top5"))
-    model.compile(optimizer=schedules.make_optimizer(cfg.train, learning_rate),
+    optimizer = schedules.make_optimizer(cfg.train, learning_rate)
+    if spec is not None:
+        optimizer = param_groups.discriminative_optimizer(optimizer, model, spec, cfg.train)
+    model.compile(optimizer=optimizer,
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),
                   metrics=metrics, jit_compile=jit_compile)
 
@@ -117,9 +125,11 @@ def run_stages(model: keras.Model, spec: backbones.BackboneSpec, plan: list[stra
     for stage in plan:
         n = set_trainable(model, spec, None if stage.trainable is None else set(stage.trainable), cfg.model.bn_trains)
         print(f"[tlkit] stage {stage.describe(num_stages)}; {n} trainable weight tensors", flush=True)
+        if stage.trainable != frozenset() and param_groups.describe_factors(num_stages, cfg.train, stage.lr):
+            print(f"[tlkit] {param_groups.describe_factors(num_stages, cfg.train, stage.lr)}", flush=True)
         lr = schedules.make_schedule(cfg.train, stage.lr, stage.epochs, steps_per_epoch)
         with rt.scope():
-            compile_model(model, cfg, lr, num_classes, rt.jit_compile)
+            compile_model(model, cfg, lr, num_classes, rt.jit_compile, spec=spec)
         epoch_log.stage = stage.name
         stage_cbs = list(callbacks)
         if cfg.train.early_stopping:
