@@ -27,8 +27,10 @@ def is_smoke() -> bool:
     return os.environ.get("TLKIT_SMOKE", "").strip().lower() in ("1", "true", "yes")
 
 
-def make_tiny_backbone(path: str, size: int = 32, width: int = 8) -> str:
+def make_tiny_backbone(path: str, size: int = 32, width: int = 16) -> str:
     """Writes a small conv net (three downsampling stages with BatchNorm) as a `.keras` backbone.
+
+    The same network as the test suite's `tiny_backbone` fixture (tests/conftest.py); it learns `shapes`.
 
     Its input is raw 0-255 RGB (it rescales itself), its output a feature map, so it plugs into
     `ModelConfig(base=path, weights="none")` like any user backbone; tlkit infers its stages from where
@@ -37,7 +39,7 @@ def make_tiny_backbone(path: str, size: int = 32, width: int = 8) -> str:
     Args:
         path: Where to write the `.keras` file (its folder must exist).
         size: Square input side in pixels. Defaults to `32`.
-        width: Channels of the first stage (doubled per stage). Defaults to `8`.
+        width: Channels of the first stage (doubled per stage). Defaults to `16`.
 
     Returns:
         `path`.
@@ -52,10 +54,10 @@ def make_tiny_backbone(path: str, size: int = 32, width: int = 8) -> str:
     inp = keras.Input((size, size, 3))
     x = layers.Rescaling(1 / 127.5, offset=-1, name="scale")(inp)
     for i, ch in enumerate((width, width * 2, width * 4)):
-        x = layers.Conv2D(ch, 3, strides=2, padding="same", use_bias=False, name=f"s{i}_conv")(x)
-        x = layers.BatchNormalization(name=f"s{i}_bn")(x)
+        x = layers.Conv2D(ch, 3, padding="same", use_bias=False, name=f"s{i}_conv")(x)
+        x = layers.BatchNormalization(momentum=0.9, name=f"s{i}_bn")(x)
         x = layers.ReLU(name=f"s{i}_relu")(x)
-        x = layers.Conv2D(ch, 3, padding="same", name=f"s{i}_conv2")(x)
+        x = layers.Conv2D(ch, 3, strides=2, padding="same", name=f"s{i}_down")(x)
         x = layers.ReLU(name=f"s{i}_relu2")(x)
     keras.Model(inp, x, name="tiny").save(path)
     return path
