@@ -83,8 +83,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tlkit", description="Transfer learning for Keras 3: fine-tune pretrained "
+    parser = _Parser(prog="tlkit", description="Transfer learning for Keras 3: fine-tune pretrained "
                                      "backbones on TFDS datasets or image folders, evaluate, inspect.")
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump: finetune's usage alone is 60 lines)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
     _add_common(parser)
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
@@ -209,9 +216,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"tlkit: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("tlkit: interrupted.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during training (tlkit.resume.Interrupted)
+        from tlkit.resume import interrupt_message
+
+        print(interrupt_message(e, list(sys.argv[1:] if argv is None else argv)), file=sys.stderr)
+        return int(getattr(e, "exit_code", 130))
 
 
 if __name__ == "__main__":

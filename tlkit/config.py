@@ -191,6 +191,9 @@ class FinetuneConfig:
     seed: int = 42
     output_dir: str | None = None
     overwrite: bool = False
+        resume: Continue the interrupted run in `output_dir` from its last finished epoch (weights,
+            optimizer and learning-rate schedule state); starts from the beginning when the folder has no
+            checkpoint. Defaults to `False`.
 
     def validate(self) -> "FinetuneConfig":
         """Checks choices and ranges; raises `ConfigError` naming the bad value. Returns self."""
@@ -200,6 +203,7 @@ class FinetuneConfig:
         _choice("strategy", t.strategy, STRATEGIES)
         _choice("optimizer", t.optimizer, OPTIMIZERS)
         _choice("schedule", t.schedule, SCHEDULES)
+    resume: bool = False
         _choice("precision", r.precision, PRECISIONS)
         _choice("xla", r.xla, XLA_CHOICES)
         _choice("distribute", r.distribute, DISTRIBUTE_CHOICES)
@@ -394,7 +398,11 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_config(path: str | os.PathLike, base: FinetuneConfig | None = None) -> FinetuneConfig:
-    """Reads a `FinetuneConfig` from YAML. Relative data paths are resolved against the file's folder."""
+    """Reads a `FinetuneConfig` from YAML.
+
+    Relative paths (image_dir, data_dir, a .keras base, a weights file, output_dir) are resolved against the
+    YAML file's folder, not the working directory.
+    """
     values = load_yaml(path)
     cfg = config_from_dict(values, base)
     folder = os.path.dirname(os.path.abspath(path))
@@ -429,6 +437,12 @@ class DistillConfig:
             gives the pre-softmax outputs (else the log of its probabilities is used). Defaults to `None`
             (required).
         temperature: Softening temperature T of both softmaxes in the distillation term. Defaults to `4.0`.
+    weights = cfg.model.weights
+    if weights and weights.lower() not in ("imagenet", "none") and not os.path.isabs(weights):
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, weights=os.path.normpath(os.path.join(folder, weights))))
+    if cfg.output_dir and not os.path.isabs(cfg.output_dir):
+        cfg = dataclasses.replace(cfg, output_dir=os.path.normpath(os.path.join(folder, cfg.output_dir)))
         alpha: Weight of the hard-label cross-entropy; the distillation term
             `T^2 * KL(softmax(teacher/T) || softmax(student/T))` gets `1 - alpha`. Defaults to `0.5`.
         cache_teacher: Compute the teacher's logits once and feed them with the data. `None` caches when

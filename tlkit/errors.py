@@ -33,6 +33,10 @@ class TrainingError(TlkitError, RuntimeError):
     """Training cannot go on (e.g. the loss became NaN)."""
 
 
+class DiskFullError(TlkitError, OSError):
+    """An output file could not be written for lack of space; the previous version of the file is intact."""
+
+
 def suggest(name: str, choices: Iterable[str]) -> str:
     """Returns ' Did you mean ...?' for the closest choices, or ''.
 

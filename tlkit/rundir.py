@@ -4,18 +4,23 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
+import errno
 import json
 import os
 import shutil
 import tempfile
 from typing import Any, Iterable, Iterator, Mapping
 
-from tlkit.errors import OutputExistsError
+from tlkit.errors import DiskFullError, OutputExistsError
+
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     """Yields a temporary path beside `path`; on success it is renamed onto `path`, on error removed.
+
+    A full disk (ENOSPC, EDQUOT) raises `DiskFullError` naming the file; the previous `path` is left intact.
 
     Example:
         >>> with atomic_path("out/model.keras", suffix=".keras") as tmp:
@@ -35,12 +40,28 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
         elif os.path.exists(tmp):
             os.remove(tmp)
+        if _no_space(e) and not isinstance(e, DiskFullError):
+            kept = " (the previous version is intact)" if os.path.exists(path) else ""
+            raise DiskFullError(f"No space left on the device while writing {path}{kept}. Free some space, then "
+                                "run the same command again (add --resume to continue a training run).") from e
         raise
+
+
+def _no_space(e: BaseException) -> bool:
+    """Whether `e` (or an exception it wraps, as h5py and Keras do) is a full disk."""
+    seen = 0
+    while e is not None and seen < 5:
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            return True
+        if "No space left on device" in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def write_text(path: str, text: str) -> None:

@@ -18,6 +18,10 @@ from tlkit.config import DataConfig
 from tlkit.errors import DataError, OfflineError, suggest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# Larger images are skipped: decoding one takes gigabytes (PIL's own decompression-bomb limit).
+MAX_IMAGE_PIXELS = 178_956_970
+# Folders with more files than this show a progress bar while they are checked.
+CHECK_PROGRESS_MIN = 500
 DATASET_ALIASES = {"oxford_flowers": "oxford_flowers102", "flowers102": "oxford_flowers102"}
 BUILTIN_DATASETS = ("shapes",)
 
@@ -50,6 +54,7 @@ class Datasets:
         class_names: Class names, index = label.
         name: Short name for run folders and reports.
         skipped: Files found but not usable (reported in the summary).
+        skip_reasons: Why each skipped file was skipped (`{path: reason}`).
     """
 
     train: Split
@@ -58,6 +63,7 @@ class Datasets:
     class_names: list[str]
     name: str
     skipped: list[str] = dataclasses.field(default_factory=list)
+    skip_reasons: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -143,45 +149,153 @@ def _from_folder(root: str, val_split: float, seed: int) -> Datasets:
         raise DataError(f"--image-dir {root!r} does not exist or is not a folder.")
     subdirs = {d.lower(): d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))}
     name = os.path.basename(os.path.normpath(root)) or "images"
+    reasons: dict[str, str] = {}
+
+    def usable(files: list[str], labels: list[int]) -> tuple[list[str], list[int]]:
+        good, bad = check_images(files)
+        reasons.update(bad)
+        return [f for f, ok in zip(files, good) if ok], [l for l, ok in zip(labels, good) if ok]
+
     if "train" in subdirs and any(k in subdirs for k in ("val", "validation", "test")):
         train_dir = os.path.join(root, subdirs["train"])
         files, labels, classes = scan_folder(train_dir)
         _check_classes(train_dir, files, labels, classes)
+        files, labels = usable(files, labels)
+        _check_classes(train_dir, files, labels, classes, reasons)
         val = test = None
         vkey = "val" if "val" in subdirs else ("validation" if "validation" in subdirs else None)
         if vkey:
-            vf, vl, _ = scan_folder(os.path.join(root, subdirs[vkey]), classes)
+            vf, vl = usable(*scan_folder(os.path.join(root, subdirs[vkey]), classes)[:2])
             val = _path_split(vf, vl) if vf else None
         if "test" in subdirs:
-            tf_, tl, _ = scan_folder(os.path.join(root, subdirs["test"]), classes)
+            tf_, tl = usable(*scan_folder(os.path.join(root, subdirs["test"]), classes)[:2])
             test = _path_split(tf_, tl) if tf_ else None
         if val is None and val_split > 0:
-            files, labels, vf, vl = _stratified_split(files, labels, val_split, seed)
+            files, labels, vf, vl = _stratified_split(files, labels, val_split, seed, classes)
             val = _path_split(vf, vl)
-        return Datasets(_path_split(files, labels), val, test, classes, name)
+        return _with_skipped(Datasets(_path_split(files, labels), val, test, classes, name), reasons)
     files, labels, classes = scan_folder(root)
     _check_classes(root, files, labels, classes)
+    files, labels = usable(files, labels)
+    _check_classes(root, files, labels, classes, reasons)
     val = None
     if val_split > 0:
-        files, labels, vf, vl = _stratified_split(files, labels, val_split, seed)
+        files, labels, vf, vl = _stratified_split(files, labels, val_split, seed, classes)
         val = _path_split(vf, vl)
-    return Datasets(_path_split(files, labels), val, None, classes, name)
+    return _with_skipped(Datasets(_path_split(files, labels), val, None, classes, name), reasons)
 
 
-def _check_classes(root: str, files: list[str], labels: list[int], classes: list[str]) -> None:
+def _with_skipped(data: Datasets, reasons: dict[str, str]) -> Datasets:
+    data.skipped = sorted(reasons)
+    data.skip_reasons = dict(reasons)
+    if reasons:
+        shown = "; ".join(f"{os.path.basename(p)} ({reasons[p]})" for p in data.skipped[:5])
+        more = f"; and {len(reasons) - 5} more" if len(reasons) > 5 else ""
+        print(f"[tlkit] skipping {len(reasons)} unreadable image file(s): {shown}{more}", flush=True)
+    return data
+
+
+_MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
+          (b"BM", "bmp"))
+
+
+def image_problem(path: str) -> str | None:
+    """Why the image file at `path` cannot be used, or `None` when it decodes.
+
+    Three checks, cheapest first: the file's first bytes (a JPEG, PNG, GIF or BMP signature; a text file
+    named `.jpg` fails here), the header read by PIL (size; images over `MAX_IMAGE_PIXELS` are refused),
+    then a real decode, by PIL (a truncated file fails; JPEGs are decoded at 1/8 scale, which still reads
+    the whole file) and by TensorFlow, the decoder the pipeline uses.
+
+    Example:
+        >>> image_problem("cats/truncated.jpg")
+        'truncated or corrupt (image file is truncated)'
+    """
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    if not head:
+        return "empty file"
+    kind = next((k for magic, k in _MAGIC if head.startswith(magic)), None)
+    if kind is None:
+        return "not a JPEG, PNG, GIF or BMP image"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    return f"too large ({w}x{h} pixels)"
+                if kind == "jpeg":
+                    img.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+                img.load()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        return f"truncated or corrupt: {str(e).splitlines()[0][:80] if str(e) else type(e).__name__}"
+    try:
+        data = tf.io.read_file(path)
+        if kind == "jpeg":
+            tf.io.decode_jpeg(data, channels=3, ratio=8)
+        else:
+            tf.io.decode_image(data, channels=3, expand_animations=False)
+    except (tf.errors.OpError, ValueError) as e:
+        return f"TensorFlow cannot decode it: {str(e).strip().splitlines()[-1][:80]}"
+    return None
+
+
+def check_images(files: list[str], workers: int | None = None) -> tuple[list[bool], dict[str, str]]:
+    """Checks that each image file decodes (`image_problem`), in parallel, with a progress bar for big folders.
+
+    Args:
+        files: Image file paths.
+        workers: Threads. Defaults to `None` (up to 8, by CPU count).
+
+    Returns:
+        `(ok per file, {path: reason} of the files that cannot be used)`.
+    """
+    import concurrent.futures
+
+    import keras
+
+    if not files:
+        return [], {}
+    workers = workers or max(1, min(8, os.cpu_count() or 1))
+    bar = keras.utils.Progbar(len(files), unit_name="image") if len(files) >= CHECK_PROGRESS_MIN else None
+    if bar is not None:
+        print(f"[tlkit] checking {len(files)} image files", flush=True)
+    problems: list[str | None] = [None] * len(files)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for i, problem in enumerate(pool.map(image_problem, files, chunksize=16)):
+            problems[i] = problem
+            if bar is not None and ((i + 1) % 100 == 0 or i + 1 == len(files)):
+                bar.update(i + 1)
+    return [p is None for p in problems], {f: p for f, p in zip(files, problems) if p is not None}
+
+
+def _check_classes(root: str, files: list[str], labels: list[int], classes: list[str],
+                   skipped: dict[str, str] | None = None) -> None:
     if not classes:
         raise DataError(f"--image-dir {root!r} has no class sub-folders (expected one sub-folder of images per class).")
+    usable = " usable" if skipped else ""
     if not files:
-        raise DataError(f"--image-dir {root!r} has no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+        raise DataError(f"--image-dir {root!r} has no{usable} image files ({', '.join(IMAGE_EXTENSIONS)})"
+                        + (f"; {len(skipped)} could not be decoded." if skipped else "."))
     counts = np.bincount(labels, minlength=len(classes))
     empty = [c for c, n in zip(classes, counts) if n == 0]
     if empty:
-        raise DataError(f"Class folder(s) with no images in {root!r}: {', '.join(empty[:5])}.")
+        raise DataError(f"Class folder(s) with no{usable} images in {root!r}: {', '.join(empty[:5])}"
+                        + (" (their files could not be decoded)." if skipped else "."))
     if len(classes) < 2:
         raise DataError(f"--image-dir {root!r} has only one class ({classes[0]!r}); a classifier needs at least two.")
 
 
-def _stratified_split(files: list[str], labels: list[int], frac: float, seed: int):
+def _stratified_split(files: list[str], labels: list[int], frac: float, seed: int,
+                      classes: list[str] | None = None):
     """Seeded per-class split: `frac` of each class (at least one image) goes to validation."""
     rng = random.Random(seed)
     by_class: dict[int, list[str]] = {}
@@ -193,8 +307,9 @@ def _stratified_split(files: list[str], labels: list[int], frac: float, seed: in
         rng.shuffle(items)
         n_val = max(1, int(round(len(items) * frac)))
         if n_val >= len(items):
-            raise DataError(f"Class {label} has {len(items)} image(s): too few for a validation split of {frac} "
-                            "(add images or lower --val-split).")
+            cname = repr(classes[label]) if classes else str(label)
+            raise DataError(f"Class {cname} has {len(items)} usable image(s): too few for a validation split of "
+                            f"{frac} (it needs at least {n_val + 1}; add images or lower --val-split).")
         vf += items[:n_val]
         vl += [label] * n_val
         tf_ += items[n_val:]

@@ -1,0 +1,489 @@
+"""Resume after interruption: per-epoch checkpoints, the run's state, signals, and output-folder rules.
+
+After every finished epoch `Checkpointer` writes, each file atomically (temporary file, then rename):
+
+- `checkpoints/epoch-NNNN.weights.h5`: all model weights (BatchNorm statistics included);
+- `checkpoints/epoch-NNNN.optimizer.npz`: every optimizer variable, its iteration count included, so the
+  learning-rate schedule continues where it stopped (NumPy arrays only, read with `allow_pickle=False`);
+- `checkpoints/state.json`, written last: the commit point. It names the files above, the stage index,
+  the epochs done in that stage and in total, the best validation metric so far and the history rows.
+
+A kill at any moment leaves either the previous or the new `state.json`, and both point at complete
+files. `--resume` (re-running on the same `--output-dir`) reads it and continues from the last finished
+epoch of the right stage.
+
+Example:
+    >>> state = load_state("runs/try")          # None when the run folder has no checkpoint
+    >>> state.next_stage, state.next_stage_epoch
+    (1, 2)
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import json
+import math
+import os
+import shlex
+import signal
+import threading
+from typing import Any, Iterator
+
+import numpy as np
+import keras
+
+from tlkit import rundir
+from tlkit.errors import ConfigError, OutputExistsError, TrainingError
+
+STATE_FILE = "state.json"
+STATE_VERSION = 1
+# Fields that may differ between an interrupted run and its resumption.
+RESUME_FREE_FIELDS = ("output_dir", "overwrite", "resume", "cache", "tensorboard")
+PATH_FIELDS = ("image_dir", "data_dir", "base", "weights", "output_dir")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised when a run is stopped by SIGINT (Ctrl-C) or SIGTERM; carries what is needed to resume.
+
+    Attributes:
+        signum: The signal number (`signal.SIGINT` or `signal.SIGTERM`).
+        run_dir: The run folder, or `None` before it existed.
+        epochs_done: Epochs saved in the last checkpoint (0 when none).
+    """
+
+    def __init__(self, signum: int = signal.SIGINT, run_dir: str | None = None, epochs_done: int = 0):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.run_dir, self.epochs_done = signum, run_dir, epochs_done
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number: 130 for Ctrl-C, 143 for SIGTERM."""
+        return 128 + int(self.signum)
+
+
+# ---------------------------------------------------------------- the run's state
+
+
+@dataclasses.dataclass
+class RunState:
+    """The content of `checkpoints/state.json`.
+
+    Attributes:
+        stage_index: Index in the plan of the stage of the last finished epoch.
+        stage_name: Its name (checked against the plan on resume).
+        stage_epoch: Epochs finished in that stage.
+        stage_done: The stage is over (all its epochs, or early stopping).
+        epoch: Epochs finished in total (the history's last epoch number).
+        best: Best value of `monitor` so far (`None` before any).
+        best_epoch: Epoch of `best`.
+        monitor: The metric of the best checkpoint (`val_accuracy`, or `accuracy` without validation).
+        history: The history rows so far (as in `history.csv`).
+        weights: File name (in `checkpoints/`) of the model weights of the last finished epoch.
+        optimizer: File name of the optimizer variables of the last finished epoch.
+        early_stopping: `{"wait": ..., "best": ...}` of the stage's early stopping, if any.
+    """
+
+    stage_index: int
+    stage_name: str
+    stage_epoch: int
+    stage_done: bool
+    epoch: int
+    best: float | None
+    best_epoch: int | None
+    monitor: str
+    history: list[dict[str, Any]]
+    weights: str
+    optimizer: str
+    early_stopping: dict[str, Any] | None = None
+
+    @property
+    def next_stage(self) -> int:
+        """Index of the stage to continue with."""
+        return self.stage_index + 1 if self.stage_done else self.stage_index
+
+    @property
+    def next_stage_epoch(self) -> int:
+        """Epochs already done in `next_stage`."""
+        return 0 if self.stage_done else self.stage_epoch
+
+
+def checkpoint_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def load_state(run_dir: str) -> RunState | None:
+    """Reads `RUN/checkpoints/state.json`; `None` when there is none.
+
+    Raises:
+        TrainingError: the state file or the files it names are missing or unreadable.
+    """
+    path = os.path.join(checkpoint_dir(run_dir), STATE_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+        if raw.pop("version", None) != STATE_VERSION:
+            raise ValueError("unknown version")
+        raw.pop("note", None)
+        state = RunState(**raw)
+    except (ValueError, TypeError, OSError) as e:
+        raise TrainingError(f"Cannot resume from {path}: the checkpoint state is unreadable ({e}). "
+                            "Start again with --overwrite.") from None
+    for name in (state.weights, state.optimizer):
+        if not os.path.isfile(os.path.join(checkpoint_dir(run_dir), name)):
+            raise TrainingError(f"Cannot resume: {path} names {name}, which is missing. Start again with --overwrite.")
+    return state
+
+
+def write_state(run_dir: str, state: RunState) -> None:
+    """Writes `state.json` atomically (the commit point of a checkpoint)."""
+    data = {"version": STATE_VERSION, "note": "tlkit resume state; written last, after the files it names"}
+    data.update(dataclasses.asdict(state))
+    rundir.write_json(os.path.join(checkpoint_dir(run_dir), STATE_FILE), data)
+
+
+def save_optimizer(optimizer: keras.optimizers.Optimizer, path: str) -> None:
+    """Saves every optimizer variable (iterations, moments, loss scale) as a NumPy `.npz`, atomically."""
+    arrays = {f"v{i:05d}": keras.ops.convert_to_numpy(v.value) for i, v in enumerate(optimizer.variables)}
+    with rundir.atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def restore_optimizer(model: keras.Model, path: str) -> int:
+    """Builds the compiled model's optimizer for its trainable weights and loads its variables from `path`.
+
+    Returns:
+        The restored iteration count.
+
+    Raises:
+        TrainingError: the saved variables do not fit this optimizer (the configuration changed).
+    """
+    opt = model.optimizer
+    if not opt.built:
+        opt.build(model.trainable_variables)
+    with np.load(path, allow_pickle=False) as data:
+        saved = [data[k] for k in sorted(data.files)]
+    variables = list(opt.variables)
+    shapes_ok = len(saved) == len(variables) and all(
+        tuple(a.shape) == tuple(v.shape) for a, v in zip(saved, variables))
+    if not shapes_ok:
+        raise TrainingError(f"Cannot resume: the optimizer state in {path} ({len(saved)} variables) does not match "
+                            f"this run's optimizer ({len(variables)} variables); was the configuration changed?")
+    for a, v in zip(saved, variables):
+        v.assign(a)
+    return int(keras.ops.convert_to_numpy(opt.iterations))
+
+
+def save_weights(model: keras.Model, path: str) -> None:
+    """Saves the model's weights (`.weights.h5`) atomically."""
+    with rundir.atomic_path(path, suffix=".weights.h5") as tmp:
+        model.save_weights(tmp)
+
+
+def load_weights(model: keras.Model, path: str) -> None:
+    """Loads model weights, ignoring any optimizer state stored with them."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Skipping variable loading for optimizer.*")
+        model.load_weights(path)
+
+
+# ---------------------------------------------------------------- the callback
+
+
+class Checkpointer(keras.callbacks.Callback):
+    """After each finished epoch: the best weights (by `monitor`) and a full resume checkpoint.
+
+    Put it after the callbacks whose state it records (history, early stopping, NaN guard). An epoch whose
+    loss was NaN or infinite is never saved, so the last checkpoint stays the last good one.
+
+    Args:
+        run_dir: The run folder.
+        monitor: Metric of the best checkpoint, maximised. Defaults to `"val_accuracy"`.
+        history: The list of history rows that the epoch logger appends to (saved in the state).
+        bad_epoch: A callable returning the epoch number of a NaN/inf loss, or `None`. Defaults to `None`.
+
+    Example:
+        >>> ckpt = Checkpointer("runs/try", "val_accuracy", rows)
+        >>> ckpt.begin_stage(0, stage, start_epoch=0, callbacks=cbs)
+    """
+
+    def __init__(self, run_dir: str, monitor: str = "val_accuracy", history: list[dict[str, Any]] | None = None,
+                 bad_epoch=None):
+        super().__init__()
+        self.run_dir = run_dir
+        self.dir = checkpoint_dir(run_dir)
+        os.makedirs(self.dir, exist_ok=True)
+        self.best_path = os.path.join(self.dir, "best.weights.h5")
+        self.monitor = monitor
+        self.history = history if history is not None else []
+        self.bad_epoch = bad_epoch or (lambda: None)
+        self.best: float = -math.inf
+        self.best_epoch: int | None = None
+        self.stage_index, self.stage_name, self.stage_epochs, self.stage_start = 0, "", 0, 0
+        self.early_stopping: keras.callbacks.EarlyStopping | None = None
+        self._es_restore: dict[str, Any] | None = None
+        self.last: RunState | None = None
+
+    def restore(self, state: RunState) -> None:
+        """Takes over the best metric and history of a resumed run."""
+        self.best = -math.inf if state.best is None else float(state.best)
+        self.best_epoch = state.best_epoch
+        self.history[:] = [dict(r) for r in state.history]
+        self.last = state
+
+    def begin_stage(self, index: int, stage, start_epoch: int, callbacks: list, es_state: dict | None = None) -> None:
+        """Tells the checkpointer which stage runs next (`start_epoch`: the global epoch the stage starts at)."""
+        self.stage_index, self.stage_name, self.stage_epochs, self.stage_start = (
+            index, stage.name, stage.epochs, start_epoch)
+        self.early_stopping = next((c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping)), None)
+        self._es_restore = es_state
+
+    def on_train_begin(self, logs=None):
+        if self.early_stopping is not None and self._es_restore:
+            self.early_stopping.wait = int(self._es_restore.get("wait", 0))
+            if self._es_restore.get("best") is not None:
+                self.early_stopping.best = float(self._es_restore["best"])
+        self._es_restore = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        raise_if_interrupted()
+
+    def on_test_batch_end(self, batch, logs=None):
+        raise_if_interrupted()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        loss = logs.get("loss")
+        if self.bad_epoch() is not None or (loss is not None and not math.isfinite(float(loss))):
+            return
+        value = logs.get(self.monitor)
+        if value is not None and math.isfinite(float(value)) and float(value) > self.best:
+            save_weights(self.model, self.best_path)
+            self.best, self.best_epoch = float(value), epoch + 1
+        self.save(epoch + 1)
+        raise_if_interrupted()
+
+    def save(self, epoch_done: int) -> RunState:
+        """Writes the weights, the optimizer state and then `state.json` for `epoch_done` epochs in total."""
+        tag = f"epoch-{epoch_done:04d}"
+        weights, opt = tag + ".weights.h5", tag + ".optimizer.npz"
+        save_weights(self.model, os.path.join(self.dir, weights))
+        save_optimizer(self.model.optimizer, os.path.join(self.dir, opt))
+        stage_epoch = epoch_done - self.stage_start
+        es = None
+        if self.early_stopping is not None:
+            es = {"wait": int(self.early_stopping.wait), "best": _finite_or_none(self.early_stopping.best)}
+        state = RunState(
+            stage_index=self.stage_index, stage_name=self.stage_name, stage_epoch=stage_epoch,
+            stage_done=bool(stage_epoch >= self.stage_epochs or self.model.stop_training), epoch=epoch_done,
+            best=_finite_or_none(self.best), best_epoch=self.best_epoch, monitor=self.monitor,
+            history=[dict(r) for r in self.history], weights=weights, optimizer=opt, early_stopping=es)
+        write_state(self.run_dir, state)
+        self.last = state
+        for old in glob.glob(os.path.join(self.dir, "epoch-*")):
+            if os.path.basename(old) not in (weights, opt):
+                with contextlib.suppress(OSError):
+                    os.remove(old)
+        return state
+
+
+def _finite_or_none(x) -> float | None:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def check_plan(state: RunState, plan: list, run_dir: str) -> None:
+    """Checks that a saved state fits the stage plan of this run."""
+    if state.stage_index >= len(plan) or plan[state.stage_index].name != state.stage_name:
+        names = ", ".join(s.name for s in plan)
+        raise ConfigError(f"Cannot resume {run_dir!r}: its checkpoint is in stage {state.stage_index} "
+                          f"({state.stage_name!r}) but this run's stages are: {names}. Use the same settings.")
+
+
+# ---------------------------------------------------------------- the run folder
+
+
+def absolute_paths(cfg):
+    """The config with its file paths (image_dir, data_dir, a .keras base, a weights file, output_dir) absolute.
+
+    The resolved `config.yaml` then repeats the run from any working directory.
+    """
+    def fix(value: str | None, keep=()) -> str | None:
+        if not value or value.lower() in keep or os.path.isabs(value):
+            return value
+        return os.path.abspath(value)
+
+    d, m = cfg.data, cfg.model
+    base = fix(m.base) if (m.base.endswith(".keras") or os.sep in m.base) else m.base
+    return dataclasses.replace(
+        cfg, output_dir=fix(cfg.output_dir),
+        data=dataclasses.replace(d, image_dir=fix(d.image_dir), data_dir=fix(d.data_dir)),
+        model=dataclasses.replace(m, base=base, weights=fix(m.weights, keep=("imagenet", "none"))))
+
+
+def check_output_dir(output_dir: str | None, overwrite: bool, resume: bool) -> None:
+    """Fails early (before any data is read) on an output folder that would be refused later."""
+    if resume and not output_dir:
+        raise ConfigError("--resume needs --output-dir DIR: the folder of the run to continue.")
+    if not output_dir:
+        return
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise OutputExistsError(f"Output path {output_dir!r} exists and is not a folder.")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not (overwrite or resume):
+        hint = " or --resume to continue it" if os.path.isfile(os.path.join(checkpoint_dir(output_dir),
+                                                                             STATE_FILE)) else ""
+        raise OutputExistsError(f"Output folder {output_dir!r} exists and is not empty; pass --overwrite to "
+                                f"start over in it{hint}, or choose another --output-dir.")
+
+
+def prepare_run_dir(out_dir: str, cfg) -> None:
+    """Creates the run folder; with `resume` checks that the interrupted run had the same configuration.
+
+    Without `resume`, an `--overwrite` of an earlier run removes its checkpoints so that a later
+    `--resume` never mixes two runs.
+
+    Raises:
+        OutputExistsError: the folder is not empty and neither `overwrite` nor `resume` is set.
+        ConfigError: `resume` with a configuration that differs from the interrupted run's.
+    """
+    check_output_dir(out_dir, cfg.overwrite, cfg.resume)
+    if cfg.resume:
+        saved = os.path.join(out_dir, "config.yaml")
+        if os.path.isfile(os.path.join(checkpoint_dir(out_dir), STATE_FILE)) and os.path.isfile(saved):
+            diff = config_differences(saved, cfg)
+            if diff:
+                raise ConfigError(f"Cannot resume {out_dir!r} with a different configuration ({'; '.join(diff[:4])})."
+                                  f" Resume with the same flags, e.g. tlkit finetune --config {saved} --resume.")
+    else:
+        ckpt = checkpoint_dir(out_dir)
+        if os.path.isdir(ckpt):
+            import shutil
+
+            shutil.rmtree(ckpt, ignore_errors=True)
+    rundir.prepare_run_dir(out_dir, overwrite=True)
+
+
+def config_differences(saved_yaml: str, cfg) -> list[str]:
+    """`key: saved -> now` for every setting that differs from a run's saved `config.yaml` (paths made absolute)."""
+    from tlkit.config import config_from_dict, config_to_dict, load_yaml
+
+    try:
+        old = config_to_dict(absolute_paths(config_from_dict(load_yaml(saved_yaml))))
+    except ConfigError as e:
+        raise ConfigError(f"Cannot resume: {saved_yaml} is not a valid tlkit config ({e}).") from None
+    new = config_to_dict(absolute_paths(cfg))
+    out = []
+    for section in old:
+        a, b = old[section], new.get(section)
+        pairs = a.items() if isinstance(a, dict) else [(section, a)]
+        for key, value in pairs:
+            now = b.get(key) if isinstance(b, dict) else b
+            if key in RESUME_FREE_FIELDS:
+                continue
+            if key in PATH_FIELDS and value and now:
+                value, now = os.path.normpath(str(value)), os.path.normpath(str(now))
+            if value != now:
+                out.append(f"{key}: {value!r} -> {now!r}")
+    return out
+
+
+# ---------------------------------------------------------------- signals
+
+
+_pending: dict[str, int | None] = {"signum": None}
+
+
+def _on_signal(signum, frame):
+    """First Ctrl-C/SIGTERM: stop at the end of the current batch (a clean point); a second one: at once."""
+    if _pending["signum"] is not None:
+        raise Interrupted(signum)
+    _pending["signum"] = signum
+    print(f"\n[tlkit] {signal.Signals(signum).name}: stopping after the current batch (press Ctrl-C again to "
+          "stop at once); the last finished epoch is kept.", flush=True)
+
+
+def interrupt_pending() -> int | None:
+    """The signal received inside `interruptible` and not yet acted on, or `None`."""
+    return _pending["signum"]
+
+
+def raise_if_interrupted() -> None:
+    """Raises `Interrupted` when a signal arrived (called by `Checkpointer` after every batch)."""
+    signum = _pending["signum"]
+    if signum is not None:
+        raise Interrupted(signum)
+
+
+def _epochs_saved(run_dir: str) -> int:
+    try:
+        state = load_state(run_dir)
+    except TrainingError:
+        return 0
+    return state.epoch if state is not None else 0
+
+
+@contextlib.contextmanager
+def interruptible(run_dir: str) -> Iterator[None]:
+    """Turns Ctrl-C (SIGINT) and SIGTERM inside the block into `Interrupted`, naming the run folder to resume.
+
+    The first signal only sets a flag: training stops at the end of the current batch (`Checkpointer`
+    calls `raise_if_interrupted`), never inside a TensorFlow call, where an exception would surface as an
+    unrelated `SystemError`. A second signal stops at once. The handlers are installed only in the main
+    thread; the previous ones are put back afterwards.
+
+    Example:
+        >>> with interruptible("runs/try"):
+        ...     run_stages(...)
+    """
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, _on_signal)
+    _pending["signum"] = None
+    try:
+        yield
+    except Interrupted as e:
+        e.run_dir = e.run_dir or run_dir
+        e.epochs_done = _epochs_saved(run_dir)
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(signal.SIGINT, run_dir, _epochs_saved(run_dir)) from None
+    finally:
+        _pending["signum"] = None
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def resume_command(argv: list[str], run_dir: str | None) -> str:
+    """The command line that resumes an interrupted `tlkit finetune`: the same flags plus `--resume`."""
+    args = list(argv)
+    flags = {a.split("=", 1)[0] for a in args}
+    if run_dir and "--output-dir" not in flags:
+        args += ["--output-dir", run_dir]
+    if "--resume" not in flags:
+        args.append("--resume")
+    if "--no-resume" in flags:
+        args.remove("--no-resume")
+    return "tlkit " + shlex.join(args)
+
+
+def interrupt_message(e: KeyboardInterrupt, argv: list[str]) -> str:
+    """The line(s) the CLI prints on Ctrl-C or SIGTERM."""
+    name = signal.Signals(getattr(e, "signum", signal.SIGINT)).name
+    run_dir = getattr(e, "run_dir", None)
+    if not run_dir or not argv or argv[0] != "finetune":
+        return f"tlkit: interrupted ({name})."
+    done = getattr(e, "epochs_done", 0)
+    saved = (f"epoch {done} is the last one saved in {checkpoint_dir(run_dir)}" if done
+             else "no epoch had finished yet")
+    return f"tlkit: interrupted ({name}); {saved}. Resume with:\n  {resume_command(argv, run_dir)}"
