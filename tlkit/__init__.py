@@ -19,6 +19,8 @@ from tlkit.errors import ConfigError, DataError, OfflineError, TlkitError  # noq
 from tlkit.backbones import get_backbone, list_backbones  # noqa: E402
 from tlkit.data import Datasets, list_datasets  # noqa: E402
 from tlkit.evaluate import evaluate  # noqa: E402
+from tlkit.export import ExportResult, export  # noqa: E402
+from tlkit.predict import Predictor, load, predict  # noqa: E402
 from tlkit.train import RunResult, finetune  # noqa: E402
 
 __version__ = "0.1.0"
@@ -43,5 +45,6 @@ def load_dataset(data: DataConfig, image_size: int = 224, seed: int = 42) -> Dat
 __all__ = [
     "DataConfig", "FinetuneConfig", "ModelConfig", "RuntimeConfig", "TrainConfig", "config_from_dict", "load_config",
     "ConfigError", "DataError", "OfflineError", "TlkitError", "get_backbone", "list_backbones", "list_datasets",
-    "load_dataset", "evaluate", "finetune", "RunResult", "Datasets", "__version__",
+    "load_dataset", "evaluate", "export", "ExportResult", "load", "predict", "Predictor",
+    "finetune", "RunResult", "Datasets", "__version__",
 ]

@@ -120,6 +120,54 @@ class _Parser(argparse.ArgumentParser):
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("export", help="Export a run folder or .keras model (keras, savedmodel, tflite, onnx), checked.",
+                       description="Export a model with its resize and labels, then check it: sample images go "
+                       "through the export and the Keras model; top-1 agreement and max |dp| are printed and written to "
+                       "export.json (exit 1 below the threshold). Writes model_card.md beside the export. Example: "
+                       "tlkit export runs/x --format tflite --quantize int8")
+    p.add_argument("model", metavar="MODEL", help="A run folder (model.keras + labels.txt + config.yaml) or a .keras file.")
+    p.add_argument("--format", required=True, choices=("keras", "savedmodel", "tflite", "onnx"),
+                   help="keras (.keras + labels.txt), savedmodel (uint8-image and encoded-bytes signatures), "
+                   "tflite, or onnx (needs the extra: pip install 'tlkit[onnx]').")
+    p.add_argument("--output", metavar="PATH", default=None,
+                   help="Export folder, or the artifact path (.keras, .tflite, .onnx; a SavedModel is a folder). "
+                   "Default: RUN/export/FORMAT[-QUANTIZE].")
+    p.add_argument("--quantize", default="none", choices=("none", "float16", "dynamic", "int8"),
+                   help="TFLite only: none, float16 weights, dynamic (int8 weights), int8 (full integer, calibrated). "
+                   "Default: none.")
+    p.add_argument("--int8-input", default="uint8", choices=("uint8", "int8", "float32"),
+                   help="With --quantize int8: input and output type (uint8 takes raw pixels). Default: uint8.")
+    p.add_argument("--dataset", metavar="NAME", help="Data for the check and int8 calibration: TFDS name or shapes "
+                   "(default: the run's own data).")
+    p.add_argument("--image-dir", metavar="DIR", help="A folder of class sub-folders, instead of --dataset.")
+    p.add_argument("--data-dir", metavar="DIR", help="TensorFlow Datasets data folder.")
+    p.add_argument("--calibration-steps", type=int, default=100, metavar="N",
+                   help="Calibration images for --quantize int8 (training split first). Default: 100.")
+    p.add_argument("--check-images", nargs="+", metavar="PATH", default=None,
+                   help="Image files or folders for the parity check (default: the data's validation split first).")
+    p.add_argument("--num-check", type=int, default=32, metavar="N", help="Images in the parity check. Default: 32.")
+    p.add_argument("--min-agreement", type=float, default=None, metavar="F",
+                   help="Required top-1 agreement, 0..1 (default: 1.0 for float exports, 0.95 dynamic, 0.90 int8).")
+    p.add_argument("--max-diff", type=float, default=None, metavar="F",
+                   help="Largest allowed |p_export - p_keras|, inf for no bound (default: 1e-3 float exports, 2e-2 "
+                   "float16, no bound for dynamic and int8).")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing export at --output.")
+    p.add_argument("--json", action="store_true", help="Print export.json's content instead of the summary lines.")
+    _add_common(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="Predict the classes of images with any model or export.",
+                       description="Predict the top classes of image files and folders with a run folder, .keras, "
+                       "SavedModel folder, .tflite or .onnx; unreadable files are reported and skipped. Example: "
+                       "tlkit predict runs/x photos/ --top-k 3")
+    p.add_argument("model", metavar="MODEL", help="A run folder, .keras, SavedModel or export folder, .tflite or .onnx.")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="Image files and/or folders (searched recursively).")
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="Classes shown per image. Default: 5.")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="Images per model call. Default: 32.")
+    p.add_argument("--json", action="store_true", help="Print JSON (predictions and skipped files) for scripts.")
+    _add_common(p)
+    p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("info", help="Versions, devices, registered backbones and datasets.",
                        description="Print versions, devices, registered backbones and datasets.")
     p.add_argument("--json", action="store_true", help="Print as JSON.")
@@ -162,6 +210,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(per_class_table(m))
         if m.get("output_dir"):
             print(f"\n[tlkit] metrics written to {os.path.join(m['output_dir'], 'metrics.json')}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tlkit.export import ParityError, export
+
+    try:
+        r = export(args.model, format=args.format, output=args.output, quantize=args.quantize,
+                   int8_input=args.int8_input, dataset=args.dataset, image_dir=args.image_dir, data_dir=args.data_dir,
+                   calibration_steps=args.calibration_steps, check_images=args.check_images, num_check=args.num_check,
+                   min_agreement=args.min_agreement, max_diff=args.max_diff,
+                   overwrite=args.overwrite, verbose=not args.json)
+    except ParityError as e:  # written, but wrong: not a usage error
+        print(f"tlkit: error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        with open(os.path.join(r.export_dir, "export.json"), encoding="utf-8") as f:
+            print(f.read().rstrip())
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tlkit.predict import predict
+
+    r = predict(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size, progress=not args.json)
+    if args.json:
+        print(json.dumps(r.to_dict(), indent=2))
+    else:
+        print(r.table())
+    for f, why in r.skipped:
+        print(f"tlkit: skipped {f}: {why}", file=sys.stderr)
     return 0
 
 

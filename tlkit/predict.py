@@ -1,0 +1,506 @@
+"""`predict` and `load`: one way to run any tlkit model or export on images, whatever its format.
+
+`load(path)` opens a run folder, a `.keras` file, a SavedModel folder written by `tlkit export`, a
+`.tflite` file or an `.onnx` file (or an export folder holding one of them) and returns a `Predictor`
+with `.predict(images)` and `.class_names`. Every format sees the same input: images are decoded as the
+training pipeline decodes them (grayscale and RGBA become RGB) and resized with the pipeline's own resize
+(`tlkit.data.augment.resize_uint8`), so a prediction here is the prediction the model was trained for.
+The SavedModel does that resize itself, inside its serving signature.
+
+Example:
+    >>> clf = tlkit.load("runs/resnet50-shapes-1/export/tflite-int8")
+    >>> probs = clf.predict(["cat.jpg", "dog.png"])
+    >>> clf.class_names[probs[0].argmax()]
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from tlkit.errors import ConfigError, DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+FORMAT_FILES = {"keras": "model.keras", "tflite": "model.tflite", "onnx": "model.onnx"}
+ONNX_EXTRA_HINT = "pip install 'tlkit[onnx]' (tf2onnx, onnx, onnxruntime)"
+
+
+# ---------------------------------------------------------------- images
+
+def read_image(path: str) -> np.ndarray:
+    """Decodes an image file into uint8 RGB [H, W, 3] exactly as the training pipeline does.
+
+    Args:
+        path: A JPEG, PNG, BMP or GIF file (first frame).
+
+    Returns:
+        A uint8 array [H, W, 3].
+
+    Raises:
+        DataError: the file is missing or cannot be decoded (the message names the file).
+
+    Example:
+        >>> read_image("cat.jpg").shape
+        (375, 500, 3)
+    """
+    import tensorflow as tf
+
+    from tlkit.data.pipeline import decode
+
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file.")
+    try:
+        return decode(tf.constant(path), "path").numpy()
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.UnknownError) as e:
+        msg = re.sub(r"\{\{.*?\}\}\s*", "", (e.message or str(e)).strip().splitlines()[0])
+        raise DataError(f"{path}: cannot decode image ({msg.split('. ')[0].rstrip('.')[:160]}).") from None
+
+
+def resize_batch(images: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """Resizes uint8 RGB images of any sizes to float32 [N, size, size, 3] in 0..255 (the pipeline's resize)."""
+    from tlkit.data.augment import resize_uint8
+
+    out = np.zeros((len(images), size, size, 3), np.float32)
+    for i, img in enumerate(images):
+        out[i] = resize_uint8(img, size).numpy()
+    return out
+
+
+def as_uint8_images(images: Any) -> list[np.ndarray]:
+    """Normalises the inputs of `Predictor.predict` to a list of uint8 RGB [H, W, 3] arrays.
+
+    Accepts a path, a list of paths, one array [H, W, 3], a batch [N, H, W, 3], or a list of arrays of
+    any sizes; float arrays are taken as 0..255 and rounded like the pipeline; grayscale [H, W] or
+    [H, W, 1] and RGBA become RGB.
+    """
+    if isinstance(images, (str, os.PathLike)):
+        return [read_image(os.fspath(images))]
+    if isinstance(images, np.ndarray) or hasattr(images, "numpy"):
+        arr = np.asarray(images)
+        if arr.ndim == 4:
+            return [_to_uint8(a) for a in arr]
+        if arr.ndim in (2, 3):
+            return [_to_uint8(arr)]
+        raise ConfigError(f"Images must be [H, W, 3] or [N, H, W, 3], got an array of shape {arr.shape}.")
+    out = []
+    for item in images:
+        if isinstance(item, (str, os.PathLike)):
+            out.append(read_image(os.fspath(item)))
+        else:
+            out.append(_to_uint8(np.asarray(item)))
+    return out
+
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
+        raise ConfigError(f"An image must be [H, W, 3] (or grayscale/RGBA), got shape {a.shape}.")
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    a = a[..., :3]
+    if a.dtype != np.uint8:
+        a = np.clip(np.round(a.astype(np.float32)), 0, 255).astype(np.uint8)
+    return a
+
+
+# ---------------------------------------------------------------- predictors
+
+class Predictor:
+    """A loaded model of any format: `.predict(images)` -> probabilities, `.class_names`.
+
+    Attributes:
+        path: What was loaded.
+        format: `keras`, `savedmodel`, `tflite` or `onnx`.
+        class_names: Class names, index = column of the probabilities.
+        image_size: The model's square input side in pixels (`None` when unknown).
+    """
+
+    format = "?"
+
+    def __init__(self, path: str, class_names: list[str] | None, image_size: int | None, num_classes: int):
+        if class_names is not None and len(class_names) != num_classes:
+            raise DataError(f"{path}: labels list {len(class_names)} classes but the model predicts {num_classes}.")
+        self.path = path
+        self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+        self.image_size = image_size
+        self.num_classes = num_classes
+
+    def predict(self, images: Any, batch_size: int = 32) -> np.ndarray:
+        """Class probabilities of images.
+
+        Args:
+            images: A path, a list of paths, a uint8/float array [H, W, 3] or [N, H, W, 3] in 0..255, or a
+                list of arrays of any sizes.
+            batch_size: Images per call of the model. Defaults to `32`.
+
+        Returns:
+            float32 [N, num_classes].
+
+        Example:
+            >>> tlkit.load("runs/x").predict(np.zeros((2, 64, 48, 3), np.uint8)).shape
+            (2, 4)
+        """
+        imgs = as_uint8_images(images)
+        if not imgs:
+            return np.zeros((0, self.num_classes), np.float32)
+        parts = [self.predict_uint8(imgs[i:i + batch_size]) for i in range(0, len(imgs), batch_size)]
+        return np.concatenate(parts).astype(np.float32)
+
+    def predict_uint8(self, images: list[np.ndarray]) -> np.ndarray:
+        """Probabilities of a list of uint8 RGB images of any sizes (one batch)."""
+        return self.predict_resized(resize_batch(images, self.image_size))
+
+    def predict_resized(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (f"<tlkit {self.format} predictor {self.path!r}: {self.num_classes} classes, "
+                f"{self.image_size}px>")
+
+
+def call_model(model, x):
+    """`model(x, training=False)`, passing `x` in the structure the model was built with (a one-input list for
+    models saved by `train.save_model`), so Keras does not warn about the structure on every call."""
+    struct = getattr(model, "_inputs_struct", None)
+    return model([x] if isinstance(struct, list) and len(struct) == 1 else x, training=False)
+
+
+class KerasPredictor(Predictor):
+    """A `.keras` model or run folder."""
+
+    format = "keras"
+
+    def __init__(self, path: str, model, class_names: list[str] | None):
+        import tensorflow as tf
+
+        super().__init__(path, class_names, int(model.input_shape[1]), int(model.output_shape[-1]))
+        self.model = model
+        self._fn = tf.function(lambda x: call_model(model, x), reduce_retracing=True)
+
+    def predict_resized(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self._fn(x))
+
+
+class SavedModelPredictor(Predictor):
+    """A SavedModel from `tlkit export --format savedmodel`: its `serving_default` signature resizes."""
+
+    format = "savedmodel"
+
+    def __init__(self, path: str, class_names: list[str] | None, image_size: int | None):
+        import tensorflow as tf
+
+        try:
+            self.loaded = tf.saved_model.load(path)
+        except Exception as e:
+            raise ConfigError(f"Could not load SavedModel {path!r}: {str(e).splitlines()[0][:200]}") from None
+        sigs = self.loaded.signatures
+        if "serving_default" not in sigs:
+            raise ConfigError(f"SavedModel {path!r} has no serving_default signature (signatures: {list(sigs)}).")
+        self.serving = sigs["serving_default"]
+        self.serve_bytes = sigs.get("serve_bytes")
+        out = self.serving.structured_outputs
+        num = int(out["probabilities"].shape[-1]) if "probabilities" in out else len(class_names or [])
+        super().__init__(path, class_names, image_size, num)
+
+    def predict_uint8(self, images: list[np.ndarray]) -> np.ndarray:
+        """Runs the serving signature on the raw images (grouped by size: a batch must share one)."""
+        out = np.zeros((len(images), self.num_classes), np.float32)
+        groups: dict[tuple, list[int]] = {}
+        for i, img in enumerate(images):
+            groups.setdefault(img.shape, []).append(i)
+        for idx in groups.values():
+            batch = np.stack([images[i] for i in idx])
+            out[idx] = self.serving(images=batch)["probabilities"].numpy()
+        return out
+
+    def predict_bytes(self, encoded: Sequence[bytes]) -> np.ndarray:
+        """Runs the `serve_bytes` signature on encoded JPEG/PNG files' contents."""
+        import tensorflow as tf
+
+        if self.serve_bytes is None:
+            raise ConfigError(f"SavedModel {self.path!r} has no serve_bytes signature.")
+        return self.serve_bytes(image_bytes=tf.constant(list(encoded), tf.string))["probabilities"].numpy()
+
+
+class TFLitePredictor(Predictor):
+    """A `.tflite` file; quantized inputs and outputs are (de)quantized with the file's own parameters."""
+
+    format = "tflite"
+
+    def __init__(self, path: str, class_names: list[str] | None):
+        import tensorflow as tf
+
+        import warnings
+
+        try:
+            with warnings.catch_warnings():  # TF's interpreter announces its move to ai_edge_litert
+                warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
+                self.interpreter = tf.lite.Interpreter(model_path=path)
+            self.interpreter.allocate_tensors()
+        except Exception as e:
+            raise ConfigError(f"Could not load TFLite model {path!r}: {str(e).splitlines()[0][:200]}") from None
+        self.inp = self.interpreter.get_input_details()[0]
+        self.out = self.interpreter.get_output_details()[0]
+        self._batch = int(self.inp["shape"][0])
+        super().__init__(path, class_names, int(self.inp["shape"][1]), int(self.out["shape"][-1]))
+
+    @property
+    def input_dtype(self) -> str:
+        return np.dtype(self.inp["dtype"]).name
+
+    def predict_resized(self, x: np.ndarray) -> np.ndarray:
+        it = self.interpreter
+        if x.shape[0] != self._batch:
+            it.resize_tensor_input(self.inp["index"], [x.shape[0], *self.inp["shape"][1:]])
+            it.allocate_tensors()
+            self.inp = it.get_input_details()[0]
+            self.out = it.get_output_details()[0]
+            self._batch = x.shape[0]
+        dtype = self.inp["dtype"]
+        if np.issubdtype(dtype, np.integer):
+            scale, zero = self.inp["quantization"]
+            info = np.iinfo(dtype)
+            x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
+        it.set_tensor(self.inp["index"], x.astype(dtype, copy=False))
+        it.invoke()
+        y = it.get_tensor(self.out["index"])
+        if np.issubdtype(y.dtype, np.integer):
+            scale, zero = self.out["quantization"]
+            y = (y.astype(np.float32) - zero) * scale
+        return y.astype(np.float32)
+
+
+class OnnxPredictor(Predictor):
+    """An `.onnx` file, run with onnxruntime (the optional extra `onnx`)."""
+
+    format = "onnx"
+
+    def __init__(self, path: str, class_names: list[str] | None):
+        ort = require_onnx(("onnxruntime",))["onnxruntime"]
+        try:
+            self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ConfigError(f"Could not load ONNX model {path!r}: {str(e).splitlines()[0][:200]}") from None
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        out_shape = self.session.get_outputs()[0].shape
+        super().__init__(path, class_names, int(inp.shape[1]), int(out_shape[-1]))
+
+    def predict_resized(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run(None, {self.input_name: x.astype(np.float32)})[0])
+
+
+def require_onnx(modules: Iterable[str] = ("tf2onnx", "onnx", "onnxruntime")) -> dict[str, Any]:
+    """Imports the ONNX extra's modules, or raises one `ConfigError` line saying what to install."""
+    import importlib
+
+    out, missing = {}, []
+    for name in modules:
+        try:
+            out[name] = importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ConfigError(f"ONNX needs the optional extra 'onnx' ({', '.join(missing)} not installed): "
+                          f"{ONNX_EXTRA_HINT}.")
+    return out
+
+
+def _read_labels(path: str) -> list[str] | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def _read_export_info(folder: str) -> dict[str, Any]:
+    path = os.path.join(folder, "export.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def load(path: str) -> Predictor:
+    """Loads a run folder, `.keras`, SavedModel folder, `.tflite` or `.onnx` file (or an export folder).
+
+    Class names come from `labels.txt` beside the model (inside a SavedModel or export folder).
+
+    Args:
+        path: What to load.
+
+    Returns:
+        A `Predictor` with `.predict(images)` and `.class_names`.
+
+    Raises:
+        ConfigError: nothing loadable at `path`. DataError: labels and model disagree on the class count.
+
+    Example:
+        >>> clf = tlkit.load("runs/resnet50-shapes-1")
+        >>> clf.class_names
+        ['circle', 'square', 'triangle', 'cross']
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ConfigError(f"No model at {path!r} (expected a run folder, .keras, SavedModel folder, .tflite or .onnx).")
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "saved_model.pb")):
+            info = _read_export_info(path)
+            return SavedModelPredictor(path, _read_labels(os.path.join(path, "labels.txt")), info.get("image_size"))
+        for name in ("model.keras", "model.tflite", "model.onnx"):
+            if os.path.isfile(os.path.join(path, name)):
+                return load(os.path.join(path, name))
+        raise ConfigError(f"{path!r} holds no model.keras, model.tflite, model.onnx or saved_model.pb.")
+    labels = _read_labels(os.path.join(os.path.dirname(os.path.abspath(path)), "labels.txt"))
+    low = path.lower()
+    if low.endswith(".keras"):
+        from tlkit.evaluate import load_model_and_labels
+
+        model, labels, _ = load_model_and_labels(path)
+        return KerasPredictor(path, model, labels)
+    if low.endswith(".tflite"):
+        return TFLitePredictor(path, labels)
+    if low.endswith(".onnx"):
+        return OnnxPredictor(path, labels)
+    raise ConfigError(f"Unknown model file {path!r}: expected .keras, .tflite, .onnx, a SavedModel or a run folder.")
+
+
+# ---------------------------------------------------------------- predict
+
+@dataclasses.dataclass
+class Prediction:
+    """The top classes of one image.
+
+    Attributes:
+        file: The image file.
+        top: `(class name, probability)` pairs, most probable first.
+    """
+
+    file: str
+    top: list[tuple[str, float]]
+
+
+@dataclasses.dataclass
+class PredictResult:
+    """What `predict` returns.
+
+    Attributes:
+        predictions: One `Prediction` per readable image, in input order.
+        skipped: `(file, reason)` of every input that could not be read.
+        model: The model path.
+        format: The model's format.
+    """
+
+    predictions: list[Prediction]
+    skipped: list[tuple[str, str]]
+    model: str
+    format: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "format": self.format,
+                "predictions": [{"file": p.file, "top": [{"class": c, "probability": pr} for c, pr in p.top]}
+                                for p in self.predictions],
+                "skipped": [{"file": f, "error": e} for f, e in self.skipped]}
+
+    def table(self) -> str:
+        """A plain-text table: file, class, probability (top-k rows per file)."""
+        rows = [("file", "class", "probability")]
+        for p in self.predictions:
+            for i, (c, pr) in enumerate(p.top):
+                rows.append((p.file if i == 0 else "", c, f"{pr:.4f}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        return "\n".join(f"{r[0]:{widths[0]}s}  {r[1]:{widths[1]}s}  {r[2]:>{widths[2]}s}".rstrip() for r in rows)
+
+
+def list_images(inputs: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Expands files and folders (recursively, image extensions only) into image files, in order.
+
+    Returns:
+        `(files, missing)` where `missing` lists `(path, "no such file or folder")`.
+    """
+    files, missing = [], []
+    for item in inputs:
+        if os.path.isdir(item):
+            for dirpath, dirnames, names in os.walk(item):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                files += [os.path.join(dirpath, n) for n in sorted(names)
+                          if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            missing.append((item, "no such file or folder"))
+    return files, missing
+
+
+def predict(model: str | Predictor, inputs: str | Sequence[str], top_k: int = 5, batch_size: int = 32,
+            progress: bool = False) -> PredictResult:
+    """Predicts the top classes of image files and folders; unreadable files are skipped and reported.
+
+    Args:
+        model: A path `load` understands, or a loaded `Predictor`.
+        inputs: Image files and/or folders (searched recursively for .jpg .jpeg .png .bmp .gif).
+        top_k: Classes per image (capped at the number of classes). Defaults to `5`.
+        batch_size: Images per model call. Defaults to `32`.
+        progress: Show a progress bar on stderr. Defaults to `False`.
+
+    Returns:
+        A `PredictResult` (`.table()`, `.to_dict()`).
+
+    Raises:
+        DataError: no input image could be read.
+
+    Example:
+        >>> print(tlkit.predict("runs/x", ["photos/"], top_k=3).table())
+    """
+    if top_k < 1:
+        raise ConfigError(f"top_k must be >= 1, got {top_k}.")
+    clf = model if isinstance(model, Predictor) else load(model)
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [os.fspath(inputs)]
+    files, skipped = list_images(list(inputs))
+    k = min(top_k, clf.num_classes)
+    preds: list[Prediction] = []
+    bar = None
+    if progress and len(files) > batch_size:
+        import keras
+
+        bar = keras.utils.Progbar(len(files), unit_name="image")
+    done = 0
+    for start in range(0, len(files), batch_size):
+        chunk, imgs = [], []
+        for f in files[start:start + batch_size]:
+            try:
+                imgs.append(read_image(f))
+                chunk.append(f)
+            except DataError as e:
+                skipped.append((f, str(e).split(": ", 1)[-1]))
+        if imgs:
+            probs = clf.predict_uint8(imgs)
+            for f, p in zip(chunk, probs):
+                order = np.argsort(-p)[:k]
+                preds.append(Prediction(f, [(clf.class_names[i], float(p[i])) for i in order]))
+        done += len(files[start:start + batch_size])
+        if bar is not None:
+            _stdout, sys.stdout = sys.stdout, sys.stderr
+            try:
+                bar.update(done)
+            finally:
+                sys.stdout = _stdout
+    if not preds:
+        names = ", ".join(f for f, _ in skipped[:3]) or ", ".join(inputs)
+        raise DataError(f"No readable image among the inputs ({names}); "
+                        f"expected image files ({', '.join(IMAGE_EXTENSIONS)}) or folders of them.")
+    return PredictResult(preds, skipped, clf.path, clf.format)
+
+
+__all__ = ["Predictor", "load", "predict", "read_image", "PredictResult", "Prediction", "list_images",
+           "require_onnx"]
