@@ -1,4 +1,6 @@
-"""The tf.data pipeline: decode -> resize -> cache -> shuffle -> augment -> batch -> one-hot -> prefetch.
+"""The tf.data pipeline: decode -> resize -> cache -> shuffle -> batch -> augment -> one-hot -> prefetch.
+
+Without a cache, training decodes only the random crop of each JPEG (`decode_and_crop_jpeg`).
 
 Images leave the pipeline as float32 in 0..255 (the model does its own preprocessing), labels one-hot
 float32 (so label smoothing, mixup and cutmix all work).
@@ -9,7 +11,7 @@ import os
 
 import tensorflow as tf
 
-from tlkit.data.augment import PRESETS, BatchAugmenter, random_resized_crop, resize_uint8
+from tlkit.data.augment import PRESETS, BatchAugmenter, batch_crop_flip, decode_random_crop, resize_uint8
 from tlkit.data.sources import Split
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -28,10 +30,27 @@ def decode(image: tf.Tensor, kind: str) -> tf.Tensor:
     return img
 
 
+def _parallel(parallel: bool, deterministic: bool | None) -> dict:
+    return dict(num_parallel_calls=AUTOTUNE, deterministic=deterministic) if parallel else {}
+
+
 def make_dataset(split: Split, image_size: int, batch_size: int, num_classes: int, *, training: bool = False,
                  augment: str = "none", cache: str = "memory", cache_dir: str | None = None, seed: int = 42,
                  drop_remainder: bool = False, deterministic: bool | None = None) -> tf.data.Dataset:
     """Builds the batched, prefetched dataset of one split.
+
+    Two paths, chosen by `cache`:
+
+    - `memory`/`disk`: decode and resize every image once (parallel, AUTOTUNE), cache the uint8 images, then per
+      epoch shuffle, batch, and crop + flip the whole batch in one vectorised op (`augment.batch_crop_flip`).
+    - `none` (training from files or encoded bytes): shuffle the cheap file names/bytes, then decode only a
+      random crop of each JPEG (`tf.image.stateless_sample_distorted_bounding_box` +
+      `tf.io.decode_and_crop_jpeg`, in `augment.decode_random_crop`), in parallel.
+
+    Either way the rest of the preset (rotation, zoom, contrast, RandAugment as vectorised `keras.layers` random
+    layers, then mixup/cutmix) runs once per batch, and the result is prefetched (AUTOTUNE). Every random draw
+    comes from `seed` (stateless ops, `tf.data.Dataset.random`, seeded layers), so with `deterministic=True`
+    two runs with the same seed give the same batches, epoch after epoch.
 
     Args:
         split: The `Split` from `load_sources`.
@@ -44,45 +63,69 @@ def make_dataset(split: Split, image_size: int, batch_size: int, num_classes: in
         cache_dir: Folder of the disk cache. Defaults to `None`.
         seed: Seed of shuffling and augmentation. Defaults to `42`.
         drop_remainder: Drop the last incomplete batch. Defaults to `False`.
-        deterministic: Keep element order in parallel maps. Defaults to `None` (tf.data's default).
+        deterministic: Keep element order in parallel maps and run the stateful augmentation layers in order,
+            so that the same seed gives the same batches. Defaults to `None` (tf.data's default).
 
     Returns:
         A `tf.data.Dataset` of `(images float32 [B, S, S, 3] in 0..255, labels one-hot float32 [B, C])`.
+
+    Example:
+        >>> ds = make_dataset(data.train, 224, 32, data.num_classes, training=True, augment="standard")
     """
+    if augment not in PRESETS:
+        raise ValueError(f"Unknown augmentation preset {augment!r}. Choose one of: {', '.join(PRESETS)}.")
+    if cache not in ("memory", "disk", "none"):
+        raise ValueError(f"Unknown cache {cache!r}. Choose one of: memory, disk, none.")
     kind = split.kind
-    ds = split.ds.map(lambda x, y: (resize_uint8(decode(x, kind), image_size), y),
-                      num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-    if kind != "decoded":
-        ds = ds.ignore_errors(log_warning=True)  # an unreadable file is skipped, not fatal
-    if cache == "memory":
-        ds = ds.cache()
-    elif cache == "disk":
-        if not cache_dir:
-            raise ValueError("cache='disk' needs a cache_dir")
-        os.makedirs(cache_dir, exist_ok=True)
-        ds = ds.cache(os.path.join(cache_dir, "train" if training else "eval"))
     preset = PRESETS[augment] if training else PRESETS["none"]
-    if training:
-        ds = ds.shuffle(min(max(split.count, 1), 10_000), seed=seed, reshuffle_each_iteration=True)
-        if preset.crop_scale or preset.flip:
-            counter = tf.data.Dataset.counter(start=0)
-            ds = tf.data.Dataset.zip((ds, counter))
+    det = deterministic
+    shuffle_n = min(max(split.count, 1), 10_000)
+    # Per-element (or per-batch) random seeds: new each epoch, the same sequence for the same seed.
+    def seeds():
+        return tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
 
-            def per_image(xy, i):
-                x, y = xy
-                s = tf.stack([tf.cast(seed, tf.int64), i])
-                if preset.crop_scale:
-                    x = random_resized_crop(x, image_size, preset.crop_scale, s)
-                if preset.flip:
-                    x = tf.image.stateless_random_flip_left_right(x, s + 1)
-                return x, y
+    crop_on_decode = training and cache == "none" and kind != "decoded"
+    if crop_on_decode:
+        ds = split.ds.shuffle(split.count if kind == "path" else shuffle_n, seed=seed, reshuffle_each_iteration=True)
+        ds = tf.data.Dataset.zip((ds, seeds()))
 
-            ds = ds.map(per_image, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE,
-                  deterministic=deterministic)
+        def load(xy, r):
+            x, y = xy
+            s = tf.stack([tf.cast(seed, tf.int64), r])
+            data = tf.io.read_file(x) if kind == "path" else x
+            if preset.crop_scale:
+                img = decode_random_crop(data, image_size, preset.crop_scale, s)
+            else:
+                img = resize_uint8(decode(data, "encoded"), image_size)
+            if preset.flip:
+                img = tf.image.stateless_random_flip_left_right(img, s + 1)
+            return img, y
+
+        ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=det)
+        ds = ds.ignore_errors(log_warning=True)  # an unreadable file is skipped, not fatal
+        crop_in_batch = False
+    else:
+        ds = split.ds.map(lambda x, y: (resize_uint8(decode(x, kind), image_size), y),
+                          num_parallel_calls=AUTOTUNE, deterministic=det)
+        if kind != "decoded":
+            ds = ds.ignore_errors(log_warning=True)
+        if cache == "memory":
+            ds = ds.cache()
+        elif cache == "disk":
+            if not cache_dir:
+                raise ValueError("cache='disk' needs a cache_dir")
+            os.makedirs(cache_dir, exist_ok=True)
+            ds = ds.cache(os.path.join(cache_dir, "train" if training else "eval"))
+        if training:
+            ds = ds.shuffle(shuffle_n, seed=seed, reshuffle_each_iteration=True)
+        crop_in_batch = bool(preset.crop_scale or preset.flip)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE, deterministic=det)
     aug = BatchAugmenter(preset, seed) if training else None
+    stateful = aug is not None and aug.active
 
-    def finish(x, y):
+    def finish(x, y, r=None):
+        if crop_in_batch:
+            x = batch_crop_flip(x, preset.crop_scale, preset.flip, tf.stack([tf.cast(seed, tf.int64) + 7, r]))
         x = tf.cast(x, tf.float32)
         if aug is not None and aug.layers:
             x = tf.clip_by_value(tf.cast(aug.images(x), tf.float32), 0.0, 255.0)
@@ -91,5 +134,14 @@ def make_dataset(split: Split, image_size: int, batch_size: int, num_classes: in
             x, y = aug.mix(x, y)
         return x, y
 
-    ds = ds.map(finish, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    if crop_in_batch:
+        ds = tf.data.Dataset.zip((ds, seeds())).map(lambda xy, r: finish(xy[0], xy[1], r),
+                                                      **_parallel(not (stateful and det), det))
+    else:
+        # Keras's random layers draw from a stateful seed generator: in order when determinism is asked.
+        ds = ds.map(finish, **_parallel(not (stateful and det), det))
+    if det:
+        options = tf.data.Options()
+        options.deterministic = True
+        ds = ds.with_options(options)
     return ds.prefetch(AUTOTUNE)

@@ -1,0 +1,95 @@
+"""tlkit/features.py: frozen-feature caching gives the same head, the same accuracy, and a full saved model."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import tlkit
+from tlkit import features
+from tlkit.backbones import get_backbone
+from tlkit.config import DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig, TrainConfig
+from tlkit.model import build_classifier, get_base, set_trainable
+from conftest import write_image_folder
+
+
+def _classifier(tiny_backbone):
+    spec = get_backbone(tiny_backbone)
+    base = spec.build(32, "none")
+    return spec, build_classifier(spec, 3, ModelConfig(base=tiny_backbone, weights="none", dropout=0.0), 32, base=base)
+
+
+def test_split_model_shares_the_head_layers_and_composes_to_the_model(tiny_backbone):
+    spec, model = _classifier(tiny_backbone)
+    extractor, head = features.split_model(model)
+    assert [l.name for l in head.layers] == ["features", "head_dropout", "logits", "probs"]
+    assert head.get_layer("logits") is model.get_layer("logits")  # the same layer object: training it trains model
+    base_out = get_base(model).output.shape
+    assert len(base_out) == 4 and extractor.output.shape[1:] == (base_out[-1],)  # pooled, not the feature map
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(head(extractor(x))),
+                               keras.ops.convert_to_numpy(model(x)), rtol=1e-5, atol=1e-6)
+
+
+def test_when_the_cache_applies(tiny_backbone):
+    spec, model = _classifier(tiny_backbone)
+    cfg = FinetuneConfig(data=DataConfig(dataset="shapes", augment="none"))
+    with_aug = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment="standard"))
+    set_trainable(model, spec, set())  # head stage: backbone frozen
+    assert features.use_feature_cache(model, cfg)
+    assert not features.use_feature_cache(model, with_aug)  # auto: augmentation makes every epoch different
+    forced = dataclasses.replace(with_aug, runtime=RuntimeConfig(cache_features=True))
+    assert features.use_feature_cache(model, forced)
+    off = dataclasses.replace(cfg, runtime=RuntimeConfig(cache_features=False))
+    assert not features.use_feature_cache(model, off)
+    set_trainable(model, spec, {2})  # a backbone stage trains: never
+    assert not features.use_feature_cache(model, forced)
+
+
+def _run(root, tiny_backbone, out, cache, strategy="feature_extraction", augment="none", batch_size=4):
+    cfg = FinetuneConfig(
+        data=DataConfig(image_dir=root, image_size=32, batch_size=batch_size, augment=augment, val_split=0.25),
+        model=ModelConfig(base=tiny_backbone, weights="none", dropout=0.0),
+        train=TrainConfig(strategy=strategy, epochs=1 if strategy == "two_stage" else 8, head_epochs=3, lr=0.02,
+                          schedule="constant", label_smoothing=0.0),
+        runtime=RuntimeConfig(precision="float32", xla="off", cache_features=cache), output_dir=str(out), seed=1)
+    return tlkit.finetune(cfg)
+
+
+def test_feature_cache_trains_the_same_head_to_the_same_accuracy_and_saves_the_full_model(
+        tmp_path, tiny_backbone, capsys):
+    root = write_image_folder(tmp_path / "img", classes=("r", "g", "b"), per_class=12, size=(36, 36))  # 27 train
+    # One full batch per epoch: the gradient does not depend on the order of the examples, so training the head
+    # on cached features must follow the same trajectory as training the full model on images.
+    plain = _run(root, tiny_backbone, tmp_path / "plain", cache=False, batch_size=27)
+    assert "caching base features" not in capsys.readouterr().out
+    cached = _run(root, tiny_backbone, tmp_path / "cached", cache=None, batch_size=27)  # auto: frozen, no augment
+    assert "caching base features" in capsys.readouterr().out
+    for r in (plain, cached):
+        assert r.history[-1]["loss"] < r.history[0]["loss"]
+    # Same trajectory within float noise (the models kept are each run's best epoch by validation accuracy).
+    np.testing.assert_allclose([r["loss"] for r in plain.history], [r["loss"] for r in cached.history], atol=5e-3)
+    assert abs(plain.metrics["val"]["accuracy"] - cached.metrics["val"]["accuracy"]) <= 0.25
+    assert len(cached.history) == 8 and all(row["stage"] == "head" for row in cached.history)
+    assert cached.history[-1]["lr"] == pytest.approx(0.02)  # the LR is read from the shared optimizer
+    a = keras.models.load_model(os.path.join(plain.run_dir, "model.keras"), safe_mode=True)
+    b = keras.models.load_model(os.path.join(cached.run_dir, "model.keras"), safe_mode=True)
+    assert [(l.name, type(l).__name__) for l in a.layers] == [(l.name, type(l).__name__) for l in b.layers]
+    assert [tuple(w.shape) for w in a.weights] == [tuple(w.shape) for w in b.weights]
+    assert get_base(b).count_params() > 0 and len(b.weights) > 2  # base + head, not the head alone
+    # The trained head lives in the saved full model: it reproduces the run's predictions on raw images.
+    x = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(b(x)), keras.ops.convert_to_numpy(cached.model(x)),
+                               atol=1e-5)
+
+
+def test_two_stage_caches_the_head_stage_only_then_fine_tunes(tmp_path, tiny_backbone, capsys):
+    root = write_image_folder(tmp_path / "img", classes=("r", "g"), per_class=8, size=(36, 36))
+    r = _run(root, tiny_backbone, tmp_path / "two", cache=True, strategy="two_stage", augment="light")
+    out = capsys.readouterr().out
+    assert out.count("caching base features of the train split") == 1  # head stage only, despite augmentation
+    assert [row["stage"] for row in r.history] == ["head"] * 3 + ["finetune"]
+    assert os.path.exists(os.path.join(r.run_dir, "model.keras"))
