@@ -162,12 +162,18 @@ class RuntimeConfig:
         distribute: `auto` (mirrored with more than one GPU), `none`, `mirrored`, `multiworker` (reads
             `TF_CONFIG`) or `tpu`. Defaults to `"auto"`.
         deterministic: Make the input pipeline and ops deterministic (slower). Defaults to `False`.
+        cache_features: Train the head of a stage whose backbone is frozen on base features computed once
+            (`tlkit.features`), many times faster; the head and the saved model are the same. `None` (auto):
+            when the training split has no augmentation (`--augment none`); `True` (`--cache-features`): also
+            with augmentation (the features of one augmented pass over the training set are reused);
+            `False` (`--no-cache-features`): never. Defaults to `None`.
     """
 
     precision: str = "auto"
     xla: str = "auto"
     distribute: str = "auto"
     deterministic: bool = False
+    cache_features: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)

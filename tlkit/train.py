@@ -13,7 +13,7 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from tlkit import backbones, param_groups, rundir, runtime, schedules, strategies
+from tlkit import backbones, features, param_groups, rundir, runtime, schedules, strategies
 from tlkit.config import FinetuneConfig, config_to_dict, dump_yaml
 from tlkit.data import Datasets, load_sources, make_dataset
 from tlkit.errors import ConfigError, DataError, TrainingError
@@ -119,6 +119,7 @@ def run_stages(model: keras.Model, spec: backbones.BackboneSpec, plan: list[stra
     callbacks: list[keras.callbacks.Callback] = [guard, epoch_log, best]
     if cfg.train.tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(out_dir, "tensorboard")))
+    rt.per_replica_batch(cfg.data.batch_size)  # the batch is global: it must split evenly over the replicas
     num_stages = spec.num_stages(_base(model))
     epoch = 0
     verbose = 1 if sys.stdout.isatty() else 2
@@ -130,13 +131,14 @@ def run_stages(model: keras.Model, spec: backbones.BackboneSpec, plan: list[stra
         lr = schedules.make_schedule(cfg.train, stage.lr, stage.epochs, steps_per_epoch)
         with rt.scope():
             compile_model(model, cfg, lr, num_classes, rt.jit_compile, spec=spec)
+        rt.verify_compiled(model)  # --xla on must not silently fall back to off
         epoch_log.stage = stage.name
         stage_cbs = list(callbacks)
         if cfg.train.early_stopping:
             stage_cbs.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="max",
                                                            patience=cfg.train.early_stopping))
-        model.fit(train_ds, validation_data=val_ds, epochs=epoch + stage.epochs, initial_epoch=epoch,
-                  callbacks=stage_cbs, verbose=verbose, shuffle=False)
+        features.fit_stage(model, cfg, rt, train_ds, validation_data=val_ds, epochs=epoch + stage.epochs,
+                           initial_epoch=epoch, callbacks=stage_cbs, verbose=verbose, shuffle=False)
         if guard.bad_epoch is not None:
             raise TrainingError(
                 f"The loss became NaN or infinite in epoch {guard.bad_epoch} (stage {stage.name!r}): the learning "
