@@ -22,6 +22,8 @@ from tlkit.evaluate import evaluate  # noqa: E402
 from tlkit.export import ExportResult, export  # noqa: E402
 from tlkit.predict import Predictor, load, predict  # noqa: E402
 from tlkit.train import RunResult, finetune  # noqa: E402
+from tlkit.config import TuneConfig  # noqa: E402
+from tlkit.tune import TuneResult, tune  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -47,4 +49,5 @@ __all__ = [
     "ConfigError", "DataError", "OfflineError", "TlkitError", "get_backbone", "list_backbones", "list_datasets",
     "load_dataset", "evaluate", "export", "ExportResult", "load", "predict", "Predictor",
     "finetune", "RunResult", "Datasets", "__version__",
+    "tune", "TuneConfig", "TuneResult",
 ]

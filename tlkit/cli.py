@@ -168,6 +168,24 @@ class _Parser(argparse.ArgumentParser):
     _add_common(p)
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("tune", help="Search learning rate, batch size and more with KerasTuner; writes best_config.yaml.",
+                       description="Hyperparameter search with KerasTuner on the same model and data code as finetune: "
+                       "every finetune flag, plus the search options below. The learning rate (log scale) and the batch "
+                       "size (the data is re-batched per trial) are always searched; --search adds dropout, "
+                       "label_smoothing, unfreeze_stages, optimizer, augment. For --strategy two_stage, --two-stage-lr "
+                       "picks what is searched: by default the fine-tuning stage's learning rate, the head warm-up fixed "
+                       "at --lr for --head-epochs. Outputs in --output-dir (default runs/tune-BASE-DATASET): tune.yaml, "
+                       "trials.csv, best_config.yaml (for tlkit finetune --config), objective_vs_lr.png, search/ "
+                       "(KerasTuner's project). Re-running the same command resumes the search; --overwrite starts "
+                       "over. A failed trial (NaN, out of memory, error) is recorded and the search goes on. "
+                       "Distributed: set KERASTUNER_TUNER_ID (chief | tuner0, tuner1, ...), KERASTUNER_ORACLE_IP and "
+                       "KERASTUNER_ORACLE_PORT and run the same command in every process. Example: tlkit tune --base "
+                       "resnet50 --dataset oxford_flowers102 --tuner bayesian --max-trials 20 --trial-epochs 3")
+    add_config_flags(p)
+    add_tune_flags(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_tune)
+
     p = sub.add_parser("info", help="Versions, devices, registered backbones and datasets.",
                        description="Print versions, devices, registered backbones and datasets.")
     p.add_argument("--json", action="store_true", help="Print as JSON.")
@@ -241,6 +259,43 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(r.table())
     for f, why in r.skipped:
         print(f"tlkit: skipped {f}: {why}", file=sys.stderr)
+    return 0
+
+
+TUNE_CHOICES = {"tuner": C.TUNERS, "objective": C.TUNE_OBJECTIVES, "two_stage_lr": C.TWO_STAGE_LR_CHOICES}
+TUNE_METAVARS = {"lr_range": ("LO", "HI"), "batch_sizes": "N", "search": "DIM[,DIM...]", "max_trials": "N",
+                 "executions_per_trial": "N", "trial_epochs": "N", "grid_points": "N", "max_consecutive_failures": "N"}
+
+
+def add_tune_flags(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per `TuneConfig` field (default None: only given flags override the YAML `tune:` section)."""
+    group = parser.add_argument_group("search options (tune)")
+    docs = _attribute_docs(C.TuneConfig)
+    for f in dataclasses.fields(C.TuneConfig):
+        flag, help_text = "--" + f.name.replace("_", "-"), docs.get(f.name, "")
+        typ = _field_type(C.TuneConfig, f.name)
+        if typ is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif f.name == "lr_range":
+            group.add_argument(flag, dest=f.name, type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                               help=help_text)
+        elif f.name == "batch_sizes":
+            group.add_argument(flag, dest=f.name, type=int, nargs="+", default=None, metavar="N", help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=typ, default=None, choices=TUNE_CHOICES.get(f.name),
+                               metavar=None if f.name in TUNE_CHOICES else TUNE_METAVARS.get(f.name, f.name.upper()),
+                               help=help_text)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from tlkit.tune import load_tune_config, tune, tune_config_from_dict
+
+    cfg, tc = load_tune_config(args.config) if getattr(args, "config", None) else (C.FinetuneConfig(), C.TuneConfig())
+    index = C.field_index()
+    cfg = C.config_from_dict({k: v for k, v in vars(args).items() if k in index and v is not None}, cfg)
+    names = {f.name for f in dataclasses.fields(C.TuneConfig)}
+    tc = tune_config_from_dict({k: v for k, v in vars(args).items() if k in names and v is not None}, tc)
+    tune(cfg, tc)
     return 0
 
 

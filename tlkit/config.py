@@ -634,3 +634,95 @@ class TuneConfig:
                 raise ConfigError(f"batch_sizes must be positive integers, got {b!r} in {list(self.batch_sizes)}.")
         _positive("grid_points", self.grid_points)
         return self
+
+
+TUNERS = ("random", "bayesian", "hyperband", "grid")
+TUNE_OBJECTIVES = ("val_accuracy", "val_loss")
+TUNE_DIMENSIONS = ("dropout", "label_smoothing", "unfreeze_stages", "optimizer", "augment")
+TWO_STAGE_LR_CHOICES = ("finetune", "head", "both")
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig:
+    """What `tlkit tune` adds to a `FinetuneConfig`: the search space and the search.
+
+    The learning rate (log scale) and the batch size are always searched; `search` adds more dimensions.
+    The ranges of the optional dimensions are fixed: dropout 0.0-0.5 (step 0.1), label_smoothing 0.0-0.2
+    (step 0.05), unfreeze_stages 1 to the backbone's number of stages, optimizer adam|adamw|sgd, augment
+    none|light|standard|strong.
+
+    Attributes:
+        tuner: Search algorithm: `random`, `bayesian` (Gaussian-process Bayesian optimisation), `hyperband`
+            (many short trials, the best continued for longer) or `grid` (every combination, the learning
+            rate at `grid_points` log-spaced values). Defaults to `"bayesian"`.
+        max_trials: Number of trials (hyperparameter combinations) at most; re-running with a larger value
+            continues the search. Defaults to `10`.
+        executions_per_trial: Trainings per trial (different initialisation), averaged. Defaults to `1`.
+        objective: `val_accuracy` (maximised) or `val_loss` (minimised), the best epoch of a trial counts.
+            Defaults to `"val_accuracy"`.
+        trial_epochs: Epochs of each trial; replaces `epochs` (for `two_stage` the fine-tuning stage: the
+            head warm-up keeps `head_epochs`); the best configuration keeps your `epochs`. For `hyperband`
+            the most epochs a trial gets. Defaults to `None` (`epochs`).
+        lr_range: Lowest and highest learning rate, searched on a log scale. Defaults to `(1e-05, 0.01)`.
+        batch_sizes: Batch sizes to choose from (the data is re-batched for every trial).
+            Defaults to `(16, 32, 64)`.
+        search: Further dimensions to search, comma-separated, from `dropout`, `label_smoothing`,
+            `unfreeze_stages` (two_stage and top_k), `optimizer`, `augment`. Defaults to `""` (none).
+        two_stage_lr: Which learning rate is searched for `strategy: two_stage`: `finetune` (the fine-tuning
+            stage's; the head warm-up stays at `lr` for `head_epochs`), `head` (the warm-up's `lr`, the
+            fine-tuning stage following at `lr * finetune_lr_scale`) or `both` (two dimensions in
+            `lr_range`). Defaults to `"finetune"`.
+        grid_points: Learning-rate values of the `grid` tuner, log-spaced over `lr_range`, ends included.
+            Defaults to `4`.
+        max_consecutive_failures: Stop the search after this many failed trials in a row. Defaults to `None`
+            (never: failed trials are recorded and the search goes on).
+        then_finetune: Run the full `finetune` with the best configuration at the end, into the `finetune/`
+            sub-folder of the run folder. Defaults to `False`.
+    """
+
+    tuner: str = "bayesian"
+    max_trials: int = 10
+    executions_per_trial: int = 1
+    objective: str = "val_accuracy"
+    trial_epochs: int | None = None
+    lr_range: tuple[float, float] = (1e-5, 1e-2)
+    batch_sizes: tuple[int, ...] = (16, 32, 64)
+    search: str = ""
+    two_stage_lr: str = "finetune"
+    grid_points: int = 4
+    max_consecutive_failures: int | None = None
+    then_finetune: bool = False
+
+    @property
+    def dimensions(self) -> tuple[str, ...]:
+        """The optional dimensions named by `search`, in order, without duplicates."""
+        names = [s.strip() for s in str(self.search or "").split(",") if s.strip()]
+        return tuple(dict.fromkeys(names))
+
+    def validate(self) -> "TuneConfig":
+        """Checks choices and ranges; raises `ConfigError` naming the bad value. Returns self."""
+        _choice("tuner", self.tuner, TUNERS)
+        _choice("objective", self.objective, TUNE_OBJECTIVES)
+        _choice("two_stage_lr", self.two_stage_lr, TWO_STAGE_LR_CHOICES)
+        for name in self.dimensions:
+            if name not in TUNE_DIMENSIONS:
+                raise ConfigError(f"Unknown search dimension {name!r} in --search {self.search!r}. Choose from: "
+                                  f"{', '.join(TUNE_DIMENSIONS)}.{suggest(name, TUNE_DIMENSIONS)}")
+        _positive("max_trials", self.max_trials)
+        _positive("executions_per_trial", self.executions_per_trial)
+        if self.trial_epochs is not None:
+            _positive("trial_epochs", self.trial_epochs)
+        if self.max_consecutive_failures is not None:
+            _positive("max_consecutive_failures", self.max_consecutive_failures)
+        if len(self.lr_range) != 2:
+            raise ConfigError(f"lr_range must be two numbers LO HI, got {self.lr_range!r}.")
+        lo, hi = self.lr_range
+        if not 0 < lo < hi:
+            raise ConfigError(f"lr_range must satisfy 0 < LO < HI, got {lo:g} {hi:g}.")
+        if not self.batch_sizes:
+            raise ConfigError("batch_sizes must name at least one batch size.")
+        for b in self.batch_sizes:
+            if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+                raise ConfigError(f"batch_sizes must be positive integers, got {b!r} in {list(self.batch_sizes)}.")
+        _positive("grid_points", self.grid_points)
+        return self
