@@ -82,9 +82,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="Show the full traceback of an error.")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tlkit", description="Transfer learning for Keras 3: fine-tune pretrained "
-                                     "backbones on TFDS datasets or image folders, evaluate, inspect.")
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage dump: finetune's usage alone is 60 lines)."""
 
@@ -92,6 +89,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tlkit", description="Transfer learning for Keras 3: fine-tune pretrained "
+                                     "backbones on TFDS datasets or image folders, evaluate, inspect.")
     _add_common(parser)
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True

@@ -188,6 +188,9 @@ class FinetuneConfig:
         seed: Seed of data splits, shuffling, augmentation and initialisation. Defaults to `42`.
         output_dir: Run folder. Defaults to `None` (`runs/<base>-<dataset>-<timestamp>`).
         overwrite: Allow writing into an existing non-empty run folder. Defaults to `False`.
+        resume: Continue the interrupted run in `output_dir` from its last finished epoch (weights,
+            optimizer and learning-rate schedule state); starts from the beginning when the folder has no
+            checkpoint. Defaults to `False`.
     """
 
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -197,9 +200,7 @@ class FinetuneConfig:
     seed: int = 42
     output_dir: str | None = None
     overwrite: bool = False
-        resume: Continue the interrupted run in `output_dir` from its last finished epoch (weights,
-            optimizer and learning-rate schedule state); starts from the beginning when the folder has no
-            checkpoint. Defaults to `False`.
+    resume: bool = False
 
     def validate(self) -> "FinetuneConfig":
         """Checks choices and ranges; raises `ConfigError` naming the bad value. Returns self."""
@@ -209,7 +210,6 @@ class FinetuneConfig:
         _choice("strategy", t.strategy, STRATEGIES)
         _choice("optimizer", t.optimizer, OPTIMIZERS)
         _choice("schedule", t.schedule, SCHEDULES)
-    resume: bool = False
         _choice("precision", r.precision, PRECISIONS)
         _choice("xla", r.xla, XLA_CHOICES)
         _choice("distribute", r.distribute, DISTRIBUTE_CHOICES)
@@ -423,6 +423,12 @@ def load_config(path: str | os.PathLike, base: FinetuneConfig | None = None) -> 
     if cfg.model.base.endswith(".keras") and not os.path.isabs(cfg.model.base):
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(
             cfg.model, base=os.path.normpath(os.path.join(folder, cfg.model.base))))
+    weights = cfg.model.weights
+    if weights and weights.lower() not in ("imagenet", "none") and not os.path.isabs(weights):
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, weights=os.path.normpath(os.path.join(folder, weights))))
+    if cfg.output_dir and not os.path.isabs(cfg.output_dir):
+        cfg = dataclasses.replace(cfg, output_dir=os.path.normpath(os.path.join(folder, cfg.output_dir)))
     return cfg
 
 
@@ -443,12 +449,6 @@ class DistillConfig:
             gives the pre-softmax outputs (else the log of its probabilities is used). Defaults to `None`
             (required).
         temperature: Softening temperature T of both softmaxes in the distillation term. Defaults to `4.0`.
-    weights = cfg.model.weights
-    if weights and weights.lower() not in ("imagenet", "none") and not os.path.isabs(weights):
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-            cfg.model, weights=os.path.normpath(os.path.join(folder, weights))))
-    if cfg.output_dir and not os.path.isabs(cfg.output_dir):
-        cfg = dataclasses.replace(cfg, output_dir=os.path.normpath(os.path.join(folder, cfg.output_dir)))
         alpha: Weight of the hard-label cross-entropy; the distillation term
             `T^2 * KL(softmax(teacher/T) || softmax(student/T))` gets `1 - alpha`. Defaults to `0.5`.
         cache_teacher: Compute the teacher's logits once and feed them with the data. `None` caches when

@@ -310,6 +310,21 @@ def check_plan(state: RunState, plan: list, run_dir: str) -> None:
                           f"({state.stage_name!r}) but this run's stages are: {names}. Use the same settings.")
 
 
+def nan_message(epoch: int, stage, optimizer: keras.optimizers.Optimizer, precision: str) -> str:
+    """The one line for a NaN/inf loss: the epoch, the stage, the learning rate at the time and the likely cause."""
+    from tlkit.schedules import current_lr
+
+    try:
+        lr = f"{current_lr(optimizer):.3g}"
+    except Exception:  # an exotic optimizer: its peak rate will do
+        lr = f"{stage.lr:g}"
+    text = (f"The loss became NaN or infinite in epoch {epoch} (stage {stage.name!r}, learning rate {lr} at the time, "
+            f"peak {stage.lr:g}): the learning rate is likely too high; lower --lr (or --finetune-lr-scale)")
+    if "float16" in str(precision):
+        text += (f", or {precision} overflowed: use --precision float32 (or mixed_bfloat16 where supported)")
+    return text + "."
+
+
 # ---------------------------------------------------------------- the run folder
 
 

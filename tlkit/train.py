@@ -13,7 +13,7 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from tlkit import backbones, features, param_groups, rundir, runtime, schedules, strategies
+from tlkit import backbones, features, param_groups, resume, rundir, runtime, schedules, strategies
 from tlkit.config import FinetuneConfig, config_to_dict, dump_yaml
 from tlkit.data import Datasets, load_sources, make_dataset
 from tlkit.errors import ConfigError, DataError, TrainingError
@@ -106,24 +106,36 @@ def run_stages(model: keras.Model, spec: backbones.BackboneSpec, plan: list[stra
                steps_per_epoch: int) -> list[dict[str, Any]]:
     """Runs the stages in order: set trainable layers, recompile (fresh optimizer), fit. Returns the history rows.
 
-    The best weights by validation accuracy (over all stages) are kept in `out_dir/checkpoints/`.
+    The best weights by validation accuracy (over all stages) are kept in `out_dir/checkpoints/`, and after
+    every epoch a full checkpoint (weights, optimizer state, stage and history: `tlkit.resume`); with
+    `cfg.resume` the run continues from the last one.
     """
     rows: list[dict[str, Any]] = []
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
     monitor = "val_accuracy" if val_ds is not None else "accuracy"
-    best = keras.callbacks.ModelCheckpoint(os.path.join(ckpt_dir, "best.weights.h5"), monitor=monitor, mode="max",
-                                           save_best_only=True, save_weights_only=True, verbose=0)
     epoch_log = _EpochLog(os.path.join(out_dir, "history.csv"), rows)
     guard = _NaNGuard()
-    callbacks: list[keras.callbacks.Callback] = [guard, epoch_log, best]
+    ckpt = resume.Checkpointer(out_dir, monitor, rows, bad_epoch=lambda: guard.bad_epoch)
+    state = resume.load_state(out_dir) if cfg.resume else None
+    if state is not None:
+        resume.check_plan(state, plan, out_dir)
+        ckpt.restore(state)
+        print(f"[tlkit] resuming {out_dir} after epoch {state.epoch} (stage {state.stage_name!r}, "
+              f"{state.stage_epoch} epoch(s) done in it)", flush=True)
+    elif cfg.resume:
+        print(f"[tlkit] --resume: no checkpoint in {out_dir} yet; starting from the first epoch", flush=True)
+    callbacks: list[keras.callbacks.Callback] = [guard, epoch_log]
     if cfg.train.tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(out_dir, "tensorboard")))
     rt.per_replica_batch(cfg.data.batch_size)  # the batch is global: it must split evenly over the replicas
     num_stages = spec.num_stages(_base(model))
     epoch = 0
     verbose = 1 if sys.stdout.isatty() else 2
-    for stage in plan:
+    for index, stage in enumerate(plan):
+        if state is not None and index < state.next_stage:
+            epoch += stage.epochs
+            continue
         n = set_trainable(model, spec, None if stage.trainable is None else set(stage.trainable), cfg.model.bn_trains)
         print(f"[tlkit] stage {stage.describe(num_stages)}; {n} trainable weight tensors", flush=True)
         if stage.trainable != frozenset() and param_groups.describe_factors(num_stages, cfg.train, stage.lr):
@@ -137,14 +149,27 @@ def run_stages(model: keras.Model, spec: backbones.BackboneSpec, plan: list[stra
         if cfg.train.early_stopping:
             stage_cbs.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="max",
                                                            patience=cfg.train.early_stopping))
+        stage_cbs.append(ckpt)  # last: it records what the others did in the epoch
+        start = epoch
+        if state is not None and index == state.next_stage:  # resuming: weights, optimizer, schedule step
+            with rt.scope():
+                resume.load_weights(model, os.path.join(ckpt.dir, state.weights))
+                if state.next_stage_epoch:
+                    resume.restore_optimizer(model, os.path.join(ckpt.dir, state.optimizer))
+            start = epoch + state.next_stage_epoch
+        ckpt.begin_stage(index, stage, epoch, stage_cbs,
+                         state.early_stopping if state is not None and start > epoch else None)
         features.fit_stage(model, cfg, rt, train_ds, validation_data=val_ds, epochs=epoch + stage.epochs,
-                           initial_epoch=epoch, callbacks=stage_cbs, verbose=verbose, shuffle=False)
+                           initial_epoch=start, callbacks=stage_cbs, verbose=verbose, shuffle=False)
         if guard.bad_epoch is not None:
-            raise TrainingError(
-                f"The loss became NaN or infinite in epoch {guard.bad_epoch} (stage {stage.name!r}): the learning "
-                f"rate ({stage.lr:g}) is likely too high, or mixed precision overflowed. Lower --lr or use "
-                "--precision float32; the best model so far is in the run folder's checkpoints/.")
+            if ckpt.last is not None:  # the last good checkpoint becomes the model again
+                resume.load_weights(model, os.path.join(ckpt.dir, ckpt.last.weights))
+            err = TrainingError(resume.nan_message(guard.bad_epoch, stage, model.optimizer, rt.precision))
+            err.history = rows  # type: ignore[attr-defined]
+            raise err
         epoch += stage.epochs
+    if state is not None and state.next_stage >= len(plan):  # a finished run resumed: its final weights
+        resume.load_weights(model, os.path.join(ckpt.dir, state.weights))
     return rows
 
 
@@ -178,6 +203,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
         ...                                  model=ModelConfig(weights="none"), train=TrainConfig(epochs=2)))
     """
     cfg.validate()
+    resume.check_output_dir(cfg.output_dir, cfg.overwrite, cfg.resume)  # fail before reading any data
     spec = backbones.get_backbone(cfg.model.base)
     keras.utils.set_random_seed(cfg.seed)
     rt = runtime.setup(cfg.runtime)
@@ -189,8 +215,9 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
     data = load_sources(cfg.data, size, cfg.seed)
     _check_data(cfg, data)
     out_dir = cfg.output_dir or rundir.default_run_dir(spec.name, data.name)
-    rundir.prepare_run_dir(out_dir, cfg.overwrite)
-    resolved = dataclasses.replace(cfg, output_dir=out_dir, data=dataclasses.replace(cfg.data, image_size=size))
+    resolved = resume.absolute_paths(
+        dataclasses.replace(cfg, output_dir=out_dir, data=dataclasses.replace(cfg.data, image_size=size)))
+    resume.prepare_run_dir(out_dir, resolved)  # refuses a non-empty folder unless --overwrite or --resume
     rundir.write_text(os.path.join(out_dir, "config.yaml"), dump_yaml(config_to_dict(resolved)))
     rundir.write_text(os.path.join(out_dir, "labels.txt"), "\n".join(data.class_names) + "\n")
 
@@ -203,9 +230,16 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
           f"{data.val.count if data.val else 0} val / {data.test.count if data.test else 0} test images, "
           f"{data.num_classes} classes, {size}px; {rt.describe()}", flush=True)
     t0 = time.time()
-    history = run_stages(model, spec, plan, train_ds, val_ds, resolved, rt, out_dir, data.num_classes, steps)
+    failure: TrainingError | None = None
+    with resume.interruptible(out_dir):  # Ctrl-C / SIGTERM -> resume.Interrupted naming the run folder
+        try:
+            history = run_stages(model, spec, plan, train_ds, val_ds, resolved, rt, out_dir, data.num_classes, steps)
+        except TrainingError as e:  # NaN/inf loss: outputs from the last good checkpoint, then the error
+            failure, history = e, getattr(e, "history", [])
     train_seconds = time.time() - t0
     best = os.path.join(out_dir, "checkpoints", "best.weights.h5")
+    if failure is not None and not os.path.exists(best):
+        raise TrainingError(f"{failure} No epoch had finished with a finite loss, so no model was saved.")
     if os.path.exists(best):
         load_weights_quietly(model, best)
     metrics: dict[str, Any] = {}
@@ -221,9 +255,17 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
     out_metrics["stages"] = [dataclasses.asdict(s) | {"trainable": None if s.trainable is None else sorted(s.trainable)}
                              for s in plan]
     out_metrics["skipped_files"] = data.skipped
+    out_metrics["num_skipped_files"] = len(data.skipped)
+    if failure is not None:
+        out_metrics["stopped"] = str(failure)
     save_model(model, os.path.join(out_dir, "model.keras"))
     rundir.write_json(os.path.join(out_dir, "metrics.json"), out_metrics)
     print(summary_table(summary), flush=True)
+    if data.skipped:
+        print(f"[tlkit] skipped {len(data.skipped)} unreadable image file(s), listed in metrics.json: "
+              + ", ".join(data.skipped[:3]) + (" ..." if len(data.skipped) > 3 else ""), flush=True)
+    if failure is not None:
+        raise TrainingError(f"{failure} The best model before it was saved to {os.path.join(out_dir, 'model.keras')}.")
     print(f"[tlkit] run folder: {out_dir}", flush=True)
     return RunResult(model, history, out_metrics, out_dir, data.class_names, resolved)
 

@@ -334,9 +334,9 @@ def _from_tfds(name: str, data_dir: str | None, val_split: float) -> Datasets:
     image_key = next((k for k, f in features.items() if isinstance(f, tfds.features.Image)), None)
     label_key = next((k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)), None)
     if image_key is None or label_key is None:
-        missing = "an image feature" if image_key is None else "a class-label feature"
+        missing = "image feature" if image_key is None else "class-label feature"
         raise DataError(f"Dataset {name!r} has no {missing}: tlkit needs an image classification dataset "
-                        f"(features: {', '.join(features.keys())}).")
+                        f"(its features: {', '.join(features.keys())}).")
     try:
         builder.download_and_prepare()
     except Exception as e:

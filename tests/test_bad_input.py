@@ -1,0 +1,299 @@
+"""Bad input: each case through `tlkit.cli.main` gives exit code 2 and ONE clear line on stderr (no traceback).
+
+Also: undecodable image files are skipped and listed (the run goes on), a full disk during save keeps the
+previous model, NaN loss keeps the last good checkpoint, safe_mode model loading, config-relative paths.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_image_folder
+from tlkit import cli
+
+TINY = ["--image-size", "32", "--weights", "none", "--batch-size", "4", "--augment", "none"]
+
+
+def run_cli(capsys, argv):
+    """Runs the CLI; returns (exit code, stdout, the stderr lines that are tlkit's own)."""
+    capsys.readouterr()
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    # Keras's own "Your input ran out of data" UserWarning (two lines) is not tlkit's output: see the report.
+    lines = [l for l in lines if "UserWarning: Your input ran out of data" not in l and "_interrupted_warning()" not in l]
+    return code, out, lines
+
+
+def assert_one_line(capsys, argv, *needles):
+    code, _, err = run_cli(capsys, argv)
+    assert code == 2, err
+    assert len(err) == 1, err  # one line, no traceback
+    assert err[0].startswith("tlkit"), err
+    for needle in needles:
+        assert needle in err[0], (needle, err[0])
+    print("user sees:", err[0])  # pytest -s shows what each bad input gives
+    return err[0]
+
+
+def finetune_args(tiny_backbone, image_dir, *extra):
+    return ["finetune", "--base", tiny_backbone, "--image-dir", str(image_dir), *TINY, *extra]
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def test_image_dir_missing(capsys, tiny_backbone, tmp_path):
+    assert_one_line(capsys, finetune_args(tiny_backbone, tmp_path / "nope"), "does not exist")
+
+
+def test_image_dir_empty(capsys, tiny_backbone, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_one_line(capsys, finetune_args(tiny_backbone, tmp_path / "empty"), "has no class sub-folders")
+
+
+def test_image_dir_one_class(capsys, tiny_backbone, tmp_path):
+    root = write_image_folder(tmp_path / "one", classes=("cat",), per_class=4)
+    assert_one_line(capsys, finetune_args(tiny_backbone, root), "only one class ('cat')", "at least two")
+
+
+def test_class_folder_without_images(capsys, tiny_backbone, tmp_path):
+    root = write_image_folder(tmp_path / "imgs", per_class=4)
+    os.makedirs(os.path.join(root, "bird"))
+    (tmp_path / "imgs" / "bird" / "notes.txt").write_text("no images here")
+    assert_one_line(capsys, finetune_args(tiny_backbone, root), "Class folder(s) with no images", "bird")
+
+
+def test_class_folder_with_only_undecodable_files(capsys, tiny_backbone, tmp_path):
+    root = write_image_folder(tmp_path / "imgs", per_class=4)
+    os.makedirs(os.path.join(root, "bird"))
+    (tmp_path / "imgs" / "bird" / "a.jpg").write_text("not a jpeg")
+    assert_one_line(capsys, finetune_args(tiny_backbone, root), "no usable images", "bird", "could not be decoded")
+
+
+def test_class_with_too_few_images_for_the_validation_split(capsys, tiny_backbone, tmp_path):
+    root = write_image_folder(tmp_path / "imgs", per_class=6)
+    write_image_folder(tmp_path / "imgs", classes=("bird",), per_class=1)
+    assert_one_line(capsys, finetune_args(tiny_backbone, root, "--val-split", "0.2"),
+                    "Class 'bird' has 1 usable image(s)", "--val-split")
+
+
+def test_batch_size_larger_than_training_set(capsys, tiny_backbone, tmp_path):
+    root = write_image_folder(tmp_path / "imgs", per_class=4)
+    assert_one_line(capsys, finetune_args(tiny_backbone, root, "--batch-size", "64"),
+                    "batch_size 64 is larger than the training set")
+
+
+# ---------------------------------------------------------------- names and sizes
+
+
+def test_unknown_base_suggests(capsys):
+    assert_one_line(capsys, ["finetune", "--base", "resnet5", "--dataset", "shapes"],
+                    "Unknown backbone 'resnet5'", "Did you mean 'resnet50'")
+
+
+def test_unknown_dataset_suggests(capsys, tmp_path):
+    assert_one_line(capsys, ["finetune", "--base", "resnet50", "--dataset", "oxford_flowers10", "--data-dir",
+                             str(tmp_path), "--weights", "none", "--image-size", "32"],
+                    "Unknown dataset 'oxford_flowers10'", "Did you mean", "oxford_flowers102")
+
+
+def test_tfds_dataset_without_label(capsys, tmp_path):
+    assert_one_line(capsys, ["finetune", "--base", "resnet50", "--dataset", "div2k", "--data-dir", str(tmp_path),
+                             "--weights", "none", "--image-size", "32"], "'div2k' has no class-label feature")
+
+
+def test_image_size_too_small_for_the_base(capsys):
+    assert_one_line(capsys, ["finetune", "--base", "resnet50", "--dataset", "shapes", "--image-size", "16"],
+                    "image_size 16 is too small for resnet50", "at least 32")
+
+
+def test_image_size_other_than_the_user_backbone(capsys, tiny_backbone, tmp_path):
+    root = write_image_folder(tmp_path / "imgs", per_class=4)
+    argv = finetune_args(tiny_backbone, root)
+    argv[argv.index("--image-size") + 1] = "64"
+    assert_one_line(capsys, argv, "takes 32x32 images", "--image-size 32")
+
+
+def test_bad_flag_value_is_one_line(capsys):
+    assert_one_line(capsys, ["finetune", "--epochs", "three"], "--epochs: invalid int value: 'three'")
+
+
+def test_resume_needs_output_dir(capsys):
+    assert_one_line(capsys, ["finetune", "--dataset", "shapes", "--resume"], "--resume needs --output-dir")
+
+
+# ---------------------------------------------------------------- YAML
+
+
+def test_yaml_unknown_key(capsys, tmp_path):
+    (tmp_path / "c.yaml").write_text("data:\n  dataset: shapes\ntrain:\n  epoch: 3\n")
+    assert_one_line(capsys, ["finetune", "--config", str(tmp_path / "c.yaml")], "Unknown key 'epoch'",
+                    "Did you mean 'epochs'")
+
+
+def test_yaml_wrong_type(capsys, tmp_path):
+    (tmp_path / "c.yaml").write_text("dataset: shapes\nepochs: three\n")
+    assert_one_line(capsys, ["finetune", "--config", str(tmp_path / "c.yaml")], "epochs must be of type int",
+                    "'three'")
+
+
+def test_yaml_malformed(capsys, tmp_path):
+    (tmp_path / "c.yaml").write_text("data:\n  dataset: shapes\n   image_size: [32\n")
+    assert_one_line(capsys, ["finetune", "--config", str(tmp_path / "c.yaml")], "Malformed YAML", "line")
+
+
+def test_config_paths_are_relative_to_the_config_file(tmp_path):
+    from tlkit.config import load_config
+
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "c.yaml").write_text(
+        "image_dir: ../images\nweights: w/base.weights.h5\noutput_dir: runs/a\nbase: nets/tiny.keras\n")
+    cfg = load_config(str(tmp_path / "cfg" / "c.yaml"))
+    assert cfg.data.image_dir == str(tmp_path / "images")
+    assert cfg.model.weights == str(tmp_path / "cfg" / "w" / "base.weights.h5")
+    assert cfg.output_dir == str(tmp_path / "cfg" / "runs" / "a")
+    assert cfg.model.base == str(tmp_path / "cfg" / "nets" / "tiny.keras")
+
+
+# ---------------------------------------------------------------- a real run with bad files in the data
+
+
+def _write_bad_files(root):
+    """A truncated JPEG and a text file named .jpg (skipped); 16-bit PNG, CMYK JPEG, 8000x8000 JPEG (used)."""
+    d = os.path.join(root, "cat")
+    arr = np.random.default_rng(1).integers(0, 255, (40, 30, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(os.path.join(d, "whole.jpg"))
+    with open(os.path.join(d, "whole.jpg"), "rb") as f:
+        data = f.read()
+    with open(os.path.join(d, "truncated.jpg"), "wb") as f:
+        f.write(data[: len(data) // 2])
+    with open(os.path.join(d, "text.jpg"), "w") as f:
+        f.write("this is not an image\n")
+    Image.fromarray(arr[..., 0].astype(np.uint16) * 256).save(os.path.join(d, "gray16.png"))
+    Image.fromarray(arr).convert("CMYK").save(os.path.join(d, "cmyk.jpg"))
+    Image.fromarray(np.full((8000, 8000, 3), 90, np.uint8)).save(os.path.join(d, "huge.jpg"), quality=30)
+
+
+@pytest.fixture(scope="module")
+def bad_files_run(tmp_path_factory, tiny_backbone):
+    """One short real run on a folder with bad files: (run folder, image folder, stdout, stderr, exit code)."""
+    import contextlib
+    import io
+
+    tmp = tmp_path_factory.mktemp("badrun")
+    root = write_image_folder(tmp / "images", per_class=6)
+    _write_bad_files(root)
+    run = str(tmp / "run")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(finetune_args(tiny_backbone, root, "--strategy", "feature_extraction", "--epochs", "1",
+                                      "--val-split", "0.25", "--output-dir", run))
+    return run, root, out.getvalue(), err.getvalue(), code
+
+
+def test_undecodable_files_are_skipped_and_listed(bad_files_run):
+    run, root, out, err, code = bad_files_run
+    assert code == 0, err[-3000:]
+    with open(os.path.join(run, "metrics.json")) as f:
+        metrics = json.load(f)
+    skipped = sorted(os.path.basename(p) for p in metrics["skipped_files"])
+    assert skipped == ["text.jpg", "truncated.jpg"] and metrics["num_skipped_files"] == 2
+    assert "skipped 2 unreadable image file(s)" in out  # the summary
+    assert "text.jpg (not a JPEG, PNG, GIF or BMP image)" in out and "truncated.jpg (truncated or corrupt" in out
+    # 12 + 4 usable files in cat (whole, gray16, cmyk, huge): 16 -> 12 train / 4 val.
+    assert "12 train / 4 val" in out
+
+
+def test_output_dir_not_empty_is_refused(capsys, bad_files_run, tiny_backbone):
+    run, root, *_ = bad_files_run
+    assert_one_line(capsys, finetune_args(tiny_backbone, root, "--output-dir", run),
+                    "exists and is not empty", "--overwrite", "--resume")
+
+
+def test_disk_full_during_save_keeps_the_previous_model(capsys, bad_files_run, tiny_backbone, monkeypatch,
+                                                        tmp_path):
+    import keras
+
+    src, root, *_ = bad_files_run
+    run = str(tmp_path / "run")
+    shutil.copytree(src, run)
+    with open(os.path.join(run, "model.keras"), "rb") as f:
+        before = f.read()
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(keras.Model, "save", full)
+    # --resume of the finished run: no training, then model.keras is saved again -> the disk is full.
+    line = assert_one_line(capsys, finetune_args(tiny_backbone, root, "--strategy", "feature_extraction", "--epochs",
+                                                 "1", "--val-split", "0.25", "--output-dir", run, "--resume"),
+                           "No space left on the device while writing", "model.keras", "previous version is intact")
+    monkeypatch.undo()
+    with open(os.path.join(run, "model.keras"), "rb") as f:
+        assert f.read() == before
+    assert not [n for n in os.listdir(run) if n.startswith(".")], "a temporary file was left"
+    keras.models.load_model(os.path.join(run, "model.keras"), compile=False, safe_mode=True)
+    assert "--resume" in line
+
+
+def test_evaluate_class_count_mismatch(capsys, bad_files_run, tmp_path):
+    run, *_ = bad_files_run
+    three = write_image_folder(tmp_path / "three", classes=("a", "b", "c"), per_class=3)
+    assert_one_line(capsys, ["evaluate", run, "--image-dir", three],
+                    "trained on 2 classes but the data has 3")
+
+
+def test_evaluate_labels_mismatch(capsys, bad_files_run, tmp_path):
+    src, *_ = bad_files_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    (run / "labels.txt").write_text("a\nb\nc\n")
+    assert_one_line(capsys, ["evaluate", str(run)], "lists 3 classes but the model predicts 2")
+
+
+def test_export_class_count_mismatch(capsys, bad_files_run, tmp_path):
+    run, *_ = bad_files_run
+    three = write_image_folder(tmp_path / "three", classes=("a", "b", "c"), per_class=3)
+    assert_one_line(capsys, ["export", run, "--format", "keras", "--output", str(tmp_path / "exp"),
+                             "--image-dir", three], "predicts 2 classes but the data", "has 3")
+
+
+def test_unsafe_model_is_refused(capsys, tmp_path):
+    import keras
+
+    inp = keras.Input((32, 32, 3))
+    out = keras.layers.Lambda(lambda x: x * 2.0)(inp)
+    out = keras.layers.GlobalAveragePooling2D()(out)
+    keras.Model(inp, keras.layers.Dense(2, activation="softmax")(out)).save(tmp_path / "lambda.keras")
+    assert_one_line(capsys, ["evaluate", str(tmp_path / "lambda.keras"), "--dataset", "shapes"],
+                    "Could not load model")
+
+
+# ---------------------------------------------------------------- NaN loss
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tiny_backbone, tmp_path):
+    import keras
+
+    root = write_image_folder(tmp_path / "imgs", per_class=4)
+    run = str(tmp_path / "run")
+    # One stage; a "step" schedule that multiplies the rate by 1e33 after epoch 1: activations overflow in epoch 2.
+    line = assert_one_line(capsys, finetune_args(tiny_backbone, root, "--strategy", "full", "--epochs", "2",
+                                                 "--lr", "0.01", "--schedule", "step", "--decay-rate", "1e33",
+                                                 "--decay-every", "1", "--val-split", "0", "--output-dir", run),
+                           "NaN or infinite in epoch 2", "stage 'full'", "learning rate 1e+31 at the time",
+                           "too high", "model.keras")
+    assert "float16" not in line  # float32 here: the precision is not blamed
+    model = keras.models.load_model(os.path.join(run, "model.keras"), compile=False, safe_mode=True)
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+    with open(os.path.join(run, "checkpoints", "state.json")) as f:
+        assert json.load(f)["epoch"] == 1  # the NaN epoch was never saved
+    with open(os.path.join(run, "metrics.json")) as f:
+        assert "NaN" in json.load(f)["stopped"]

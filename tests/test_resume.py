@@ -1,0 +1,184 @@
+"""Fault injection: a real `python -m tlkit finetune` is SIGKILLed mid-epoch, resumed with the same command +
+`--resume`, interrupted with Ctrl-C (SIGINT), resumed again with the command it printed; the result matches an
+uninterrupted run. Tests `tlkit/resume.py` and its use in `tlkit/train.py`.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import write_image_folder
+from tlkit import cli, resume
+from tlkit.config import DataConfig, FinetuneConfig, TrainConfig, config_to_dict, dump_yaml
+from tlkit.errors import ConfigError, OutputExistsError
+
+# Imported by the child interpreter (PYTHONPATH): once epoch 1's checkpoint is on disk, the child stops
+# inside epoch 2, after its first training batch, and waits there to be killed.
+SITECUSTOMIZE = '''
+import os
+_flag = os.environ.get("TLKIT_TEST_PAUSE_FLAG")
+if _flag:
+    import time
+    import tlkit.resume as _r
+
+    def _on_train_batch_end(self, batch, logs=None):
+        if self.last is not None and self.last.epoch == 1:
+            open(_flag, "w").close()
+            time.sleep(300)
+
+    _r.Checkpointer.on_train_batch_end = _on_train_batch_end
+'''
+
+
+def _history(run):
+    with open(os.path.join(run, "history.csv"), encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _files(run):
+    out = set()
+    for dirpath, _, names in os.walk(run):
+        out |= {os.path.relpath(os.path.join(dirpath, n), run) for n in names}
+    return out
+
+
+def _in(folder, fn, *args):
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        return fn(*args)
+    finally:
+        os.chdir(cwd)
+
+
+def test_sigkill_sigint_resume_matches_uninterrupted(tmp_path, tiny_backbone, capsys, monkeypatch):
+    images = write_image_folder(tmp_path / "images", per_class=6)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    work = tmp_path / "work"  # the working directory: nothing may be written here but the run folders
+    work.mkdir()
+    args = ["finetune", "--base", tiny_backbone, "--image-size", "32", "--weights", "none", "--image-dir", images,
+            "--batch-size", "4", "--val-split", "0.25", "--head-epochs", "2", "--epochs", "1", "--augment", "none",
+            "--lr", "0.01", "--seed", "3"]
+    ref, run = str(work / "ref"), str(work / "run")
+
+    # 1. A real subprocess, SIGKILLed inside epoch 2, after epoch 1's checkpoint.
+    flag = tmp_path / "paused"
+    env = dict(os.environ, PYTHONPATH=str(hook) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TLKIT_TEST_PAUSE_FLAG=str(flag))
+    proc = subprocess.Popen([sys.executable, "-m", "tlkit", *args, "--output-dir", "run"], env=env, cwd=work,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not flag.exists():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the run ended (rc {proc.returncode}) before it was killed:\n{out[-2000:]}\n{err[-3000:]}")
+        if time.time() - t0 > 300:
+            proc.kill()
+            pytest.fail("the child never reached epoch 2")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(run, "model.keras"))
+    assert resume.load_state(run).epoch == 1
+    assert len(_history(run)) == 1
+
+    # 2. The same command + --resume; Ctrl-C (a real SIGINT to this process) inside epoch 3.
+    original = resume.Checkpointer.on_train_batch_end
+
+    def interrupt_in_epoch_3(self, batch, logs=None):
+        if self.last is not None and self.last.epoch == 2:
+            signal.raise_signal(signal.SIGINT)
+        original(self, batch, logs)
+
+    monkeypatch.setattr(resume.Checkpointer, "on_train_batch_end", interrupt_in_epoch_3)
+    capsys.readouterr()
+    assert _in(work, cli.main, args + ["--output-dir", "run", "--resume"]) == 130
+    out, err = capsys.readouterr()
+    monkeypatch.undo()
+    assert "resuming run after epoch 1" in out
+    assert "SIGINT: stopping after the current batch" in out
+    assert err.startswith("tlkit: interrupted (SIGINT); epoch 2 is the last one saved"), err
+    command = err.split("Resume with:\n", 1)[1].strip()
+    assert command.startswith("tlkit finetune ") and command.endswith("--output-dir run --resume")
+    state = resume.load_state(run)
+    assert (state.epoch, state.stage_name, state.stage_done) == (2, "head", True)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+
+    # 3. The printed command finishes the run; then an uninterrupted reference run.
+    assert _in(work, cli.main, shlex.split(command)[1:]) == 0
+    assert _in(work, cli.main, args + ["--output-dir", "ref"]) == 0
+    capsys.readouterr()
+
+    # Same outputs: files, epochs and stages, learning rates (the schedule continued), metrics' structure.
+    assert _files(run) == _files(ref)
+    assert sorted(os.listdir(work)) == ["ref", "run"]  # nothing written outside the run folders
+    assert not [f for f in _files(run) if os.path.basename(f).startswith(".")], "a temporary file was left"
+    h_run, h_ref = _history(run), _history(ref)
+    assert [(r["epoch"], r["stage"]) for r in h_run] == [(r["epoch"], r["stage"]) for r in h_ref] == [
+        ("1", "head"), ("2", "head"), ("3", "finetune")]
+    for a, b in zip(h_run, h_ref):
+        assert float(a["lr"]) == pytest.approx(float(b["lr"]), rel=1e-5), (a, b)
+    with open(os.path.join(run, "metrics.json")) as f:
+        m_run = json.load(f)
+    with open(os.path.join(ref, "metrics.json")) as f:
+        m_ref = json.load(f)
+    assert set(m_run) == set(m_ref) and m_run["epochs"] == m_ref["epochs"] == 3
+    assert m_run["stages"] == m_ref["stages"]
+    assert resume.load_state(run).epoch == resume.load_state(ref).epoch == 3
+    import keras
+
+    model = keras.models.load_model(os.path.join(run, "model.keras"), compile=False, safe_mode=True)
+    assert model.output_shape == (None, 2)
+
+    # 4. --resume of a finished run trains nothing and rewrites the same outputs.
+    before = _history(run)
+    assert _in(work, cli.main, args + ["--output-dir", "run", "--resume"]) == 0
+    assert "Epoch " not in capsys.readouterr().out
+    assert _history(run) == before
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    cfg = FinetuneConfig(data=DataConfig(dataset="shapes"), train=TrainConfig(epochs=3), output_dir=str(run))
+    (run / "config.yaml").write_text(dump_yaml(config_to_dict(cfg)))
+    (run / "checkpoints" / "state.json").write_text("{}")
+    changed = dataclasses.replace(cfg, train=TrainConfig(epochs=5), resume=True)
+    with pytest.raises(ConfigError, match="epochs: 3 -> 5"):
+        resume.prepare_run_dir(str(run), changed)
+    # Without --resume or --overwrite the folder is refused, with a hint to resume.
+    with pytest.raises(OutputExistsError, match="--resume to continue it"):
+        resume.check_output_dir(str(run), overwrite=False, resume=False)
+    with pytest.raises(ConfigError, match="--resume needs --output-dir"):
+        resume.check_output_dir(None, overwrite=False, resume=True)
+
+
+def test_sigterm_message_and_exit_code():
+    err = resume.Interrupted(signal.SIGTERM, "runs/x", 3)
+    assert err.exit_code == 143
+    text = resume.interrupt_message(err, ["finetune", "--dataset", "shapes"])
+    assert text.startswith("tlkit: interrupted (SIGTERM); epoch 3 is the last one saved")
+    assert text.endswith("tlkit finetune --dataset shapes --output-dir runs/x --resume")
+
+
+def test_nan_message_names_the_cause():
+    from tlkit.strategies import Stage
+    import keras
+
+    opt = keras.optimizers.Adam(0.5)
+    text = resume.nan_message(3, Stage("finetune", 4, 0.5, frozenset({1})), opt, "mixed_float16")
+    assert text.startswith("The loss became NaN or infinite in epoch 3 (stage 'finetune', learning rate 0.5")
+    assert "mixed_float16 overflowed: use --precision float32" in text
+    assert "overflowed" not in resume.nan_message(3, Stage("head", 4, 0.5, frozenset()), opt, "float32")
