@@ -19,6 +19,7 @@ from tlkit.errors import ConfigError, DataError, OfflineError, TlkitError  # noq
 from tlkit.backbones import get_backbone, list_backbones  # noqa: E402
 from tlkit.data import Datasets, list_datasets  # noqa: E402
 from tlkit.evaluate import evaluate  # noqa: E402
+from tlkit.lr_find import LRFindResult, lr_find  # noqa: E402
 from tlkit.export import ExportResult, export  # noqa: E402
 from tlkit.predict import Predictor, load, predict  # noqa: E402
 from tlkit.train import RunResult, finetune  # noqa: E402
@@ -48,6 +49,6 @@ __all__ = [
     "DataConfig", "FinetuneConfig", "ModelConfig", "RuntimeConfig", "TrainConfig", "config_from_dict", "load_config",
     "ConfigError", "DataError", "OfflineError", "TlkitError", "get_backbone", "list_backbones", "list_datasets",
     "load_dataset", "evaluate", "export", "ExportResult", "load", "predict", "Predictor",
-    "finetune", "RunResult", "Datasets", "__version__",
+    "lr_find", "LRFindResult", "finetune", "RunResult", "Datasets", "__version__",
     "tune", "TuneConfig", "TuneResult",
 ]

@@ -23,7 +23,8 @@ CHOICES = {
     "schedule": C.SCHEDULES, "precision": C.PRECISIONS, "xla": C.XLA_CHOICES, "distribute": C.DISTRIBUTE_CHOICES,
 }
 METAVARS = {"dataset": "NAME", "image_dir": "DIR", "data_dir": "DIR", "base": "NAME|PATH.keras",
-            "weights": "imagenet|none|PATH", "output_dir": "DIR", "early_stopping": "PATIENCE"}
+            "weights": "imagenet|none|PATH", "output_dir": "DIR", "early_stopping": "PATIENCE",
+            "lr": "LR|auto"}
 
 
 def _attribute_docs(cls: type) -> dict[str, str]:
@@ -45,6 +46,8 @@ def _attribute_docs(cls: type) -> dict[str, str]:
 def _field_type(cls: type, name: str) -> type:
     hint = typing.get_type_hints(cls)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(args) > 1:  # e.g. lr: float | str ("auto"): pass the text on, the config coerces and validates it
+        return str
     return args[0] if args else hint
 
 
@@ -115,10 +118,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Split to evaluate (test falls back to val when there is none). Default: test.")
     p.add_argument("--batch-size", type=int, default=None, help="Batch size (default: the run's, else 32).")
     p.add_argument("--output-dir", metavar="DIR", default=None,
-                   help="Where to write metrics.json (default: RUN/eval-SPLIT for a run folder).")
+                   help="Where to write metrics.json, confusion_matrix.png, confusion_matrix.csv and misclassified.png "
+                   "(default: RUN/eval-SPLIT for a run folder; a .keras file needs it to write files).")
+    p.add_argument("--labels", metavar="FILE", default=None,
+                   help="Class names, one per line, index = label (default: labels.txt beside the model, else the "
+                   "data's class names).")
+    p.add_argument("--num-misclassified", type=int, default=None, metavar="N",
+                   help="Worst errors drawn in misclassified.png and listed in metrics.json (default: 16).")
     p.add_argument("--json", action="store_true", help="Print the metrics as JSON instead of a table.")
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("lr-find", help="Find a learning rate with an LR range test (fastai's lr_find).",
+                       description="Train the stage you are about to train for up to --num-steps batches while the "
+                       "learning rate grows exponentially from --start-lr to --end-lr, stop when the loss diverges, "
+                       "restore the weights; write lr_find.png and lr_find.json into --output-dir and print the "
+                       "suggested --lr (valley; steepest descent too). Takes finetune's flags. Example: tlkit lr-find "
+                       "--base resnet50 --dataset oxford_flowers102")
+    add_config_flags(p, skip=("lr",))
+    g = p.add_argument_group("lr-find options")
+    g.add_argument("--start-lr", type=float, default=None, metavar="LR", help="First learning rate (default: 1e-7).")
+    g.add_argument("--end-lr", type=float, default=None, metavar="LR", help="Last learning rate (default: 10).")
+    g.add_argument("--num-steps", type=int, default=None, metavar="N", help="Batches to run at most (default: 100).")
+    g.add_argument("--stage", default=None, metavar="NAME", help="Stage of the strategy's plan to search: head, "
+                   "finetune, full, top_k or unfreeze_N (default: the first stage, whose LR is --lr).")
+    g.add_argument("--json", action="store_true", help="Print the result as JSON.")
+    _add_common(p)
+    p.set_defaults(func=cmd_lr_find)
 
     p = sub.add_parser("export", help="Export a run folder or .keras model (keras, savedmodel, tflite, onnx), checked.",
                        description="Export a model with its resize and labels, then check it: sample images go "
@@ -219,15 +245,40 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data = dataclasses.replace(data, data_dir=args.data_dir)
     if data.dataset is None and data.image_dir is None:
         raise ConfigError("evaluate needs --dataset NAME or --image-dir DIR (or a run folder that names its data).")
-    m = evaluate(args.model, data, split=args.split, batch_size=args.batch_size, output_dir=args.output_dir, seed=seed)
+    labels = None
+    if args.labels:
+        from tlkit.evaluate import read_labels
+
+        if not os.path.isfile(args.labels):
+            raise ConfigError(f"--labels {args.labels!r} is not a file.")
+        labels = read_labels(args.labels)
+    extra = {} if args.num_misclassified is None else {"num_misclassified": args.num_misclassified}
+    m = evaluate(args.model, data, split=args.split, batch_size=args.batch_size, output_dir=args.output_dir, seed=seed,
+                 class_names=labels, **extra)
     if args.json:
         print(json.dumps({k: v for k, v in m.items() if k != "confusion_matrix"}, indent=2))
     else:
         print(summary_table({m["split"]: m}))
         print()
         print(per_class_table(m))
+        if m.get("most_confused"):
+            print("\nmost confused (true -> predicted: count): " + "; ".join(
+                f"{c['true']} -> {c['predicted']}: {c['count']}" for c in m["most_confused"][:5]))
         if m.get("output_dir"):
-            print(f"\n[tlkit] metrics written to {os.path.join(m['output_dir'], 'metrics.json')}")
+            print(f"\n[tlkit] metrics.json, confusion_matrix.png, confusion_matrix.csv and misclassified.png written "
+                  f"to {m['output_dir']}")
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from tlkit.lr_find import lr_find
+
+    kwargs = {k: getattr(args, k) for k in ("start_lr", "end_lr", "num_steps", "stage") if getattr(args, k) is not None}
+    result = lr_find(config_from_args(args), **kwargs)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(f"suggested --lr {result.suggestion:.2e}")
     return 0
 
 

@@ -28,6 +28,7 @@ SCHEDULES = ("constant", "cosine", "step", "exponential")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 XLA_CHOICES = ("auto", "on", "off")
 DISTRIBUTE_CHOICES = ("auto", "none", "mirrored", "multiworker", "tpu")
+AUTO_LR = "auto"  # TrainConfig.lr: run the learning-rate finder first (tlkit.lr_find)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +108,9 @@ class TrainConfig:
         gradual_every: Epochs between two unfreezings of `gradual`. Defaults to `1`.
         finetune_lr_scale: Learning-rate factor of the fine-tuning stage of `two_stage`. Defaults to `0.1`.
         optimizer: `adam`, `adamw`, `sgd` (with momentum) or `rmsprop`. Defaults to `"adam"`.
-        lr: Peak learning rate (of the head stage for `two_stage`). Defaults to `1e-3`.
+        lr: Peak learning rate (of the head stage for `two_stage`), or `auto`: run the learning-rate finder
+            (`tlkit lr-find`) on the first stage and train with its suggestion; the number found is saved
+            in the run's config.yaml. Defaults to `1e-3`.
         momentum: Momentum of `sgd` and `rmsprop`. Defaults to `0.9`.
         weight_decay: Decoupled weight decay. Defaults to `0.0` (`1e-4` is a good start with `adamw`).
         schedule: Learning-rate schedule within each stage: `constant`, `cosine`, `step` or `exponential`.
@@ -136,7 +139,7 @@ class TrainConfig:
     gradual_every: int = 1
     finetune_lr_scale: float = 0.1
     optimizer: str = "adam"
-    lr: float = 1e-3
+    lr: float | str = 1e-3
     momentum: float = 0.9
     weight_decay: float = 0.0
     schedule: str = "cosine"
@@ -230,7 +233,10 @@ class FinetuneConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(t, name)}.")
         _positive("gradual_every", t.gradual_every)
         _positive("decay_every", t.decay_every)
-        if not t.lr > 0:
+        if isinstance(t.lr, str):
+            if t.lr != AUTO_LR:
+                raise ConfigError(f"lr must be a positive number or {AUTO_LR!r}, got {t.lr!r}.")
+        elif not t.lr > 0:
             raise ConfigError(f"lr must be > 0, got {t.lr}.")
         if t.early_stopping is not None and t.early_stopping < 1:
             raise ConfigError(f"early_stopping must be >= 1 epoch, got {t.early_stopping}.")
@@ -300,6 +306,14 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1:  # e.g. lr: float | str ("auto"): the first type that accepts the value
+            for option in inner:
+                try:
+                    return _coerce(name, value, option)
+                except ConfigError:
+                    pass
+            raise ConfigError(f"{name} must be of type {' or '.join(a.__name__ for a in inner)}, "
+                              f"got {type(value).__name__} {value!r}.")
         hint = inner[0]
     if value is None:
         raise ConfigError(f"{name} must not be empty.")

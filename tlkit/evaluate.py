@@ -28,6 +28,52 @@ def predict_split(model: keras.Model, ds: tf.data.Dataset) -> tuple[np.ndarray, 
     return np.concatenate(ys), np.concatenate(ps)
 
 
+def predict_with_errors(model: keras.Model, ds: tf.data.Dataset,
+                        keep: int = 16) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """`predict_split` that also keeps the images of the `keep` worst errors (highest loss among the misclassified).
+
+    Args:
+        model: The classifier.
+        ds: A batched dataset of `(images float32 0..255, one-hot labels)`, in a fixed order.
+        keep: How many errors to keep. Defaults to `16`.
+
+    Returns:
+        `(y_true [N], probs [N, C], worst)`; `worst` is sorted worst first, each a dict with `index` (position in
+        the split), `image` (uint8 [H, W, 3]), `true`, `pred`, `prob` (of the prediction), `prob_true`, `loss`.
+
+    Example:
+        >>> y, p, worst = predict_with_errors(model, make_dataset(split, 224, 32, n))
+    """
+    ys, ps = [], []
+    worst: list[dict[str, Any]] = []
+    predict = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    offset = 0
+    for x, y in ds:
+        p = np.asarray(predict(x), np.float32)
+        t = np.argmax(np.asarray(y), axis=-1)
+        ps.append(p)
+        ys.append(t)
+        if keep > 0:
+            pred = p.argmax(-1)
+            p_true = p[np.arange(len(t)), t]
+            loss = -np.log(np.clip(p_true, 1e-12, 1.0))
+            wrong = np.flatnonzero(pred != t)
+            threshold = worst[-1]["loss"] if len(worst) >= keep else -np.inf
+            wrong = [i for i in wrong[np.argsort(-loss[wrong])][:keep] if loss[i] > threshold]
+            if wrong:
+                images = np.asarray(x)
+                for i in wrong:
+                    worst.append({"index": offset + int(i), "image": np.clip(images[i], 0, 255).astype(np.uint8),
+                                  "true": int(t[i]), "pred": int(pred[i]), "prob": float(p[i, pred[i]]),
+                                  "prob_true": float(p_true[i]), "loss": float(loss[i])})
+                worst.sort(key=lambda e: (-e["loss"], e["index"]))
+                del worst[keep:]
+        offset += len(t)
+    if not ys:
+        return np.zeros((0,), np.int64), np.zeros((0, model.output_shape[-1]), np.float32), []
+    return np.concatenate(ys), np.concatenate(ps), worst
+
+
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """Counts [true, predicted]."""
     cm = np.zeros((num_classes, num_classes), np.int64)
@@ -104,6 +150,143 @@ def per_class_table(metrics: dict[str, Any], limit: int = 30) -> str:
     return "\n".join(out)
 
 
+def most_confused(cm: np.ndarray | list, class_names: list[str], k: int = 10) -> list[dict[str, Any]]:
+    """The `k` most frequent (true, predicted) confusions, as fastai's `most_confused`.
+
+    Example:
+        >>> most_confused([[3, 1], [0, 2]], ["cat", "dog"])
+        [{'true': 'cat', 'predicted': 'dog', 'count': 1, 'fraction_of_true': 0.25}]
+    """
+    cm = np.asarray(cm, np.int64)
+    off = cm - np.diag(np.diag(cm))
+    support = cm.sum(1)
+    pairs = [(int(off[i, j]), i, j) for i, j in zip(*np.nonzero(off))]
+    pairs.sort(key=lambda t: (-t[0], t[1], t[2]))
+    return [{"true": class_names[i], "predicted": class_names[j], "count": n,
+             "fraction_of_true": round(n / support[i], 4) if support[i] else 0.0} for n, i, j in pairs[:k]]
+
+
+def confusion_csv_rows(cm: np.ndarray | list, class_names: list[str]) -> list[dict[str, Any]]:
+    """The rows of `confusion_matrix.csv`: one per true class, one column per predicted class (counts)."""
+    cm = np.asarray(cm, np.int64)
+    rows = []
+    for i, name in enumerate(class_names):
+        row: dict[str, Any] = {"true \\ predicted": name}
+        row.update({class_names[j]: int(cm[i, j]) for j in range(len(class_names))})
+        row["support"] = int(cm[i].sum())
+        rows.append(row)
+    return rows
+
+
+def _finite(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) else None
+
+
+OVERFITTING_ADVICE = ("more augmentation (--augment strong), stronger regularisation (--dropout 0.5, --l2 1e-4, "
+                      "--optimizer adamw --weight-decay 1e-4, --label-smoothing 0.1), more data, or an earlier stop "
+                      "(--early-stopping 3)")
+
+
+def detect_overfitting(history: list[dict[str, Any]], min_rise: float = 0.05,
+                       patience: int = 2) -> dict[str, Any] | None:
+    """Finds overfitting in a training history: the validation loss rises while the train/val gap grows.
+
+    The run overfits when, after the epoch of lowest validation loss, at least `patience` epochs follow, the
+    validation loss of the last `patience` epochs is on average at least `min_rise` (relative) above its lowest
+    value, the training loss kept falling, and the gap `val_loss - loss` grew by more than `min_rise` times the
+    lowest validation loss. A pure function of the history rows (as `RunResult.history` or `history.csv`).
+
+    Args:
+        history: Rows with `epoch`, `loss`, `val_loss` (and optionally `stage`, `accuracy`, `val_accuracy`).
+        min_rise: Relative rise of the validation loss that counts. Defaults to `0.05`.
+        patience: Epochs after the lowest validation loss needed to call it. Defaults to `2`.
+
+    Returns:
+        `None` for a healthy run (or without validation), else a dict with `began_epoch` (the first epoch whose
+        validation loss was above the lowest), `best_val_loss_epoch`, the losses and gaps at both ends,
+        `best_val_accuracy_epoch` (the checkpoint kept in `model.keras`), `message` and `advice`.
+
+    Example:
+        >>> rows = [{"epoch": e + 1, "loss": l, "val_loss": v} for e, (l, v) in
+        ...         enumerate([(1.0, 1.0), (0.6, 0.8), (0.3, 0.9), (0.1, 1.2)])]
+        >>> detect_overfitting(rows)["began_epoch"]
+        3
+    """
+    rows = [r for r in history if _finite(r.get("loss")) is not None and _finite(r.get("val_loss")) is not None]
+    if len(rows) < patience + 2:
+        return None
+    tl = np.array([_finite(r["loss"]) for r in rows])
+    vl = np.array([_finite(r["val_loss"]) for r in rows])
+    best = int(np.argmin(vl))
+    if len(vl) - 1 - best < patience:
+        return None
+    scale = max(abs(vl[best]), 1e-8)
+    rise = (float(np.mean(vl[-patience:])) - vl[best]) / scale
+    gap = vl - tl
+    growth = (gap[-1] - gap[best]) / scale
+    if rise < min_rise or growth <= min_rise or not tl[-1] < tl[best] or not vl[-1] > vl[best]:
+        return None
+    epoch = lambda i: int(rows[i].get("epoch", i + 1))
+    began, best_epoch, last = epoch(best + 1), epoch(best), epoch(len(rows) - 1)
+    note: dict[str, Any] = {
+        "began_epoch": began, "best_val_loss_epoch": best_epoch, "last_epoch": last,
+        "stage": rows[best + 1].get("stage"),
+        "val_loss": {"best": float(vl[best]), "last": float(vl[-1])},
+        "train_loss": {"at_best": float(tl[best]), "last": float(tl[-1])},
+        "loss_gap": {"at_best": float(gap[best]), "last": float(gap[-1])},
+    }
+    ta = [_finite(r.get("accuracy")) for r in rows]
+    va = [_finite(r.get("val_accuracy")) for r in rows]
+    if ta[best] is not None and va[best] is not None and ta[-1] is not None and va[-1] is not None:
+        note["accuracy_gap"] = {"at_best": ta[best] - va[best], "last": ta[-1] - va[-1]}
+    kept = ""
+    if any(v is not None for v in va):
+        i = int(np.nanargmax([np.nan if v is None else v for v in va]))
+        note["best_val_accuracy_epoch"] = epoch(i)
+        kept = f" model.keras holds the best checkpoint by validation accuracy (epoch {epoch(i)})."
+    note["advice"] = f"Try {OVERFITTING_ADVICE}, or train for {best_epoch} epoch(s)."
+    note["message"] = (
+        f"Overfitting from epoch {began}: the validation loss rose from {vl[best]:.4f} (epoch {best_epoch}) to "
+        f"{vl[-1]:.4f} (epoch {last}) while the training loss fell from {tl[best]:.4f} to {tl[-1]:.4f}; the "
+        f"train/val loss gap grew from {gap[best]:.4f} to {gap[-1]:.4f}.{kept} {note['advice']}")
+    return note
+
+
+def training_report(history: list[dict[str, Any]], metrics: dict[str, Any], class_names: list[str],
+                    out_dir: str) -> dict[str, Any] | None:
+    """What `finetune` adds to a run folder after training: `curves.png`, `confusion_matrix.png`, the overfitting note.
+
+    Args:
+        history: The run's history rows (with the `stage` column).
+        metrics: Metrics per split (`{"val": ..., "test": ...}` as `compute_metrics` returns them); the confusion
+            matrix of `test` (else `val`) is drawn.
+        class_names: Class names, index = label.
+        out_dir: The run folder.
+
+    Returns:
+        The overfitting note of `detect_overfitting`, or `None`.
+
+    Example:
+        >>> note = training_report(result.history, result.metrics, result.class_names, result.run_dir)
+    """
+    from tlkit import plots
+
+    note = detect_overfitting(history)
+    plots.plot_curves(history, os.path.join(out_dir, "curves.png"), overfitting=note,
+                      title=os.path.basename(os.path.normpath(out_dir)))
+    for split in ("test", "val"):
+        m = metrics.get(split) or {}
+        if m.get("confusion_matrix"):
+            plots.plot_confusion_matrix(m["confusion_matrix"], class_names, os.path.join(out_dir, "confusion_matrix.png"),
+                                        title=f"Confusion matrix ({split})")
+            break
+    return note
+
+
 def read_labels(path: str) -> list[str]:
     with open(path, encoding="utf-8") as f:
         return [line.rstrip("\n") for line in f if line.strip()]
@@ -136,7 +319,8 @@ def load_model_and_labels(path: str) -> tuple[keras.Model, list[str] | None, str
 
 
 def evaluate(model: str | keras.Model, data: "DataConfig", split: str = "test", batch_size: int | None = None,
-             output_dir: str | None = None, class_names: list[str] | None = None, seed: int = 42) -> dict[str, Any]:
+             output_dir: str | None = None, class_names: list[str] | None = None, seed: int = 42,
+             num_misclassified: int = 16) -> dict[str, Any]:
     """Evaluates a model (run folder, `.keras` file or a model object) on a split of a dataset.
 
     Args:
@@ -144,12 +328,18 @@ def evaluate(model: str | keras.Model, data: "DataConfig", split: str = "test", 
         data: A `DataConfig` naming the data (`dataset` or `image_dir`).
         split: `train`, `val` or `test`. Defaults to `"test"` (falls back to `val` when there is no test split).
         batch_size: Defaults to `None` (`data.batch_size`).
-        output_dir: Where to write `metrics.json` (the run folder's `eval-<split>/` by default for a run folder).
+        output_dir: Where to write `metrics.json`, `confusion_matrix.png`, `confusion_matrix.csv` and
+            `misclassified.png`. Defaults to `None`: the run folder's `eval-<split>/` for a run folder, nothing
+            written for a `.keras` file or a model object.
         class_names: Overrides the labels stored with the model. Defaults to `None`.
         seed: Seed of the train/val split (use the run's seed). Defaults to `42`.
+        num_misclassified: How many of the worst errors to draw in `misclassified.png` and list in the metrics.
+            Defaults to `16`.
 
     Returns:
-        The metrics dict (as in `metrics.json`), with `split` and `class_names`.
+        The metrics dict (as in `metrics.json`), with `split`, `class_names`, `most_confused` (the most frequent
+        true/predicted pairs) and `misclassified` (the worst errors: index, file when known, true, predicted,
+        probabilities), and `output_dir` when files were written.
 
     Example:
         >>> m = evaluate("runs/resnet50-shapes-1", DataConfig(dataset="shapes"), split="val")
@@ -183,14 +373,32 @@ def evaluate(model: str | keras.Model, data: "DataConfig", split: str = "test", 
     if s is None:
         raise DataError(f"The data has no {split!r} split.")
     ds = make_dataset(s, size, batch_size or data.batch_size, sources.num_classes, cache="none")
-    y, p = predict_split(model, ds)
-    metrics = compute_metrics(y, p, sources.class_names)
+    names = list(sources.class_names)
+    y, p, worst = predict_with_errors(model, ds, keep=num_misclassified)
+    metrics = compute_metrics(y, p, names)
     metrics["split"] = split
-    metrics["class_names"] = sources.class_names
+    metrics["class_names"] = names
+    if "confusion_matrix" in metrics:
+        metrics["most_confused"] = most_confused(metrics["confusion_matrix"], names)
+    # File names are reported only when no unreadable file was skipped (then positions match the split's list).
+    files = s.files if s.files is not None and len(s.files) == len(y) else None
+    metrics["misclassified"] = [
+        {"index": e["index"], **({"file": files[e["index"]]} if files else {}), "true": names[e["true"]],
+         "predicted": names[e["pred"]], "prob": round(e["prob"], 4), "prob_true": round(e["prob_true"], 4)}
+        for e in worst]
     if output_dir is None and run_dir is not None:
         output_dir = os.path.join(run_dir, f"eval-{split}")
     if output_dir is not None:
+        from tlkit import plots
+
         os.makedirs(output_dir, exist_ok=True)
+        if "confusion_matrix" in metrics:
+            cm = metrics["confusion_matrix"]
+            rundir.write_csv(os.path.join(output_dir, "confusion_matrix.csv"), confusion_csv_rows(cm, names))
+            plots.plot_confusion_matrix(cm, names, os.path.join(output_dir, "confusion_matrix.png"),
+                                        title=f"Confusion matrix ({split})")
+            plots.plot_misclassified(worst, names, os.path.join(output_dir, "misclassified.png"),
+                                     title=f"Worst errors ({split})")
         rundir.write_json(os.path.join(output_dir, "metrics.json"), metrics)
         metrics["output_dir"] = output_dir
     return metrics

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from tlkit.config import TrainConfig
+from tlkit.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,8 @@ def plan(cfg: TrainConfig, num_stages: int) -> list[Stage]:
         ['head', 'finetune']
     """
     s, lr = cfg.strategy, cfg.lr
+    if isinstance(lr, str):  # "auto" is resolved by tlkit.lr_find.resolve_auto_lr before any plan is made
+        raise ConfigError(f"lr {lr!r} must be resolved to a number before planning (finetune does it with lr_find).")
     if s == "feature_extraction":
         stages = [Stage("head", cfg.epochs, lr, frozenset())]
     elif s == "full":

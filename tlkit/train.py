@@ -14,10 +14,10 @@ import keras
 import tensorflow as tf
 
 from tlkit import backbones, features, param_groups, resume, rundir, runtime, schedules, strategies
-from tlkit.config import FinetuneConfig, config_to_dict, dump_yaml
+from tlkit.config import AUTO_LR, FinetuneConfig, config_to_dict, dump_yaml
 from tlkit.data import Datasets, load_sources, make_dataset
 from tlkit.errors import ConfigError, DataError, TrainingError
-from tlkit.evaluate import compute_metrics, predict_split, summary_table
+from tlkit.evaluate import compute_metrics, predict_split, summary_table, training_report
 from tlkit.model import build_classifier, set_trainable
 
 log = logging.getLogger("tlkit")
@@ -225,7 +225,12 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
     with rt.scope():
         model = build_classifier(spec, data.num_classes, cfg.model, size, base=user_base)
     steps = math.ceil(data.train.count / cfg.data.batch_size)
-    plan = strategies.plan(cfg.train, spec.num_stages(_base(model)))
+    if resolved.train.lr == AUTO_LR:  # --lr auto: the LR finder first; config.yaml gets the number it found
+        from tlkit.lr_find import resolve_auto_lr
+
+        resolved = resolve_auto_lr(resolved, model, spec, data, size, rt, out_dir)
+        rundir.write_text(os.path.join(out_dir, "config.yaml"), dump_yaml(config_to_dict(resolved)))
+    plan = strategies.plan(resolved.train, spec.num_stages(_base(model)))
     print(f"[tlkit] {spec.name} on {data.name}: {data.train.count} train / "
           f"{data.val.count if data.val else 0} val / {data.test.count if data.test else 0} test images, "
           f"{data.num_classes} classes, {size}px; {rt.describe()}", flush=True)
@@ -258,9 +263,14 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
     out_metrics["num_skipped_files"] = len(data.skipped)
     if failure is not None:
         out_metrics["stopped"] = str(failure)
+    overfitting = training_report(history, metrics, data.class_names, out_dir)  # curves.png, confusion_matrix.png
+    if overfitting:
+        out_metrics["overfitting"] = overfitting
     save_model(model, os.path.join(out_dir, "model.keras"))
     rundir.write_json(os.path.join(out_dir, "metrics.json"), out_metrics)
     print(summary_table(summary), flush=True)
+    if overfitting:
+        print(f"[tlkit] {overfitting['message']}", flush=True)
     if data.skipped:
         print(f"[tlkit] skipped {len(data.skipped)} unreadable image file(s), listed in metrics.json: "
               + ", ".join(data.skipped[:3]) + (" ..." if len(data.skipped) > 3 else ""), flush=True)
