@@ -23,6 +23,9 @@ from tlkit.lr_find import LRFindResult, lr_find  # noqa: E402
 from tlkit.export import ExportResult, export  # noqa: E402
 from tlkit.predict import Predictor, load, predict  # noqa: E402
 from tlkit.train import RunResult, finetune  # noqa: E402
+from tlkit.config import DistillConfig, PruneConfig  # noqa: E402
+from tlkit.distill import distill  # noqa: E402
+from tlkit.prune import prune  # noqa: E402
 from tlkit.config import TuneConfig  # noqa: E402
 from tlkit.tune import TuneResult, tune  # noqa: E402
 
@@ -50,5 +53,6 @@ __all__ = [
     "ConfigError", "DataError", "OfflineError", "TlkitError", "get_backbone", "list_backbones", "list_datasets",
     "load_dataset", "evaluate", "export", "ExportResult", "load", "predict", "Predictor",
     "lr_find", "LRFindResult", "finetune", "RunResult", "Datasets", "__version__",
+    "distill", "DistillConfig", "prune", "PruneConfig",
     "tune", "TuneConfig", "TuneResult",
 ]

@@ -212,6 +212,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_tune)
 
+    p = sub.add_parser("distill", help="Distil a fine-tuned teacher into a small student; writes the student's run folder.",
+                       description="Knowledge distillation: trains the student backbone (--student) plus head with "
+                       "alpha * CE(labels) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T)); the "
+                       "teacher runs in inference mode (its logits are computed once when --augment none). The data "
+                       "defaults to the teacher run's; every finetune flag applies to the student. Outputs a normal run "
+                       "folder (model.keras, labels.txt, config.yaml, history.csv with ce/kl, metrics.json with the "
+                       "teacher/student table: accuracy, parameters, size, CPU latency). Example: tlkit distill "
+                       "--teacher runs/resnet50-flowers --student mobilenetv2 --temperature 4 --alpha 0.5")
+    p.add_argument("--student", metavar="NAME|PATH.keras", default=None,
+                   help="Student backbone: a registered name (e.g. mobilenetv2) or a .keras backbone (sets --base).")
+    _add_dataclass_flags(p, C.DistillConfig, "distillation options", metavars={"teacher": "RUN_DIR|MODEL.keras"})
+    add_config_flags(p, skip=("base",))
+    _add_common(p)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("prune", help="Magnitude-prune a run's model with a sparsity schedule and fine-tune to recover.",
+                       description="Magnitude pruning for Keras 3: zeroes the smallest weights of every Conv/Dense "
+                       "kernel (not the classification layer unless --prune-head), raising the sparsity on a schedule "
+                       "while fine-tuning on the run's data, so each pruned kernel ends exactly --sparsity sparse. "
+                       "Prints and writes (metrics.json) accuracy against sparsity and the zipped model size. Outputs a "
+                       "run folder (default RUN_DIR-prunedNN). Example: tlkit prune runs/resnet50-flowers --sparsity 0.5 "
+                       "--schedule polynomial --epochs 2")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="The run folder to prune (model.keras, labels.txt, config.yaml).")
+    _add_dataclass_flags(p, C.PruneConfig, "pruning options", skip=("run_dir",),
+                         choices={"schedule": C.PRUNE_SCHEDULES}, metavars={"output_dir": "DIR", "sweep": "S1,S2,..."})
+    _add_common(p)
+    p.set_defaults(func=cmd_prune)
+
     p = sub.add_parser("info", help="Versions, devices, registered backbones and datasets.",
                        description="Print versions, devices, registered backbones and datasets.")
     p.add_argument("--json", action="store_true", help="Print as JSON.")
@@ -347,6 +375,55 @@ def cmd_tune(args: argparse.Namespace) -> int:
     names = {f.name for f in dataclasses.fields(C.TuneConfig)}
     tc = tune_config_from_dict({k: v for k, v in vars(args).items() if k in names and v is not None}, tc)
     tune(cfg, tc)
+    return 0
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str, skip: tuple[str, ...] = (),
+                         choices: dict[str, tuple[str, ...]] | None = None,
+                         metavars: dict[str, str] | None = None) -> None:
+    """One flag per field of a verb's config dataclass (help from its `Attributes:`; default None = not given)."""
+    group = parser.add_argument_group(title)
+    docs = _attribute_docs(cls)
+    choices, metavars = choices or {}, metavars or {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        typ = _field_type(cls, f.name)
+        if typ is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=docs.get(f.name, ""))
+        else:
+            group.add_argument(flag, dest=f.name, type=typ, default=None, choices=choices.get(f.name),
+                               metavar=None if f.name in choices else metavars.get(f.name, f.name.upper()),
+                               help=docs.get(f.name, ""))
+
+
+def _dataclass_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return cls(**{**given, **extra})
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from tlkit.distill import distill, teacher_run_config
+
+    dcfg = _dataclass_from_args(C.DistillConfig, args).validate()
+    base = C.load_config(args.config) if getattr(args, "config", None) else teacher_run_config(dcfg.teacher)
+    index = C.field_index()
+    given = {k: v for k, v in vars(args).items() if k in index and v is not None}
+    if args.student is None and "base" not in given:
+        raise ConfigError("distill needs a student backbone: --student NAME (e.g. mobilenetv2) or --student PATH.keras.")
+    if args.student is not None:
+        given["base"] = args.student
+    distill(C.config_from_dict(given, base), dcfg)
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from tlkit.prune import prune
+
+    prune(_dataclass_from_args(C.PruneConfig, args, run_dir=args.run_dir))
     return 0
 
 

@@ -1,0 +1,346 @@
+"""`prune`: magnitude pruning of a fine-tuned run, with a sparsity schedule and fine-tuning to recover.
+
+Written for Keras 3 (the TensorFlow Model Optimization toolkit's `prune_low_magnitude` targets Keras 2 and
+wraps layers in classes plain Keras cannot load). Here the model stays the plain `build_classifier`
+model: every pruned kernel (Conv, DepthwiseConv, SeparableConv, Dense; not the frozen `preprocess` layer,
+and not the classification layer `logits` unless asked) gets a 0/1 mask outside the model. A callback
+raises the sparsity on schedule by zeroing the smallest-magnitude weights of each kernel, and the
+optimizer (`param_groups.scaled_optimizer`) multiplies each kernel by its mask after every update inside
+the compiled train step, so pruned weights stay exactly zero while the rest fine-tune. Each pruned kernel
+ends with exactly `round(sparsity * size)` zeros. The output is a normal run folder (`model.keras` loads
+with plain Keras), and `metrics.json` reports accuracy against sparsity and the compressed size.
+
+Example:
+    >>> result = prune(PruneConfig(run_dir="runs/resnet50-shapes-1", sparsity=0.5, epochs=2))
+    >>> result.metrics["pruning"]["table"]
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+from typing import Any, Callable
+
+import numpy as np
+import keras
+import tensorflow as tf
+
+from tlkit import param_groups, rundir, runtime, schedules
+from tlkit.config import FinetuneConfig, PruneConfig, config_to_dict, dump_yaml, load_config, parse_sparsities
+from tlkit.data import load_sources, make_dataset
+from tlkit.errors import ConfigError, DataError, TrainingError
+from tlkit.evaluate import compute_metrics, load_model_and_labels, predict_split
+from tlkit.train import RunResult, _EpochLog, _NaNGuard, save_model
+
+_PRUNABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.DepthwiseConv2D,
+             keras.layers.Conv2DTranspose, keras.layers.Dense)
+
+
+def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    out = []
+    for layer in model.layers:
+        out.append(layer)
+        if isinstance(layer, keras.Model):
+            out += _all_layers(layer)
+    return out
+
+
+def prunable_kernels(model: keras.Model, prune_head: bool = False) -> dict[str, keras.Variable]:
+    """The kernels magnitude pruning applies to, by variable path.
+
+    Args:
+        model: A classifier (backbone nested or not).
+        prune_head: Include the classification layer `logits`. Defaults to `False`.
+
+    Returns:
+        `{variable path: kernel variable}` of Conv/Dense-like layers, except `preprocess` (frozen).
+
+    Example:
+        >>> sorted(prunable_kernels(model))[:2]
+    """
+    out: dict[str, keras.Variable] = {}
+    for layer in _all_layers(model):
+        if layer.name == "preprocess" or (layer.name == "logits" and not prune_head):
+            continue
+        if isinstance(layer, keras.layers.SeparableConv2D):
+            found = [layer.depthwise_kernel, layer.pointwise_kernel]
+        elif isinstance(layer, _PRUNABLE) and getattr(layer, "kernel", None) is not None:
+            found = [layer.kernel]
+        else:
+            found = []
+        for v in found:
+            key, i = v.path, 1
+            while key in out:  # same layer name in two nested models
+                key, i = f"{v.path}#{i}", i + 1
+            out[key] = v
+    return out
+
+
+def magnitude_mask(weights: np.ndarray, sparsity: float) -> np.ndarray:
+    """A 0/1 mask zeroing exactly `round(sparsity * size)` entries of smallest magnitude (ties by position).
+
+    Example:
+        >>> magnitude_mask(np.array([0.3, -0.1, 0.2, 0.05]), 0.5).tolist()
+        [1.0, 0.0, 1.0, 0.0]
+    """
+    flat = np.abs(np.asarray(weights, np.float64)).ravel()
+    k = int(round(sparsity * flat.size))
+    mask = np.ones(flat.size, np.float32)
+    if k > 0:
+        mask[np.argsort(flat, kind="stable")[:k]] = 0.0
+    return mask.reshape(np.shape(weights))
+
+
+def polynomial_sparsity(step: int, final: float, end_step: int, initial: float = 0.0, power: float = 3.0) -> float:
+    """tfmot's PolynomialDecay: `final + (initial - final) * (1 - step / end_step) ** power`, then `final`.
+
+    Example:
+        >>> polynomial_sparsity(0, 0.5, 100), polynomial_sparsity(100, 0.5, 100)
+        (0.0, 0.5)
+    """
+    frac = min(max(step, 0) / max(end_step, 1), 1.0)
+    return float(final + (initial - final) * (1.0 - frac) ** power)
+
+
+class Pruner:
+    """Masks of the pruned kernels; `set_sparsity` recomputes them by magnitude and zeroes the kernels.
+
+    Args:
+        kernels: `{path: kernel variable}` (from `prunable_kernels`).
+    """
+
+    def __init__(self, kernels: dict[str, keras.Variable]):
+        self.kernels = kernels
+        self.masks = {p: tf.Variable(tf.ones(v.shape, tf.float32), trainable=False, name="mask")
+                      for p, v in kernels.items()}
+        self.sparsity = 0.0
+
+    def set_sparsity(self, sparsity: float) -> None:
+        """Zeroes the smallest-magnitude `sparsity` fraction of every kernel (pruned weights stay pruned)."""
+        for p, v in self.kernels.items():
+            w = np.asarray(v.numpy(), np.float32) * self.masks[p].numpy()
+            mask = magnitude_mask(w, sparsity)
+            self.masks[p].assign(mask)
+            v.assign((w * mask).astype(v.dtype))
+        self.sparsity = float(sparsity)
+
+    def masks_by_id(self) -> dict[int, tf.Variable]:
+        return {id(v): self.masks[p] for p, v in self.kernels.items()}
+
+    def report(self) -> dict[str, Any]:
+        """Zeros per kernel and over all pruned kernels, counted in the weights themselves."""
+        layers, zeros, total = {}, 0, 0
+        for p, v in self.kernels.items():
+            w = np.asarray(v.numpy())
+            z = int(np.sum(w == 0))
+            layers[p] = {"size": int(w.size), "zeros": z, "sparsity": z / max(w.size, 1)}
+            zeros += z
+            total += int(w.size)
+        return {"pruned_params": total, "zeros": zeros, "sparsity": zeros / max(total, 1), "layers": layers}
+
+
+class PruningSchedule(keras.callbacks.Callback):
+    """Raises the masks' sparsity along `target(step)` every `frequency` steps (and at `end_step`)."""
+
+    def __init__(self, pruner: Pruner, target: Callable[[int], float], frequency: int, end_step: int):
+        super().__init__()
+        self.pruner, self.target, self.frequency, self.end_step = pruner, target, max(int(frequency), 1), end_step
+        self.step = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        s = self.target(self.step)
+        if (self.step % self.frequency == 0 or self.step == self.end_step) and s > self.pruner.sparsity:
+            self.pruner.set_sparsity(s)
+        self.step += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["sparsity"] = self.pruner.sparsity
+
+
+def compressed_size(path: str) -> tuple[int, int]:
+    """`(bytes on disk, bytes after zip deflate)` of a model file (a `.keras` archive stores its weights
+    uncompressed, so the zipped size is where the zeros show)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        z.write(path, os.path.basename(path))
+    return int(os.path.getsize(path)), len(buf.getvalue())
+
+
+def _unfreeze(model: keras.Model, train_bn: bool) -> None:
+    """Everything trains except BatchNorm (unless `train_bn`) and the frozen `preprocess` layer."""
+    model.trainable = True
+    for layer in _all_layers(model):
+        if isinstance(layer, keras.Model):
+            layer.trainable = True
+    for layer in _all_layers(model):
+        if isinstance(layer, keras.Model):
+            continue
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = bool(train_bn)
+        elif layer.name == "preprocess":
+            layer.trainable = False
+
+
+def _accuracies(model, splits) -> dict[str, float]:
+    out = {}
+    for name, ds in splits:
+        y, p = predict_split(model, ds)
+        out[f"{name}_accuracy"] = float(np.mean(p.argmax(-1) == y)) if len(y) else None
+    return out
+
+
+def _row(label: str, model: keras.Model, pruner: Pruner, splits, tmp_dir: str) -> dict[str, Any]:
+    path = os.path.join(tmp_dir, "probe.keras")
+    save_model(model, path)
+    size, zipped = compressed_size(path)
+    return {"model": label, "sparsity": round(pruner.report()["sparsity"], 4), **_accuracies(model, splits),
+            "size_bytes": size, "zipped_bytes": zipped}
+
+
+def sparsity_table(rows: list[dict[str, Any]]) -> str:
+    """Plain-text table: model, sparsity of the pruned kernels, accuracies, size and zipped size."""
+    header = ["model", "sparsity", "val_acc", "test_acc", "size_MB", "zipped_MB"]
+    f = lambda v, fmt: "-" if v is None else fmt.format(v)  # noqa: E731
+    lines = [header] + [[r["model"], f"{r['sparsity']:.3f}", f(r.get("val_accuracy"), "{:.4f}"),
+                         f(r.get("test_accuracy"), "{:.4f}"), f"{r['size_bytes'] / 1e6:.3f}",
+                         f"{r['zipped_bytes'] / 1e6:.3f}"] for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines)
+
+
+def prune(cfg: PruneConfig) -> RunResult:
+    """Prunes a run's model by magnitude to `cfg.sparsity`, fine-tunes under the masks, writes a run folder.
+
+    Args:
+        cfg: A `PruneConfig` (run folder, sparsity, schedule, epochs, ...).
+
+    Returns:
+        A `RunResult` of the pruned model; `metrics["pruning"]` holds the accuracy/sparsity/size table and
+        the sparsity of every pruned kernel.
+
+    Raises:
+        ConfigError: bad settings, or a run folder without model.keras / config.yaml.
+
+    Example:
+        >>> r = prune(PruneConfig(run_dir="runs/resnet50-shapes-1", sparsity=0.5, schedule="polynomial", epochs=2))
+    """
+    cfg.validate()
+    run_cfg_path = os.path.join(cfg.run_dir, "config.yaml")
+    if not os.path.isdir(cfg.run_dir) or not os.path.isfile(run_cfg_path):
+        raise ConfigError(f"prune needs a tlkit run folder with model.keras and config.yaml, got {cfg.run_dir!r}.")
+    run_cfg: FinetuneConfig = load_config(run_cfg_path)
+    t = run_cfg.train
+    lr = cfg.lr if cfg.lr is not None else (float(t.lr) if not isinstance(t.lr, str) else 1e-3) * t.finetune_lr_scale
+    batch = cfg.batch_size or run_cfg.data.batch_size
+    keras.utils.set_random_seed(run_cfg.seed)
+    rt = runtime.setup(run_cfg.runtime)
+    with rt.scope():
+        model, labels, _ = load_model_and_labels(cfg.run_dir)
+    size = int(model.input_shape[1])
+    data = load_sources(dataclasses.replace(run_cfg.data, image_size=size), size, run_cfg.seed)
+    if labels is not None and list(labels) != list(data.class_names):
+        raise DataError(f"The run's labels.txt differs from its data's classes: {labels[:5]}... vs "
+                        f"{data.class_names[:5]}...")
+    kernels = prunable_kernels(model, cfg.prune_head)
+    if not kernels:
+        raise ConfigError(f"The model in {cfg.run_dir!r} has no Conv or Dense kernels to prune.")
+    out_dir = cfg.output_dir or f"{os.path.normpath(cfg.run_dir)}-pruned{int(round(cfg.sparsity * 100))}"
+    if os.path.abspath(out_dir) == os.path.abspath(cfg.run_dir):
+        raise ConfigError(f"The output folder must differ from the run folder {cfg.run_dir!r}.")
+    rundir.prepare_run_dir(out_dir, cfg.overwrite)
+    d = run_cfg.data
+    common = dict(image_size=size, batch_size=batch, num_classes=data.num_classes, seed=run_cfg.seed,
+                  cache_dir=os.path.join(out_dir, "cache"))
+    train_ds = make_dataset(data.train, training=True, augment=d.augment, cache=d.cache, **common)
+    val_ds = make_dataset(data.val, cache=d.cache, **common) if data.val else None
+    test_ds = make_dataset(data.test, cache="none", **common) if data.test else None
+    splits = [(n, ds) for n, ds in (("val", val_ds), ("test", test_ds)) if ds is not None]
+
+    pruner = Pruner(kernels)
+    original = [np.array(w) for w in model.get_weights()]
+    rows: list[dict[str, Any]] = []
+    tmp_dir = tempfile.mkdtemp(prefix=".prune-", dir=out_dir)
+    try:
+        print(f"[tlkit] pruning {len(kernels)} kernels ({sum(int(np.prod(v.shape)) for v in kernels.values()):,} "
+              f"weights) of {cfg.run_dir} to sparsity {cfg.sparsity:g}; {rt.describe()}", flush=True)
+        rows.append(_row("original", model, pruner, splits, tmp_dir))
+        for s in sorted(set(parse_sparsities(cfg.sweep) + [cfg.sparsity])):
+            if s <= 0:
+                continue
+            pruner.set_sparsity(s)
+            rows.append(_row(f"one-shot {s:g}", model, pruner, splits, tmp_dir))
+            model.set_weights(original)
+            pruner = Pruner(kernels)
+        history: list[dict[str, Any]] = []
+        t0 = time.time()
+        if cfg.epochs > 0:
+            history = _finetune(model, pruner, cfg, run_cfg, rt, lr, train_ds, val_ds, out_dir,
+                                math.ceil(data.train.count / batch))
+        pruner.set_sparsity(cfg.sparsity)  # exact final masks (also when the schedule ended early)
+        train_seconds = time.time() - t0
+        label = f"pruned {cfg.sparsity:g} + {cfg.epochs} epoch(s) {cfg.schedule}" if cfg.epochs else f"pruned {cfg.sparsity:g}"
+        rows.append(_row(label, model, pruner, splits, tmp_dir))
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    model_path = os.path.join(out_dir, "model.keras")
+    save_model(model, model_path)
+    metrics: dict[str, Any] = {}
+    for name, ds in splits:
+        y, p = predict_split(model, ds)
+        metrics[name] = compute_metrics(y, p, data.class_names)
+    report = pruner.report()
+    resolved = dataclasses.replace(run_cfg, output_dir=os.path.abspath(out_dir),
+                                   data=dataclasses.replace(run_cfg.data, image_size=size, batch_size=batch))
+    rundir.write_text(os.path.join(out_dir, "config.yaml"), dump_yaml(config_to_dict(resolved)))
+    rundir.write_text(os.path.join(out_dir, "labels.txt"), "\n".join(data.class_names) + "\n")
+    out_metrics: dict[str, Any] = dict(metrics)
+    out_metrics["train_seconds"] = round(train_seconds, 2)
+    out_metrics["epochs"] = len(history)
+    out_metrics["pruning"] = {"source": os.path.abspath(cfg.run_dir), "target_sparsity": cfg.sparsity,
+                              "sparsity": report["sparsity"], "pruned_params": report["pruned_params"],
+                              "total_params": int(sum(int(np.prod(w.shape)) for w in model.weights)),
+                              "zeros": report["zeros"], "lr": lr, "table": rows, "layers": report["layers"],
+                              "config": dataclasses.asdict(cfg)}
+    rundir.write_json(os.path.join(out_dir, "metrics.json"), out_metrics)
+    print(sparsity_table(rows), flush=True)
+    print(f"[tlkit] pruned run folder: {out_dir}", flush=True)
+    return RunResult(model, history, out_metrics, out_dir, data.class_names, resolved)
+
+
+def _finetune(model, pruner: Pruner, cfg: PruneConfig, run_cfg: FinetuneConfig, rt, lr: float, train_ds, val_ds,
+              out_dir: str, steps_per_epoch: int) -> list[dict[str, Any]]:
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "constant":
+        end = 0
+        target = lambda step: cfg.sparsity  # noqa: E731
+        frequency = max(total, 1)
+    else:
+        end = max(1, int(round(cfg.ramp * total)))
+        target = lambda step: polynomial_sparsity(step, cfg.sparsity, end)  # noqa: E731
+        frequency = cfg.frequency or max(1, end // 10)
+    _unfreeze(model, run_cfg.model.bn_trains)
+    train_cfg = dataclasses.replace(run_cfg.train, lr=lr, lr_mult=1.0, stage_lrs=None)
+    with rt.scope():
+        opt = schedules.make_optimizer(train_cfg, schedules.make_schedule(train_cfg, lr, cfg.epochs, steps_per_epoch))
+        opt = param_groups.scaled_optimizer(opt, masks=pruner.masks_by_id())
+        model.compile(optimizer=opt, loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg.label_smoothing),
+                      metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")], jit_compile=rt.jit_compile)
+    rows: list[dict[str, Any]] = []
+    log = _EpochLog(os.path.join(out_dir, "history.csv"), rows)
+    log.stage = f"prune_{cfg.schedule}"
+    guard = _NaNGuard()
+    sched = PruningSchedule(pruner, target, frequency, end)
+    model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=[sched, guard, log],
+              verbose=1 if sys.stdout.isatty() else 2, shuffle=False)
+    if guard.bad_epoch is not None:
+        raise TrainingError(f"The loss became NaN or infinite in epoch {guard.bad_epoch} of the pruning fine-tuning "
+                            f"(lr {lr:g}); lower --lr.")
+    return rows
