@@ -182,3 +182,23 @@ def test_nan_message_names_the_cause():
     assert text.startswith("The loss became NaN or infinite in epoch 3 (stage 'finetune', learning rate 0.5")
     assert "mixed_float16 overflowed: use --precision float32" in text
     assert "overflowed" not in resume.nan_message(3, Stage("head", 4, 0.5, frozenset()), opt, "float32")
+
+
+def test_resume_keeps_the_learning_rate_the_finder_found(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    found = FinetuneConfig(data=DataConfig(dataset="shapes"), train=TrainConfig(lr=0.0123), output_dir=str(run))
+    (run / "config.yaml").write_text(dump_yaml(config_to_dict(found)))
+    (run / "checkpoints" / "state.json").write_text("{}")
+    again = dataclasses.replace(found, train=dataclasses.replace(found.train, lr="auto"), resume=True)
+    assert resume.prepare_run_dir(str(run), again).train.lr == 0.0123  # not searched again
+
+
+def test_interrupt_outside_training_still_says_how_to_resume(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    argv = ["finetune", "--dataset", "shapes", "--output-dir", str(run)]
+    assert resume.interrupt_message(KeyboardInterrupt(), argv) == "tlkit: interrupted (SIGINT)."
+    (run / "checkpoints" / "state.json").write_text("{}")  # unreadable state: 0 epochs, but resumable
+    text = resume.interrupt_message(KeyboardInterrupt(), argv)
+    assert "no epoch had finished yet" in text and text.endswith(f"--output-dir {run} --resume")

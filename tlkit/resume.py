@@ -39,7 +39,7 @@ from tlkit.errors import ConfigError, OutputExistsError, TrainingError
 STATE_FILE = "state.json"
 STATE_VERSION = 1
 # Fields that may differ between an interrupted run and its resumption.
-RESUME_FREE_FIELDS = ("output_dir", "overwrite", "resume", "cache", "tensorboard")
+RESUME_FREE_FIELDS = ("output_dir", "overwrite", "resume", "cache", "tensorboard", "cache_features", "deterministic")
 PATH_FIELDS = ("image_dir", "data_dir", "base", "weights", "output_dir")
 
 
@@ -361,11 +361,15 @@ def check_output_dir(output_dir: str | None, overwrite: bool, resume: bool) -> N
                                 f"start over in it{hint}, or choose another --output-dir.")
 
 
-def prepare_run_dir(out_dir: str, cfg) -> None:
+def prepare_run_dir(out_dir: str, cfg):
     """Creates the run folder; with `resume` checks that the interrupted run had the same configuration.
 
     Without `resume`, an `--overwrite` of an earlier run removes its checkpoints so that a later
-    `--resume` never mixes two runs.
+    `--resume` never mixes two runs. With `resume`, a setting the first run resolved (`lr: auto` -> the
+    number the learning-rate finder found) is taken from its `config.yaml` instead of being searched again.
+
+    Returns:
+        The configuration to run with.
 
     Raises:
         OutputExistsError: the folder is not empty and neither `overwrite` nor `resume` is set.
@@ -375,7 +379,10 @@ def prepare_run_dir(out_dir: str, cfg) -> None:
     if cfg.resume:
         saved = os.path.join(out_dir, "config.yaml")
         if os.path.isfile(os.path.join(checkpoint_dir(out_dir), STATE_FILE)) and os.path.isfile(saved):
-            diff = config_differences(saved, cfg)
+            old = _saved_config(saved)
+            if isinstance(cfg.train.lr, str) and not isinstance(old.train.lr, str):  # lr: auto, already found
+                cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=old.train.lr))
+            diff = config_differences(old, cfg)
             if diff:
                 raise ConfigError(f"Cannot resume {out_dir!r} with a different configuration ({'; '.join(diff[:4])})."
                                   f" Resume with the same flags, e.g. tlkit finetune --config {saved} --resume.")
@@ -386,16 +393,26 @@ def prepare_run_dir(out_dir: str, cfg) -> None:
 
             shutil.rmtree(ckpt, ignore_errors=True)
     rundir.prepare_run_dir(out_dir, overwrite=True)
+    return cfg
 
 
-def config_differences(saved_yaml: str, cfg) -> list[str]:
-    """`key: saved -> now` for every setting that differs from a run's saved `config.yaml` (paths made absolute)."""
-    from tlkit.config import config_from_dict, config_to_dict, load_yaml
+def _saved_config(path: str):
+    from tlkit.config import config_from_dict, load_yaml
 
     try:
-        old = config_to_dict(absolute_paths(config_from_dict(load_yaml(saved_yaml))))
+        return config_from_dict(load_yaml(path))
     except ConfigError as e:
-        raise ConfigError(f"Cannot resume: {saved_yaml} is not a valid tlkit config ({e}).") from None
+        raise ConfigError(f"Cannot resume: {path} is not a valid tlkit config ({e}).") from None
+
+
+def config_differences(saved, cfg) -> list[str]:
+    """`key: saved -> now` for every setting that differs from a run's saved config (a `config.yaml` path or a
+    `FinetuneConfig`), paths compared as absolute paths."""
+    from tlkit.config import config_to_dict
+
+    if isinstance(saved, (str, os.PathLike)):
+        saved = _saved_config(os.fspath(saved))
+    old = config_to_dict(absolute_paths(saved))
     new = config_to_dict(absolute_paths(cfg))
     out = []
     for section in old:
@@ -473,6 +490,10 @@ def interruptible(run_dir: str) -> Iterator[None]:
         raise
     except KeyboardInterrupt:
         raise Interrupted(signal.SIGINT, run_dir, _epochs_saved(run_dir)) from None
+    except SystemError as e:  # a second Ctrl-C raised inside a TensorFlow call surfaces as SystemError
+        if isinstance(e.__context__, KeyboardInterrupt) or _pending["signum"] is not None:
+            raise Interrupted(_pending["signum"] or signal.SIGINT, run_dir, _epochs_saved(run_dir)) from None
+        raise
     finally:
         _pending["signum"] = None
         for signum, handler in previous.items():
@@ -496,9 +517,23 @@ def interrupt_message(e: KeyboardInterrupt, argv: list[str]) -> str:
     """The line(s) the CLI prints on Ctrl-C or SIGTERM."""
     name = signal.Signals(getattr(e, "signum", signal.SIGINT)).name
     run_dir = getattr(e, "run_dir", None)
-    if not run_dir or not argv or argv[0] != "finetune":
+    if not argv or argv[0] != "finetune":
         return f"tlkit: interrupted ({name})."
+    if not run_dir:  # outside training (loading data, writing outputs): resumable when a checkpoint exists
+        given = _flag_value(argv, "--output-dir")
+        if not given or not os.path.isfile(os.path.join(checkpoint_dir(given), STATE_FILE)):
+            return f"tlkit: interrupted ({name})."
+        run_dir, e.epochs_done = given, _epochs_saved(given)  # type: ignore[attr-defined]
     done = getattr(e, "epochs_done", 0)
     saved = (f"epoch {done} is the last one saved in {checkpoint_dir(run_dir)}" if done
              else "no epoch had finished yet")
     return f"tlkit: interrupted ({name}); {saved}. Resume with:\n  {resume_command(argv, run_dir)}"
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None

@@ -217,7 +217,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
     out_dir = cfg.output_dir or rundir.default_run_dir(spec.name, data.name)
     resolved = resume.absolute_paths(
         dataclasses.replace(cfg, output_dir=out_dir, data=dataclasses.replace(cfg.data, image_size=size)))
-    resume.prepare_run_dir(out_dir, resolved)  # refuses a non-empty folder unless --overwrite or --resume
+    resolved = resume.prepare_run_dir(out_dir, resolved)  # refuses a non-empty folder unless --overwrite/--resume
     rundir.write_text(os.path.join(out_dir, "config.yaml"), dump_yaml(config_to_dict(resolved)))
     rundir.write_text(os.path.join(out_dir, "labels.txt"), "\n".join(data.class_names) + "\n")
 
