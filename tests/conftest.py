@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 
-def make_tiny_backbone(path: str, size: int = 32, width: int = 16) -> str:
+def make_tiny_backbone(path: str, size: int = 32, width: int = 16, seed: int = 0) -> str:
     """Writes a small conv net with BatchNorm and three downsampling stages as a .keras backbone."""
     import keras
     from keras import layers
 
+    keras.utils.set_random_seed(seed)  # the same initial weights in every test session
     inp = keras.Input((size, size, 3))
     x = layers.Rescaling(1 / 127.5, offset=-1, name="scale")(inp)
     for i, ch in enumerate((width, width * 2, width * 4)):

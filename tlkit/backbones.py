@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import warnings
 from typing import Callable
 
 import keras
@@ -61,14 +62,16 @@ class BackboneSpec:
         Returns:
             A `keras.Model` from images (as its preprocessing expects) to a feature map or vector.
         """
+        if self.path is not None:  # a user's backbone may fix its own size
+            return _load_user_backbone(self, image_size, weights)
         size = image_size or self.default_size
         if size < self.min_size:
             raise ConfigError(f"image_size {size} is too small for {self.name}: it needs at least {self.min_size} px.")
-        if self.path is not None:
-            return _load_user_backbone(self, size, weights)
         w = _weights_arg(weights)
         try:
-            return self.constructor(include_top=False, weights=w, input_shape=(size, size, 3))
+            with warnings.catch_warnings():  # keras.applications warns about non-default sizes; they work
+                warnings.filterwarnings("ignore", message=".*input_shape.*", category=UserWarning)
+                return self.constructor(include_top=False, weights=w, input_shape=(size, size, 3))
         except Exception as e:  # keras raises plain Exception for a failed download
             if w == "imagenet" and _looks_like_download_failure(e):
                 fname = _weights_file_name(str(e))
@@ -257,7 +260,7 @@ def get_backbone(name: str) -> BackboneSpec:
     return _REGISTRY[key]
 
 
-def _load_user_backbone(spec: BackboneSpec, size: int, weights: str | None) -> keras.Model:
+def _load_user_backbone(spec: BackboneSpec, size: int | None, weights: str | None) -> keras.Model:
     try:
         base = keras.models.load_model(spec.path, compile=False, safe_mode=True)
     except Exception as e:
@@ -267,7 +270,7 @@ def _load_user_backbone(spec: BackboneSpec, size: int, weights: str | None) -> k
         raise BackboneError(f"Backbone {spec.path!r} has {len(shape)} inputs; a backbone takes one image input.")
     if len(shape) != 4 or (shape[-1] not in (None, 3)):
         raise BackboneError(f"Backbone {spec.path!r} takes inputs of shape {shape}; expected (height, width, 3) images.")
-    if shape[1] is not None and shape[1] != size:
+    if size is not None and shape[1] is not None and shape[1] != size:
         raise ConfigError(f"Backbone {spec.path!r} takes {shape[1]}x{shape[2]} images; pass --image-size {shape[1]}.")
     w = _weights_arg(weights)
     if w not in (None, "imagenet"):

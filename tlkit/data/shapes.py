@@ -12,10 +12,11 @@ CLASS_NAMES = ("circle", "square", "triangle", "cross")
 
 def _draw(rng: np.random.Generator, kind: int, size: int) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    bg = rng.uniform(0, 255, 3)
-    fg = rng.uniform(0, 255, 3)
-    while np.abs(fg - bg).sum() < 240:  # keep the shape visible
-        fg = rng.uniform(0, 255, 3)
+    # a dark background and a bright shape, each of a random colour: the shape's outline is what tells
+    # the classes apart
+    bg = rng.uniform(0, 100, 3)
+    fg = rng.uniform(60, 255, 3)
+    fg[rng.integers(0, 3)] = rng.uniform(200, 255)
     r = rng.uniform(0.25, 0.42) * size
     cx, cy = rng.uniform(r, size - r, 2)
     dx, dy = xx - cx, yy - cy
