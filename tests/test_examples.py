@@ -127,6 +127,34 @@ def test_script_syntax(script):
     assert p.returncode == 0, p.stderr
 
 
+def test_verbs_used_by_scripts_have_help(capsys):
+    verbs = set()
+    for script in SCRIPTS:
+        text = open(os.path.join(EX, script), encoding="utf-8").read()
+        verbs |= {w.split()[1] for w in text.split('"$TLKIT" ')[1:] for w in ["x " + w]}
+    assert verbs >= {"tune", "finetune", "evaluate"}, verbs
+    for verb in sorted(verbs):
+        with pytest.raises(SystemExit) as e:
+            cli.build_parser().parse_args([verb, "--help"])
+        assert e.value.code == 0, verb
+        assert f"usage: tlkit {verb}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("smoke", ["0", "1"])
+def test_tune_then_finetune_commands_parse(tmp_path, tiny, smoke):
+    calls = _run_recorded("tune_then_finetune.sh", tmp_path, TLKIT_SMOKE=smoke, TINY=tiny,
+                          SMOKE_OUT=str(tmp_path / "out"), OUT=str(tmp_path / "out"))
+    assert [c["argv"][0] for c in calls] == ["tune", "finetune", "evaluate"]
+    tune, finetune, evaluate = (_parse(c["argv"]) for c in calls)
+    search = str(tmp_path / "out" / "search")
+    assert tune.output_dir == search and finetune.config == os.path.join(search, "best_config.yaml")
+    assert evaluate.model == finetune.output_dir == str(tmp_path / "out" / "final")
+    if smoke == "1":
+        assert tune.dataset == "shapes" and tune.base == tiny and tune.weights == "none"
+    else:
+        assert C.load_config(tune.config).data.dataset == "oxford_flowers102"
+
+
 def test_two_gpu_example(tmp_path):
     (call,) = _run_recorded("distributed/two_gpu.sh", tmp_path, OUT=str(tmp_path / "run"))
     assert call["CUDA_VISIBLE_DEVICES"] == "0,1"
