@@ -48,7 +48,7 @@ def main() -> None:
                             head_epochs=args.head_epochs, lr=args.lr)
         cfg = FinetuneConfig(
             data=DataConfig(dataset="shapes", image_size=args.image_size, shapes_per_class=args.per_class,
-                            batch_size=32, augment="light"),
+                            batch_size=32, augment="light", val_split=0.5),  # val, test: per_class / 2 each
             model=ModelConfig(base=args.backbone, weights="imagenet", train_bn=opts.get("train_bn")),
             train=train, output_dir=tempfile.mkdtemp(prefix="tlkit-bench-"), overwrite=True)
         t0 = time.time()
