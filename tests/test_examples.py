@@ -13,6 +13,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -131,7 +132,7 @@ def test_verbs_used_by_scripts_have_help(capsys):
     verbs = set()
     for script in SCRIPTS:
         text = open(os.path.join(EX, script), encoding="utf-8").read()
-        verbs |= {w.split()[1] for w in text.split('"$TLKIT" ')[1:] for w in ["x " + w]}
+        verbs |= set(re.findall(r'"\$TLKIT" ([a-z-]+)', text))
     assert verbs >= {"tune", "finetune", "evaluate"}, verbs
     for verb in sorted(verbs):
         with pytest.raises(SystemExit) as e:

@@ -18,7 +18,8 @@ from nbclient import NotebookClient
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 IDS = [os.path.basename(p) for p in NOTEBOOKS]
-REQUIRED = ("01_quickstart.ipynb", "03_export_and_deploy.ipynb", "04_strategies_compared.ipynb")
+REQUIRED = ("01_quickstart.ipynb", "02_hyperparameter_search.ipynb", "03_export_and_deploy.ipynb",
+            "04_strategies_compared.ipynb")
 PARALLEL = int(os.environ.get("TLKIT_NOTEBOOK_PARALLEL", "2"))
 
 
