@@ -294,6 +294,10 @@ def distill(cfg: FinetuneConfig, dcfg: DistillConfig) -> RunResult:
     if isinstance(cfg.train.lr, str):
         raise ConfigError(f"distill needs a numeric --lr, got {cfg.train.lr!r}.")
     teacher_file, teacher_dir = teacher_paths(dcfg.teacher)
+    cached = dcfg.cache_teacher if dcfg.cache_teacher is not None else cfg.data.augment == "none"
+    if cached and cfg.data.augment != "none":
+        raise ConfigError(f"--cache-teacher needs a training split without augmentation (--augment none), got "
+                          f"--augment {cfg.data.augment}: the teacher must see the augmented images.")
     spec = backbones.get_backbone(cfg.model.base)
     keras.utils.set_random_seed(cfg.seed)
     rt = runtime.setup(cfg.runtime)
@@ -311,10 +315,6 @@ def distill(cfg: FinetuneConfig, dcfg: DistillConfig) -> RunResult:
     if teacher_labels is not None and list(teacher_labels) != list(data.class_names):
         raise DataError(f"The teacher's labels.txt differs from the data's classes: {list(teacher_labels)[:5]}... vs "
                         f"{data.class_names[:5]}...")
-    cached = dcfg.cache_teacher if dcfg.cache_teacher is not None else cfg.data.augment == "none"
-    if cached and cfg.data.augment != "none":
-        raise ConfigError(f"--cache-teacher needs a training split without augmentation (--augment none), got "
-                          f"--augment {cfg.data.augment}: the teacher must see the augmented images.")
 
     out_dir = cfg.output_dir or rundir.default_run_dir(f"distill-{spec.name}", data.name)
     rundir.prepare_run_dir(out_dir, cfg.overwrite)

@@ -35,7 +35,7 @@ from tlkit import param_groups, rundir, runtime, schedules
 from tlkit.config import FinetuneConfig, PruneConfig, config_to_dict, dump_yaml, load_config, parse_sparsities
 from tlkit.data import load_sources, make_dataset
 from tlkit.errors import ConfigError, DataError, TrainingError
-from tlkit.evaluate import compute_metrics, load_model_and_labels, predict_split
+from tlkit.evaluate import compute_metrics, load_model_and_labels
 from tlkit.train import RunResult, _EpochLog, _NaNGuard, save_model
 
 _PRUNABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.DepthwiseConv2D,
@@ -188,19 +188,33 @@ def _unfreeze(model: keras.Model, train_bn: bool) -> None:
             layer.trainable = False
 
 
-def _accuracies(model, splits) -> dict[str, float]:
-    out = {}
-    for name, ds in splits:
-        y, p = predict_split(model, ds)
-        out[f"{name}_accuracy"] = float(np.mean(p.argmax(-1) == y)) if len(y) else None
-    return out
+class _Evaluator:
+    """Predicts the evaluation splits with one traced function, reused as the weights change."""
+
+    def __init__(self, model: keras.Model, splits: list[tuple[str, Any]]):
+        self.splits = splits
+        self.fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+    def predict(self, ds) -> tuple[np.ndarray, np.ndarray]:
+        ys, ps = [], []
+        for x, y in ds:
+            ps.append(np.asarray(self.fn(x), np.float32))
+            ys.append(np.argmax(np.asarray(y), axis=-1))
+        return np.concatenate(ys), np.concatenate(ps)
+
+    def accuracies(self) -> dict[str, float | None]:
+        out = {}
+        for name, ds in self.splits:
+            y, p = self.predict(ds)
+            out[f"{name}_accuracy"] = float(np.mean(p.argmax(-1) == y)) if len(y) else None
+        return out
 
 
-def _row(label: str, model: keras.Model, pruner: Pruner, splits, tmp_dir: str) -> dict[str, Any]:
+def _row(label: str, model: keras.Model, pruner: Pruner, evaluator: _Evaluator, tmp_dir: str) -> dict[str, Any]:
     path = os.path.join(tmp_dir, "probe.keras")
     save_model(model, path)
     size, zipped = compressed_size(path)
-    return {"model": label, "sparsity": round(pruner.report()["sparsity"], 4), **_accuracies(model, splits),
+    return {"model": label, "sparsity": round(pruner.report()["sparsity"], 4), **evaluator.accuracies(),
             "size_bytes": size, "zipped_bytes": zipped}
 
 
@@ -264,18 +278,19 @@ def prune(cfg: PruneConfig) -> RunResult:
     splits = [(n, ds) for n, ds in (("val", val_ds), ("test", test_ds)) if ds is not None]
 
     pruner = Pruner(kernels)
+    evaluator = _Evaluator(model, splits)
     original = [np.array(w) for w in model.get_weights()]
     rows: list[dict[str, Any]] = []
     tmp_dir = tempfile.mkdtemp(prefix=".prune-", dir=out_dir)
     try:
         print(f"[tlkit] pruning {len(kernels)} kernels ({sum(int(np.prod(v.shape)) for v in kernels.values()):,} "
               f"weights) of {cfg.run_dir} to sparsity {cfg.sparsity:g}; {rt.describe()}", flush=True)
-        rows.append(_row("original", model, pruner, splits, tmp_dir))
+        rows.append(_row("original", model, pruner, evaluator, tmp_dir))
         for s in sorted(set(parse_sparsities(cfg.sweep) + [cfg.sparsity])):
             if s <= 0:
                 continue
             pruner.set_sparsity(s)
-            rows.append(_row(f"one-shot {s:g}", model, pruner, splits, tmp_dir))
+            rows.append(_row(f"one-shot {s:g}", model, pruner, evaluator, tmp_dir))
             model.set_weights(original)
             pruner = Pruner(kernels)
         history: list[dict[str, Any]] = []
@@ -286,7 +301,7 @@ def prune(cfg: PruneConfig) -> RunResult:
         pruner.set_sparsity(cfg.sparsity)  # exact final masks (also when the schedule ended early)
         train_seconds = time.time() - t0
         label = f"pruned {cfg.sparsity:g} + {cfg.epochs} epoch(s) {cfg.schedule}" if cfg.epochs else f"pruned {cfg.sparsity:g}"
-        rows.append(_row(label, model, pruner, splits, tmp_dir))
+        rows.append(_row(label, model, pruner, evaluator, tmp_dir))
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
@@ -294,7 +309,7 @@ def prune(cfg: PruneConfig) -> RunResult:
     save_model(model, model_path)
     metrics: dict[str, Any] = {}
     for name, ds in splits:
-        y, p = predict_split(model, ds)
+        y, p = evaluator.predict(ds)
         metrics[name] = compute_metrics(y, p, data.class_names)
     report = pruner.report()
     resolved = dataclasses.replace(run_cfg, output_dir=os.path.abspath(out_dir),
