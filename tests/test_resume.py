@@ -202,3 +202,18 @@ def test_interrupt_outside_training_still_says_how_to_resume(tmp_path):
     (run / "checkpoints" / "state.json").write_text("{}")  # unreadable state: 0 epochs, but resumable
     text = resume.interrupt_message(KeyboardInterrupt(), argv)
     assert "no epoch had finished yet" in text and text.endswith(f"--output-dir {run} --resume")
+
+
+def test_resume_clears_a_killed_runs_cache_lock_and_overwrite_clears_old_state(tmp_path):
+    run = tmp_path / "run"
+    (run / "cache").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    for name in ("train_0.lockfile", "train_0.data-00000-of-00001.tempstate123", "eval.index"):
+        (run / "cache" / name).write_text("x")
+    (run / "checkpoints" / "best.weights.h5").write_text("x")
+    cfg = FinetuneConfig(data=DataConfig(dataset="shapes"), output_dir=str(run), resume=True)
+    resume.prepare_run_dir(str(run), cfg)  # no state.json yet: resumable from the start
+    assert sorted(os.listdir(run / "cache")) == ["eval.index"]  # a finished cache stays
+    assert (run / "checkpoints" / "best.weights.h5").exists()
+    resume.prepare_run_dir(str(run), dataclasses.replace(cfg, resume=False, overwrite=True))
+    assert not (run / "cache").exists() and not (run / "checkpoints").exists()

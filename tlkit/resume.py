@@ -386,12 +386,20 @@ def prepare_run_dir(out_dir: str, cfg):
             if diff:
                 raise ConfigError(f"Cannot resume {out_dir!r} with a different configuration ({'; '.join(diff[:4])})."
                                   f" Resume with the same flags, e.g. tlkit finetune --config {saved} --resume.")
+        # A killed process leaves tf.data's cache lock (and a half-written cache): without this the resumed
+        # run fails with "There appears to be a concurrent caching iterator running".
+        for stale in glob.glob(os.path.join(out_dir, "cache", "*.lockfile")) + glob.glob(
+                os.path.join(out_dir, "cache", "*.tempstate*")):
+            with contextlib.suppress(OSError):
+                os.remove(stale)
     else:
-        ckpt = checkpoint_dir(out_dir)
-        if os.path.isdir(ckpt):
-            import shutil
+        # Starting over (--overwrite): an earlier run's checkpoints and disk cache (other images, other size)
+        # must not be picked up.
+        import shutil
 
-            shutil.rmtree(ckpt, ignore_errors=True)
+        for folder in (checkpoint_dir(out_dir), os.path.join(out_dir, "cache")):
+            if os.path.isdir(folder):
+                shutil.rmtree(folder, ignore_errors=True)
     rundir.prepare_run_dir(out_dir, overwrite=True)
     return cfg
 
