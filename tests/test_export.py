@@ -198,3 +198,27 @@ def test_user_errors_are_one_line_exit_2(run_dir, tmp_path, capsys):
     assert cli.main(["export", str(bad / "model.keras"), "--format", "keras"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "3 classes" in err and "4" in err
+
+
+def test_mixed_precision_model_is_exported_in_float32(tiny_backbone, tmp_path):
+    import keras
+
+    from tlkit.backbones import get_backbone
+    from tlkit.config import ModelConfig
+    from tlkit.model import build_classifier
+    from tlkit.predict import TFLitePredictor
+
+    keras.mixed_precision.set_global_policy("mixed_float16")  # as `--precision auto` trains on a GPU
+    try:
+        mixed = build_classifier(get_backbone(tiny_backbone), 3, ModelConfig(weights="none"), 32)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert EXPORT.is_mixed_precision(mixed)
+    plain = EXPORT.as_float32(mixed)
+    assert not EXPORT.is_mixed_precision(plain) and plain.get_layer("logits").compute_dtype == "float32"
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(np.asarray(call_model(plain, x)), np.asarray(call_model(mixed, x)), atol=5e-3)
+    path = tmp_path / "m.tflite"
+    path.write_bytes(EXPORT.tflite_bytes(plain, 32))  # float16 MatMuls are not TFLite built-ins: this needs float32
+    np.testing.assert_allclose(TFLitePredictor(str(path), None).predict_resized(x), np.asarray(call_model(plain, x)),
+                               atol=1e-5)

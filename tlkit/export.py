@@ -45,6 +45,8 @@ MIN_AGREEMENT = {"none": 1.0, "float16": 1.0, "dynamic": 0.95, "int8": 0.90}
 MAX_ABS_DIFF: dict[str, float | None] = {"none": 1e-3, "float16": 2e-2, "dynamic": None, "int8": None}
 # Two classes whose Keras probabilities differ by less than this are a tie: either is an agreeing top-1.
 TIE_TOLERANCE = 1e-5
+# A mixed-precision model is exported in float32: its float16 reference answers differ by ~1e-3.
+MIXED_TIE_TOLERANCE = 2e-3
 DEFAULT_CHECK_IMAGES = 32
 DEFAULT_CALIBRATION_STEPS = 100
 
@@ -106,6 +108,39 @@ def decode_encoded(data, size: int):
 
 # ---------------------------------------------------------------- writers
 
+def is_mixed_precision(model) -> bool:
+    """Whether any layer of the model computes in float16/bfloat16 (a mixed-precision policy)."""
+    return any(layer.dtype_policy.name.startswith("mixed") for layer in model._flatten_layers())
+
+
+def as_float32(model):
+    """The same model with every layer computing in float32 (weights copied); the model itself when it is.
+
+    A mixed-precision model (tlkit's default on a GPU) keeps float32 variables but computes in float16,
+    which TFLite's built-in ops cannot convert and CPUs run slowly: exports are made in float32.
+    """
+    import keras
+
+    if not is_mixed_precision(model):
+        return model
+
+    def fix(node):
+        if isinstance(node, dict):
+            if node.get("class_name") in ("DTypePolicy", "FloatDTypePolicy") and isinstance(node.get("config"), dict) \
+                    and str(node["config"].get("name", "")).startswith("mixed"):
+                return {**node, "config": {**node["config"], "name": "float32"}}
+            return {k: fix(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [fix(v) for v in node]
+        if isinstance(node, str) and node.startswith("mixed_"):
+            return "float32"
+        return node
+
+    clone = model.__class__.from_config(fix(model.get_config()))
+    clone.set_weights(model.get_weights())
+    return clone
+
+
 def write_keras(model, path: str) -> None:
     """Saves the classifier as a plain `.keras` file (no optimizer state), atomically."""
     from tlkit.train import save_model
@@ -139,8 +174,9 @@ def write_savedmodel(model, folder: str, class_names: Sequence[str], image_size:
     def serve_bytes(image_bytes):
         return outputs(serving_transform(decode_encoded(image_bytes, image_size), image_size))
 
+    # No archive.track(model): the endpoints' own variables are saved anyway, and with Keras 3.15 tracking the
+    # model as well stores every variable twice (a SavedModel twice the size; model.export does the same).
     archive = keras.export.ExportArchive()
-    archive.track(model)
     archive.add_endpoint("serving_default", serve_images,
                          input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
     archive.add_endpoint("serve_bytes", serve_bytes,
@@ -174,8 +210,7 @@ def tflite_bytes(model, image_size: int, quantize: str = "none", int8_input: str
     import tensorflow as tf
 
     with tempfile.TemporaryDirectory() as d:
-        archive = keras.export.ExportArchive()
-        archive.track(model)
+        archive = keras.export.ExportArchive()  # not tracked: see write_savedmodel
         archive.add_endpoint("serving_default", lambda image: call_model(model, image),
                              input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32,
                                                             name="image")])
@@ -311,8 +346,8 @@ def compare(reference: np.ndarray, exported: np.ndarray, tie_tolerance: float = 
             "max_abs_diff": float(diff.max()) if n else 0.0, "mean_abs_diff": float(diff.mean()) if n else 0.0}
 
 
-def check_export(model, predictor, samples: Samples, min_agreement: float,
-                 max_abs_diff: float | None = None) -> dict[str, Any]:
+def check_export(model, predictor, samples: Samples, min_agreement: float, max_abs_diff: float | None = None,
+                 tie_tolerance: float = TIE_TOLERANCE) -> dict[str, Any]:
     """Runs the samples through the Keras model and the loaded export; returns the figures and `passed`.
 
     It passes when the top-1 agreement is at least `min_agreement` and (when given) no probability differs
@@ -329,19 +364,20 @@ def check_export(model, predictor, samples: Samples, min_agreement: float,
     ref = np.concatenate([np.asarray(fn(resize_batch(samples.images[i:i + 32], size)))
                           for i in range(0, len(samples.images), 32)])
     got = predictor.predict(samples.images)
-    result = compare(ref, got)
+    result = compare(ref, got, tie_tolerance)
     result["source"] = samples.source
     agreement = result["top1_agreement"]
     if isinstance(predictor, SavedModelPredictor):
         encoded = [tf.io.encode_png(img).numpy() for img in samples.images]
         b = np.concatenate([predictor.predict_bytes(encoded[i:i + 32]) for i in range(0, len(encoded), 32)])
-        result["bytes_signature"] = compare(ref, b)
+        result["bytes_signature"] = compare(ref, b, tie_tolerance)
         agreement = min(agreement, result["bytes_signature"]["top1_agreement"])
         result["max_abs_diff"] = max(result["max_abs_diff"], result["bytes_signature"]["max_abs_diff"])
     if samples.labels is not None and samples.labels:
         y = np.asarray(samples.labels)
         result["keras_accuracy"] = float((ref.argmax(-1) == y).mean())
         result["export_accuracy"] = float((got.argmax(-1) == y).mean())
+    result["tie_tolerance"] = float(tie_tolerance)
     result["min_agreement"] = float(min_agreement)
     result["max_abs_diff_allowed"] = max_abs_diff
     result["agreement_ok"] = bool(agreement >= min_agreement)
@@ -465,6 +501,7 @@ def model_card(info: dict[str, Any], run_cfg: Any, metrics: dict[str, Any] | Non
              f"| preprocessing | {preprocessing} |",
              f"| export format | {info['format']}{'' if info['quantize'] == 'none' else ' (' + info['quantize'] + ')'}"
              f"{' input ' + info['int8_input'] if info['quantize'] == 'int8' else ''} |",
+             f"| compute precision | {info['export_precision']} (source model: {info['source_precision']}) |",
              f"| artifact | `{info['artifact']}` |",
              f"| size on disk | {human_size(info['size_bytes'])} ({info['size_bytes']} bytes) |",
              f"| source model | `{info['source']}` |", f"| exported | {info['created']} (tlkit {info['versions']['tlkit']}, "
@@ -579,6 +616,7 @@ def export(model: str, format: str = "savedmodel", output: str | None = None, *,
 
     model_path = os.fspath(model)
     keras_model, labels, run_dir = load_model_and_labels(model_path)
+    mixed = is_mixed_precision(keras_model)
     size = int(keras_model.input_shape[1])
     num_classes = int(keras_model.output_shape[-1])
     run_cfg, metrics = None, None
@@ -611,7 +649,7 @@ def export(model: str, format: str = "savedmodel", output: str | None = None, *,
     if labels is None:
         labels = list(datasets.class_names) if datasets is not None else [str(i) for i in range(num_classes)]
     elif datasets is not None and list(datasets.class_names) != list(labels):
-        say(f"[tlkit] note: the data's class names differ from the model's labels.txt; labels.txt is used.")
+        say("[tlkit] note: the data's class names differ from the model's labels.txt; labels.txt is used.")
     if quantize == "int8" and datasets is None:
         raise ConfigError("--quantize int8 needs calibration data: pass --dataset NAME or --image-dir DIR "
                           "(a run folder uses its own data).")
@@ -634,34 +672,42 @@ def export(model: str, format: str = "savedmodel", output: str | None = None, *,
 
     say(f"[tlkit] exporting {model_path} as {format}{'' if quantize == 'none' else ' (' + quantize + ')'} "
         f"-> {artifact}")
-    os.makedirs(export_dir, exist_ok=True) if format != "savedmodel" else None
+    if format != "savedmodel":
+        os.makedirs(export_dir, exist_ok=True)
     labels_text = "\n".join(labels) + "\n"
+    plain = keras_model if format == "keras" else as_float32(keras_model)
     if format == "keras":
         write_keras(keras_model, artifact)
     elif format == "savedmodel":
-        write_savedmodel(keras_model, artifact, labels, size)
+        write_savedmodel(plain, artifact, labels, size)
     elif format == "tflite":
         rep = representative_fn(datasets, calibration_steps, size) if quantize == "int8" else None
-        flat = tflite_bytes(keras_model, size, quantize, int8_input, rep)
+        flat = tflite_bytes(plain, size, quantize, int8_input, rep)
         with rundir.atomic_path(artifact, suffix=".tflite") as tmp:
             with open(tmp, "wb") as f:
                 f.write(flat)
     else:
-        write_onnx(keras_model, artifact)
+        write_onnx(plain, artifact)
     if format != "savedmodel":
         rundir.write_text(os.path.join(export_dir, "labels.txt"), labels_text)
 
     predictor = load(artifact)
     threshold = MIN_AGREEMENT[quantize] if min_agreement is None else float(min_agreement)
     diff_bound = MAX_ABS_DIFF[quantize] if max_diff is None else (None if max_diff == float("inf") else max_diff)
-    check = check_export(keras_model, predictor, samples, threshold, diff_bound)
+    tie = TIE_TOLERANCE
+    if mixed and format != "keras":  # the reference computes in float16, the export in float32
+        tie = MIXED_TIE_TOLERANCE
+        if max_diff is None and diff_bound is not None:
+            diff_bound = max(diff_bound, MAX_ABS_DIFF["float16"])
+    check = check_export(keras_model, predictor, samples, threshold, diff_bound, tie)
     size_bytes = disk_size(artifact)
     info = {
         "format": format, "quantize": quantize, "int8_input": int8_input if quantize == "int8" else None,
         "artifact": os.path.basename(os.path.normpath(artifact)) if format != "savedmodel" else ".",
         "size_bytes": size_bytes, "image_size": size, "num_classes": num_classes, "class_names": list(labels),
         "input": input_description(format, quantize, int8_input, size),
-        "source": model_path, "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "source": model_path, "source_precision": "mixed" if mixed else "float32",
+        "export_precision": "mixed" if mixed and format == "keras" else "float32", "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "versions": {"tlkit": tlkit.__version__, "tensorflow": tf.__version__, "keras": keras.__version__},
         "load_path": export_dir, "check": check,
     }
