@@ -297,3 +297,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tiny_backbone
         assert json.load(f)["epoch"] == 1  # the NaN epoch was never saved
     with open(os.path.join(run, "metrics.json")) as f:
         assert "NaN" in json.load(f)["stopped"]
+
+
+def test_image_problem_names_each_kind_of_bad_file(tmp_path, monkeypatch):
+    from tlkit.data import sources
+
+    _write_bad_files(write_image_folder(tmp_path / "imgs", per_class=1))
+    d = tmp_path / "imgs" / "cat"
+    (d / "empty.png").write_bytes(b"")
+    assert sources.image_problem(str(d / "text.jpg")) == "not a JPEG, PNG, GIF or BMP image"
+    assert sources.image_problem(str(d / "truncated.jpg")).startswith("truncated or corrupt")
+    assert sources.image_problem(str(d / "empty.png")) == "empty file"
+    for usable in ("whole.jpg", "gray16.png", "cmyk.jpg", "huge.jpg", "img0.jpg"):
+        assert sources.image_problem(str(d / usable)) is None, usable
+    ok, bad = sources.check_images([str(d / "whole.jpg"), str(d / "text.jpg")])
+    assert ok == [True, False] and list(bad) == [str(d / "text.jpg")]
+    monkeypatch.setattr(sources, "MAX_IMAGE_PIXELS", 10_000)
+    assert sources.image_problem(str(d / "huge.jpg")) == "too large (8000x8000 pixels)"

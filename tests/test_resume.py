@@ -217,3 +217,65 @@ def test_resume_clears_a_killed_runs_cache_lock_and_overwrite_clears_old_state(t
     assert (run / "checkpoints" / "best.weights.h5").exists()
     resume.prepare_run_dir(str(run), dataclasses.replace(cfg, resume=False, overwrite=True))
     assert not (run / "cache").exists() and not (run / "checkpoints").exists()
+
+
+def _tiny_compiled_model():
+    import keras
+    import numpy as np
+
+    inp = keras.Input((4,))
+    model = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(keras.layers.Dense(3)(inp)))
+    from tlkit.schedules import StageSchedule
+
+    model.compile(optimizer=keras.optimizers.Adam(StageSchedule("cosine", 0.1, total_steps=10)),
+                  loss="categorical_crossentropy")
+    x, y = np.random.default_rng(0).normal(size=(8, 4)), np.eye(2)[[0, 1] * 4]
+    return model, x, y
+
+
+def test_optimizer_state_and_schedule_step_survive_a_restore(tmp_path):
+    import numpy as np
+
+    model, x, y = _tiny_compiled_model()
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0)  # 4 steps
+    resume.save_optimizer(model.optimizer, str(tmp_path / "opt.npz"))
+    resume.save_weights(model, str(tmp_path / "w.weights.h5"))
+    fresh, _, _ = _tiny_compiled_model()
+    resume.load_weights(fresh, str(tmp_path / "w.weights.h5"))
+    assert resume.restore_optimizer(fresh, str(tmp_path / "opt.npz")) == 4
+    for a, b in zip(model.optimizer.variables, fresh.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(fresh.optimizer.learning_rate) == pytest.approx(float(model.optimizer.learning_rate))
+    with pytest.raises(Exception, match="does not match"):  # another optimizer: refused, not silently wrong
+        import keras
+
+        other, _, _ = _tiny_compiled_model()
+        other.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="categorical_crossentropy")
+        resume.restore_optimizer(other, str(tmp_path / "opt.npz"))
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import numpy as np
+
+    from tlkit.errors import DiskFullError
+    from tlkit.strategies import Stage
+
+    model, x, y = _tiny_compiled_model()
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0)
+    ckpt = resume.Checkpointer(str(tmp_path), "accuracy", [{"epoch": 1}])
+    ckpt.set_model(model)
+    ckpt.begin_stage(0, Stage("head", 3, 0.1, frozenset()), 0, [])
+    ckpt.save(1)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full)
+    with pytest.raises(DiskFullError, match="epoch-0002.optimizer.npz"):
+        ckpt.save(2)
+    state = resume.load_state(str(tmp_path))  # still the epoch-1 checkpoint, complete
+    assert state.epoch == 1 and state.weights == "epoch-0001.weights.h5"
+    left = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert not [n for n in left if n.startswith(".")], left  # no temporary file left behind
