@@ -329,9 +329,11 @@ def distill(cfg: FinetuneConfig, dcfg: DistillConfig) -> RunResult:
     t_logits = logits_model(teacher, size)
     if cached:
         print("[tlkit] computing the teacher's logits once (no augmentation)", flush=True)
-        train_ds = with_teacher_logits(data.train, t_logits, training=True, cache=d.cache, **common)
-        val_fit = (with_teacher_logits(data.val, t_logits, training=False, cache=d.cache, **common)
-                   if data.val else None)
+        # own disk-cache folders: make_dataset names every non-training cache "eval"
+        packed = dict(common, cache_dir=os.path.join(out_dir, "cache", "teacher-train"))
+        train_ds = with_teacher_logits(data.train, t_logits, training=True, cache=d.cache, **packed)
+        packed["cache_dir"] = os.path.join(out_dir, "cache", "teacher-val")
+        val_fit = with_teacher_logits(data.val, t_logits, training=False, cache=d.cache, **packed) if data.val else None
     else:
         train_ds = make_dataset(data.train, training=True, augment=d.augment, cache=d.cache, **common)
         val_fit = make_dataset(data.val, cache=d.cache, **common) if data.val else None
