@@ -750,7 +750,10 @@ def _prepare(out: str, cfg: FinetuneConfig, tc: TuneConfig, role: str) -> None:
         os.makedirs(out, exist_ok=True)
         return
     settings = os.path.join(out, SETTINGS_FILE)
-    if os.path.isdir(out) and os.listdir(out) and not cfg.overwrite:
+    entries = set(os.listdir(out)) if os.path.isdir(out) else set()
+    # Workers started before the chief may already have made these (a fresh search all the same).
+    fresh = entries <= {SEARCH_DIR, "cache"} and not os.path.exists(os.path.join(out, SEARCH_DIR, "oracle.json"))
+    if entries and not fresh and not cfg.overwrite:
         if not os.path.isfile(settings):
             raise OutputExistsError(f"Output folder {out!r} exists, is not empty and holds no tlkit search; pass "
                                     "--overwrite to reuse it or choose another --output-dir.")
