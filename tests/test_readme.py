@@ -71,3 +71,29 @@ def test_render_lists_each_verb_with_a_table():
         assert f"### `tlkit {name}`" in text
     rows = [line for line in text.splitlines() if line.startswith("| `--")]
     assert rows and all(line.count(" | ") >= 2 for line in rows)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_internal_links_point_to_headings(readme):
+    text = re.sub(r"```.*?```", "", readme, flags=re.S)  # headings, not comments inside code blocks
+    anchors: dict[str, int] = {}
+    for heading in re.findall(r"^#{1,6} (.+)$", text, flags=re.M):
+        slug = _slug(heading)
+        n = anchors.get(slug, 0)
+        anchors[slug] = n + 1
+        if n:
+            anchors[f"{slug}-{n}"] = 1
+    links = set(re.findall(r"\]\(#([^)]+)\)", readme))
+    assert links, "README.md has no internal links"
+    broken = sorted(link for link in links if link not in anchors)
+    assert not broken, f"README.md links to missing headings: {broken}"
+
+
+def test_linked_files_exist(readme):
+    paths = {p.split("#")[0] for p in re.findall(r"\]\(((?:notebooks|examples|docs|benchmarks)/[^)\s]+)\)", readme)}
+    missing = sorted(p for p in paths if not os.path.exists(os.path.join(ROOT, p)))
+    assert not missing, f"README.md links to missing files: {missing}"
