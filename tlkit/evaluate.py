@@ -273,17 +273,21 @@ def training_report(history: list[dict[str, Any]], metrics: dict[str, Any], clas
     Example:
         >>> note = training_report(result.history, result.metrics, result.class_names, result.run_dir)
     """
-    from tlkit import plots
-
     note = detect_overfitting(history)
-    plots.plot_curves(history, os.path.join(out_dir, "curves.png"), overfitting=note,
-                      title=os.path.basename(os.path.normpath(out_dir)))
-    for split in ("test", "val"):
-        m = metrics.get(split) or {}
-        if m.get("confusion_matrix"):
-            plots.plot_confusion_matrix(m["confusion_matrix"], class_names, os.path.join(out_dir, "confusion_matrix.png"),
-                                        title=f"Confusion matrix ({split})")
-            break
+    try:  # the pictures must never cost a finished run its model and metrics
+        from tlkit import plots
+
+        plots.plot_curves(history, os.path.join(out_dir, "curves.png"), overfitting=note,
+                          title=os.path.basename(os.path.normpath(out_dir)))
+        for split in ("test", "val"):
+            m = metrics.get(split) or {}
+            if m.get("confusion_matrix"):
+                plots.plot_confusion_matrix(m["confusion_matrix"], class_names,
+                                            os.path.join(out_dir, "confusion_matrix.png"),
+                                            title=f"Confusion matrix ({split})")
+                break
+    except Exception as e:  # noqa: BLE001  (matplotlib, fonts, disk): report and go on
+        print(f"[tlkit] warning: could not draw curves.png/confusion_matrix.png: {type(e).__name__}: {e}", flush=True)
     return note
 
 
@@ -348,6 +352,8 @@ def evaluate(model: str | keras.Model, data: "DataConfig", split: str = "test", 
     from tlkit.config import DataConfig
     from tlkit.data import load_sources, make_dataset
 
+    if not isinstance(num_misclassified, int) or num_misclassified < 0:
+        raise ConfigError(f"num_misclassified must be an integer >= 0, got {num_misclassified!r}.")
     run_dir = None
     if isinstance(model, keras.Model):
         labels = None
