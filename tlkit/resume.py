@@ -180,9 +180,14 @@ def restore_optimizer(model: keras.Model, path: str) -> int:
 
 
 def save_weights(model: keras.Model, path: str) -> None:
-    """Saves the model's weights (`.weights.h5`) atomically."""
+    """Saves the model's weights (`.weights.h5`) atomically, without the optimizer's variables.
+
+    A compiled model's `save_weights` also stores the optimizer (3x the size with Adam); the optimizer is
+    saved once, by `save_optimizer`, so the weights are written from an uncompiled view of the same layers.
+    """
+    plain = keras.Model(model.inputs, model.outputs, name=model.name)
     with rundir.atomic_path(path, suffix=".weights.h5") as tmp:
-        model.save_weights(tmp)
+        plain.save_weights(tmp)
 
 
 def load_weights(model: keras.Model, path: str) -> None:
