@@ -108,8 +108,7 @@ def test_cli_lr_find_and_bad_input(tiny_backbone, colour_folder, tmp_path, capsy
     assert json.load(open(out / "lr_find.json"))["stage"] == "head"
     common = ["--base", tiny_backbone, "--weights", "none", "--image-dir", colour_folder, "--image-size", "32",
               "--batch-size", "6"]
-    for extra, words in ((["--start-lr", "1", "--end-lr", "0.1"], "end_lr"), (["--num-steps", "2"], "num_steps"),
-                         (["--stage", "nope"], "Its stages: head, finetune")):
+    for extra, words in ((["--start-lr", "1", "--end-lr", "0.1"], "end_lr"), (["--num-steps", "2"], "num_steps")):
         assert main(["lr-find", *common, *extra]) == 2
         err = capsys.readouterr().err
         assert words in err and len(err.strip().splitlines()) == 1
@@ -136,8 +135,8 @@ def test_finetune_lr_auto_runs_the_finder_and_saves_the_number(tiny_backbone, co
     monkeypatch.setattr(LF, "resolve_auto_lr", fewer_steps)
     out = tmp_path / "run"
     rc = main(["finetune", "--base", tiny_backbone, "--weights", "none", "--image-dir", colour_folder,
-               "--image-size", "32", "--batch-size", "6", "--strategy", "two_stage", "--head-epochs", "1",
-               "--epochs", "1", "--lr", "auto", "--output-dir", str(out)])
+               "--image-size", "32", "--batch-size", "6", "--strategy", "full", "--epochs", "1", "--augment", "none",
+               "--lr", "auto", "--output-dir", str(out)])
     assert rc == 0 and calls == [1]
     printed = capsys.readouterr().out
     saved = yaml.safe_load(open(out / "config.yaml"))
@@ -145,8 +144,24 @@ def test_finetune_lr_auto_runs_the_finder_and_saves_the_number(tiny_backbone, co
     assert isinstance(lr, float) and 1e-5 <= lr <= 1.0
     assert f"using lr {lr:g}" in printed
     finder = json.load(open(out / "lr_find.json"))
-    assert finder["stage"] == "head" and lr == pytest.approx(finder["suggestion"], rel=1e-2)
+    assert finder["stage"] == "full" and lr == pytest.approx(finder["suggestion"], rel=1e-2)
     assert (out / "lr_find.png").is_file() and (out / "curves.png").is_file()
     metrics = json.load(open(out / "metrics.json"))
-    assert [s["lr"] for s in metrics["stages"]] == pytest.approx([lr, lr * 0.1])
-    assert "overfitting" not in metrics  # two epochs: nothing to call
+    assert [s["lr"] for s in metrics["stages"]] == pytest.approx([lr])
+    assert "overfitting" not in metrics  # one epoch: nothing to call
+
+
+def test_the_suggestion_is_the_first_stage_lr():
+    # --lr is the head's LR; when the first stage runs at a multiple of it, lr = suggestion / multiple.
+    stage, factor = LF.pick_stage(TrainConfig(strategy="two_stage", head_epochs=2), 4)
+    assert (stage.name, factor) == ("head", 1.0)
+    stage, factor = LF.pick_stage(TrainConfig(strategy="two_stage", head_epochs=0, finetune_lr_scale=0.1), 4)
+    assert (stage.name, factor) == ("finetune", pytest.approx(0.1))
+    stage, factor = LF.pick_stage(TrainConfig(strategy="gradual", epochs=3), 4, stage="unfreeze_2")
+    assert stage.trainable == frozenset({2, 3}) and factor == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match="Its stages: head, unfreeze_1"):
+        LF.pick_stage(TrainConfig(strategy="gradual", epochs=2), 4, stage="finetune")
+    with pytest.raises(ConfigError, match="must be resolved"):
+        from tlkit import strategies
+
+        strategies.plan(TrainConfig(lr="auto"), 4)
