@@ -90,8 +90,16 @@ def split_model(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     return extractor, head
 
 
+def _compiled_forward(extractor: keras.Model, jit_compile: bool):
+    # One trace for every batch (the last, partial one and the validation batches included): tracing a large
+    # backbone costs seconds each time.
+    spec = tf.TensorSpec([None, *extractor.input_shape[1:]], tf.float32)
+    return tf.function(lambda x: tf.cast(extractor(x, training=False), tf.float32), jit_compile=jit_compile,
+                       input_signature=[spec])
+
+
 def extract_features(extractor: keras.Model, ds: tf.data.Dataset, jit_compile: bool = False,
-                     what: str = "train") -> tuple[np.ndarray, np.ndarray]:
+                     what: str = "train", forward=None) -> tuple[np.ndarray, np.ndarray]:
     """Runs `extractor` over a batched `(images, labels)` dataset once, with a progress bar.
 
     Args:
@@ -99,6 +107,7 @@ def extract_features(extractor: keras.Model, ds: tf.data.Dataset, jit_compile: b
         ds: Batches of `(images, one-hot labels)`.
         jit_compile: Compile the forward pass with XLA. Defaults to `False`.
         what: Name of the split, for the progress line. Defaults to `"train"`.
+        forward: An already compiled forward pass to reuse. Defaults to `None` (compiled here).
 
     Returns:
         `(features float32 [N, ...], labels float32 [N, C])`.
@@ -106,8 +115,7 @@ def extract_features(extractor: keras.Model, ds: tf.data.Dataset, jit_compile: b
     Example:
         >>> f, y = extract_features(extractor, val_ds, what="val")
     """
-    forward = tf.function(lambda x: tf.cast(extractor(x, training=False), tf.float32), jit_compile=jit_compile,
-                          reduce_retracing=True)
+    forward = forward or _compiled_forward(extractor, jit_compile)
     steps = int(ds.cardinality())
     bar = keras.utils.Progbar(steps if steps > 0 else None, unit_name="batch")
     print(f"[tlkit] caching base features of the {what} split", flush=True)
@@ -119,6 +127,21 @@ def extract_features(extractor: keras.Model, ds: tf.data.Dataset, jit_compile: b
     if not feats:
         raise ValueError(f"The {what} split gave no batches to compute features from.")
     return np.concatenate(feats), np.concatenate(labels)
+
+
+def extract_splits(extractor: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset | None,
+                   jit_compile: bool = False):
+    """Features of the training and (optional) validation batches with one compiled forward pass.
+
+    Returns:
+        `(x_train, y_train, x_val, y_val)`, the last two `None` without `val_ds`.
+    """
+    forward = _compiled_forward(extractor, jit_compile)
+    x_train, y_train = extract_features(extractor, train_ds, jit_compile, "train", forward)
+    if val_ds is None:
+        return x_train, y_train, None, None
+    x_val, y_val = extract_features(extractor, val_ds, jit_compile, "validation", forward)
+    return x_train, y_train, x_val, y_val
 
 
 class _ToFullModel(keras.callbacks.Callback):
@@ -226,10 +249,9 @@ def fit_stage(model: keras.Model, cfg: Any, rt: Any, train_ds: tf.data.Dataset, 
     fit_kwargs["shuffle"] = False  # the feature batches are reshuffled by the dataset itself
     extractor, head = split_model(model)
     jit = bool(model.jit_compile)
-    x_train, y_train = extract_features(extractor, train_ds, jit, "train")
+    x_train, y_train, x_val, y_val = extract_splits(extractor, train_ds, validation_data, jit)
     val = None
     if validation_data is not None:
-        x_val, y_val = extract_features(extractor, validation_data, jit, "validation")
         val = features_dataset(x_val, y_val, batch_size or cfg.data.batch_size, training=False)
     train = features_dataset(x_train, y_train, batch_size or cfg.data.batch_size, training=True, seed=cfg.seed)
     print(f"[tlkit] training the head on cached features ({x_train.shape[0]} x {x_train.shape[1:]} train)",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 
@@ -95,47 +96,71 @@ def decode_random_crop(data: tf.Tensor, size: int, scale: tuple[float, float], s
     return resize_uint8(img, size)
 
 
-def batch_crop_flip(images: tf.Tensor, scale: tuple[float, float] | None, flip: bool, seed: tf.Tensor) -> tf.Tensor:
-    """Vectorised random resized crop and horizontal flip of a batch of equal-sized images (one op).
+def batch_geometric(images: tf.Tensor, preset: "Preset", seed: tf.Tensor, crop: bool = True) -> tf.Tensor:
+    """The whole geometric part of a preset as ONE vectorised resampling of the batch, then contrast.
 
-    Each image gets its own box (area fraction uniform in `scale`, log-aspect uniform in log(3/4)..log(4/3))
-    and its own coin for the flip; `tf.image.crop_and_resize` does all crops at once, and a flip is the same box
-    with its x coordinates swapped.
+    Random resized crop (when `crop`), horizontal flip (when `crop`), rotation and zoom are all affine maps, so
+    they compose into one 3x3 matrix per image and a single `ImageProjectiveTransformV3` (bilinear, reflect
+    fill) resamples the batch once, instead of one pass per `keras.layers.Random*` layer. Contrast follows as
+    Keras's `RandomContrast` does it (per image and channel, around the mean, clipped to 0..255). Every draw is
+    stateless from `seed`, so the result is reproducible and needs no ordering of the map.
 
     Args:
-        images: [B, S, S, 3] (any numeric dtype).
-        scale: Area range of the crop, or `None` for no crop.
-        flip: Random horizontal flip.
+        images: [B, S, S, 3], values 0..255 (any numeric dtype).
+        preset: The `Preset` (crop_scale, flip, rotation, zoom, contrast).
         seed: Stateless seed, int shape [2].
+        crop: Apply the preset's crop and flip here (False when they were done per image on decode).
+            Defaults to `True`.
 
     Returns:
-        float32 [B, S, S, 3].
+        float32 [B, S, S, 3] in 0..255.
 
     Example:
-        >>> out = batch_crop_flip(tf.zeros([8, 64, 64, 3]), (0.35, 1.0), True, tf.constant([0, 1]))
+        >>> out = batch_geometric(tf.zeros([8, 64, 64, 3]), PRESETS["standard"], tf.constant([0, 1]))
     """
+    images = tf.cast(images, tf.float32)
     shape = tf.shape(images)
-    n, h, w = shape[0], shape[1], shape[2]
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 5)
-    if scale:
-        area = tf.random.stateless_uniform([n], seeds[0], scale[0], scale[1])
-        log_r = tf.random.stateless_uniform([n], seeds[1], tf.math.log(3 / 4), tf.math.log(4 / 3))
-        ratio = tf.exp(log_r)
+    n = shape[0]
+    size_h, size_w = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 8)
+    ones, zeros = tf.ones([n]), tf.zeros([n])
+
+    def uniform(i, lo, hi):
+        return tf.random.stateless_uniform([n], seeds[i], lo, hi)
+
+    bw = bh = ones
+    left = top = zeros
+    if crop and preset.crop_scale:
+        area = uniform(0, preset.crop_scale[0], preset.crop_scale[1])
+        ratio = tf.exp(uniform(1, float(np.log(3 / 4)), float(np.log(4 / 3))))
         bw = tf.minimum(tf.sqrt(area * ratio), 1.0)
         bh = tf.minimum(tf.sqrt(area / ratio), 1.0)
-        y0 = tf.random.stateless_uniform([n], seeds[2]) * (1.0 - bh)
-        x0 = tf.random.stateless_uniform([n], seeds[3]) * (1.0 - bw)
-    else:
-        bw = bh = tf.ones([n])
-        y0 = x0 = tf.zeros([n])
-    x1 = x0 + bw
-    if flip:
-        coin = tf.random.stateless_uniform([n], seeds[4]) < 0.5
-        x0, x1 = tf.where(coin, x1, x0), tf.where(coin, x0, x1)
-    # crop_and_resize samples pixel centres at y0 * (h - 1) .. y1 * (h - 1) (normalised by h - 1).
-    boxes = tf.stack([y0, x0, y0 + bh, x1], axis=1)
-    out = tf.image.crop_and_resize(tf.cast(images, tf.float32), boxes, tf.range(n), tf.stack([h, w]))
-    return tf.clip_by_value(out, 0.0, 255.0)
+        left = uniform(2, 0.0, 1.0) * (1.0 - bw) * size_w
+        top = uniform(3, 0.0, 1.0) * (1.0 - bh) * size_h
+    sign = tf.where(uniform(4, 0.0, 1.0) < 0.5, -1.0, 1.0) if (crop and preset.flip) else ones
+    theta = uniform(5, -preset.rotation, preset.rotation) * 2.0 * np.pi if preset.rotation else zeros
+    zoom = 1.0 + uniform(6, -preset.zoom, preset.zoom) if preset.zoom else ones
+    cx, cy = (size_w - 1.0) / 2.0, (size_h - 1.0) / 2.0
+    cos, sin = tf.cos(theta) * zoom, tf.sin(theta) * zoom
+    # output (x, y) -> rotate/zoom about the centre -> mirror -> into the crop box of the input.
+    x_const = cx - cos * cx + sin * cy
+    y_const = cy - sin * cx - cos * cy
+    flip_const = (size_w - 1.0) * (1.0 - sign) / 2.0
+    a0, a1 = bw * sign * cos, -bw * sign * sin
+    a2 = left + bw * (sign * x_const + flip_const)
+    b0, b1 = bh * sin, bh * cos
+    b2 = top + bh * y_const
+    transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+    identity = not (crop and (preset.crop_scale or preset.flip)) and not preset.rotation and not preset.zoom
+    if not identity:
+        images = tf.raw_ops.ImageProjectiveTransformV3(
+            images=images, transforms=transforms, output_shape=shape[1:3], fill_value=0.0,
+            interpolation="BILINEAR", fill_mode="REFLECT")
+    if preset.contrast:
+        factor = tf.reshape(uniform(7, 1.0 - preset.contrast, 1.0 + preset.contrast), [-1, 1, 1, 1])
+        mean = tf.reduce_mean(images, axis=[1, 2], keepdims=True)
+        images = (images - mean) * factor + mean
+    return tf.clip_by_value(images, 0.0, 255.0)
 
 
 def resize_uint8(image: tf.Tensor, size: int) -> tf.Tensor:

@@ -7,11 +7,12 @@ float32 (so label smoothing, mixup and cutmix all work).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import tensorflow as tf
 
-from tlkit.data.augment import PRESETS, BatchAugmenter, batch_crop_flip, decode_random_crop, resize_uint8
+from tlkit.data.augment import PRESETS, BatchAugmenter, batch_geometric, decode_random_crop, resize_uint8
 from tlkit.data.sources import Split
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -42,13 +43,15 @@ def make_dataset(split: Split, image_size: int, batch_size: int, num_classes: in
     Two paths, chosen by `cache`:
 
     - `memory`/`disk`: decode and resize every image once (parallel, AUTOTUNE), cache the uint8 images, then per
-      epoch shuffle, batch, and crop + flip the whole batch in one vectorised op (`augment.batch_crop_flip`).
+      epoch shuffle, batch, and crop + flip + rotate + zoom the whole batch in one vectorised resampling
+      (`augment.batch_geometric`).
     - `none` (training from files or encoded bytes): shuffle the cheap file names/bytes, then decode only a
       random crop of each JPEG (`tf.image.stateless_sample_distorted_bounding_box` +
       `tf.io.decode_and_crop_jpeg`, in `augment.decode_random_crop`), in parallel.
 
-    Either way the rest of the preset (rotation, zoom, contrast, RandAugment as vectorised `keras.layers` random
-    layers, then mixup/cutmix) runs once per batch, and the result is prefetched (AUTOTUNE). Every random draw
+    Either way the rest of the preset runs once per batch: rotation, zoom and contrast fused into the same single
+    resampling (no crop there when it was done on decode), then RandAugment and mixup/cutmix (Keras layers), and
+    the result is prefetched (AUTOTUNE). Every random draw
     comes from `seed` (stateless ops, `tf.data.Dataset.random`, seeded layers), so with `deterministic=True`
     two runs with the same seed give the same batches, epoch after epoch.
 
@@ -120,12 +123,15 @@ def make_dataset(split: Split, image_size: int, batch_size: int, num_classes: in
             ds = ds.shuffle(shuffle_n, seed=seed, reshuffle_each_iteration=True)
         crop_in_batch = bool(preset.crop_scale or preset.flip)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE, deterministic=det)
-    aug = BatchAugmenter(preset, seed) if training else None
+    # Crop, flip, rotation, zoom and contrast are one fused, stateless, vectorised op (`batch_geometric`);
+    # what is left for Keras's random layers is RandAugment and mixup/cutmix.
+    geometric = training and bool(crop_in_batch or preset.rotation or preset.zoom or preset.contrast)
+    aug = BatchAugmenter(dataclasses.replace(preset, rotation=0.0, zoom=0.0, contrast=0.0), seed) if training else None
     stateful = aug is not None and aug.active
 
     def finish(x, y, r=None):
-        if crop_in_batch:
-            x = batch_crop_flip(x, preset.crop_scale, preset.flip, tf.stack([tf.cast(seed, tf.int64) + 7, r]))
+        if geometric:
+            x = batch_geometric(x, preset, tf.stack([tf.cast(seed, tf.int64) + 7, r]), crop=crop_in_batch)
         x = tf.cast(x, tf.float32)
         if aug is not None and aug.layers:
             x = tf.clip_by_value(tf.cast(aug.images(x), tf.float32), 0.0, 255.0)
@@ -134,7 +140,7 @@ def make_dataset(split: Split, image_size: int, batch_size: int, num_classes: in
             x, y = aug.mix(x, y)
         return x, y
 
-    if crop_in_batch:
+    if geometric:
         ds = tf.data.Dataset.zip((ds, seeds())).map(lambda xy, r: finish(xy[0], xy[1], r),
                                                       **_parallel(not (stateful and det), det))
     else:
