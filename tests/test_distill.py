@@ -77,7 +77,7 @@ def test_student_learns_from_teacher(teacher_run, tmp_path, tiny_backbone):
     small = make_tiny_backbone(str(tmp_path / "small.keras"), width=8)
     out = str(tmp_path / "student")
     rc = main(["distill", "--teacher", run, "--student", small, "--weights", "none", "--alpha", "0",
-               "--temperature", "2", "--strategy", "full", "--epochs", "12", "--lr", "3e-3",
+               "--temperature", "2", "--strategy", "full", "--epochs", "10", "--lr", "3e-3",
                "--dropout", "0", "--label-smoothing", "0", "--latency-runs", "3",
                "--precision", "float32", "--xla", "off", "--output-dir", out])
     assert rc == 0
