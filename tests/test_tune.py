@@ -133,12 +133,20 @@ def test_failed_trials_are_recorded_and_resume_skips_finished_trials(tiny_backbo
     tune(cfg, tc, callbacks=[FailSome()])
     assert len(STARTS) == 3
     assert _read_csv(out / "trials.csv") == rows
-    # One more trial allowed: exactly one new trial runs; the finished ones keep their values and results.
-    # --then-finetune (which may change on resume) then trains the best configuration for real.
-    result = tune(cfg, dataclasses.replace(tc, max_trials=4, then_finetune=True), callbacks=[FailSome()])
+    # One more trial allowed, interrupted (Ctrl-C, a killed job): it is recorded as such ...
+    FailSome.errors = [None] * 3 + [KeyboardInterrupt()]
+    with pytest.raises(KeyboardInterrupt):
+        tune(cfg, dataclasses.replace(tc, max_trials=4), callbacks=[FailSome()])
     assert len(STARTS) == 4
     rows4 = _read_csv(out / "trials.csv")
-    assert len(rows4) == 4 and rows4[:3] == rows and rows4[3]["status"] == "COMPLETED"
+    assert rows4[:3] == rows and rows4[3]["status"] == "RUNNING" and "interrupted" in rows4[3]["reason"]
+    # ... and resuming runs exactly that trial again; the finished ones keep their values and results.
+    # --then-finetune (which may change on resume) then trains the best configuration for real.
+    result = tune(cfg, dataclasses.replace(tc, max_trials=4, then_finetune=True), callbacks=[FailSome()])
+    assert len(STARTS) == 5
+    rows4b = _read_csv(out / "trials.csv")
+    assert len(rows4b) == 4 and rows4b[:3] == rows and rows4b[3]["status"] == "COMPLETED"
+    assert rows4b[3]["lr"] == rows4[3]["lr"] and rows4b[3]["batch_size"] == rows4[3]["batch_size"]
     assert (out / "finetune" / "model.keras").is_file()
     final = C.load_config(out / "finetune" / "config.yaml")
     assert final.train.lr == result.best_config.train.lr and final.data.batch_size == result.best_config.data.batch_size

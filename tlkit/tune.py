@@ -656,8 +656,9 @@ def tune(cfg: FinetuneConfig, tune_cfg: TuneConfig | None = None,
     _prepare(out, cfg, tc, role)
     tuner_id = os.environ.get("KERASTUNER_TUNER_ID", "tuner0")
     verbose = 1 if sys.stdout.isatty() else 2
-    hm = TlkitHyperModel(cfg, tc, spec, data, size, rt, cache_dir=os.path.join(out, "cache", _safe(tuner_id)),
-                         num_stages=num_stages, verbose=verbose)
+    cache_dir = os.path.join(out, "cache", _safe(tuner_id))  # one per process: tf.data disk caches lock
+    _clear_stale_cache_locks(cache_dir)
+    hm = TlkitHyperModel(cfg, tc, spec, data, size, rt, cache_dir=cache_dir, num_stages=num_stages, verbose=verbose)
     oracle = make_oracle(tc, cfg.seed, hm.total_epochs())
     try:
         tuner = TlkitTuner(oracle, hm, hyperband=tc.tuner == "hyperband", directory=out, project_name=SEARCH_DIR,
@@ -672,6 +673,10 @@ def tune(cfg: FinetuneConfig, tune_cfg: TuneConfig | None = None,
           f"batch size {'/'.join(str(b) for b in sorted(set(tc.batch_sizes)))}"
           + (f", {', '.join(tc.dimensions)}" if tc.dimensions else "") + f"; {rt.describe()}; role {role}",
           flush=True)
+    if tc.tuner == "hyperband" and "finetune_lr" in hm.lr_names and cfg.train.head_epochs > 0:
+        print(f"[tlkit] note: hyperband's shortest trials may end inside the fixed {cfg.train.head_epochs}-epoch head "
+              "warm-up, before the searched fine-tuning rate acts: give --trial-epochs well above --head-epochs, or "
+              "search --two-stage-lr head", flush=True)
     if role == "single" and tuner.remaining_trials is not None and len(tuner.oracle.trials):
         print(f"[tlkit] resuming {out}: {len(tuner.oracle.trials)} trial(s) already in the search", flush=True)
     trial_callbacks = list(callbacks or [])
@@ -685,6 +690,12 @@ def tune(cfg: FinetuneConfig, tune_cfg: TuneConfig | None = None,
         tuner.search(callbacks=trial_callbacks, verbose=1)
     except _FatalTrialError as e:
         raise e.original from None
+    except KeyboardInterrupt:
+        if role == "single":  # what is done so far; the interrupted trial runs again when the search resumes
+            rows = trial_rows(tuner.oracle, hm, os.path.join(out, SEARCH_DIR))
+            rundir.write_csv(os.path.join(out, "trials.csv"), rows)
+            print(f"[tlkit] search interrupted; run the same command to resume it from {out}", flush=True)
+        raise
     except RuntimeError as e:
         if "consecutive failures" not in str(e):
             raise
@@ -766,6 +777,19 @@ def _prepare(out: str, cfg: FinetuneConfig, tc: TuneConfig, role: str) -> None:
                               "change when resuming.")
     os.makedirs(out, exist_ok=True)
     rundir.write_text(settings, settings_yaml(dataclasses.replace(cfg, output_dir=os.path.abspath(out)), tc))
+
+
+def _clear_stale_cache_locks(cache_dir: str) -> None:
+    """Removes what a killed process leaves of a half-written tf.data disk cache (a lock file and temporary
+    state): otherwise every trial of the resumed search would fail on 'concurrent caching iterator'."""
+    import glob
+
+    stale_files = glob.glob(os.path.join(cache_dir, "*.lockfile")) + glob.glob(os.path.join(cache_dir, "*.tempstate*"))
+    for stale in stale_files:
+        try:
+            os.remove(stale)
+        except OSError:
+            pass
 
 
 def _value_names(hm: TlkitHyperModel) -> list[str]:
