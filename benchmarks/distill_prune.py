@@ -10,10 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 
 def main() -> None:
@@ -26,7 +23,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-distill")
     a = ap.parse_args()
     import tlkit
-    from conftest import make_tiny_backbone
+    from tlkit.testing import make_tiny_backbone
     from tlkit.config import DataConfig, DistillConfig, FinetuneConfig, ModelConfig, PruneConfig, RuntimeConfig, TrainConfig
     from tlkit.distill import comparison_table
     from tlkit.prune import sparsity_table
