@@ -88,6 +88,7 @@ def test_predict_with_exports_matches_the_run(run_dir, folder, tmp_path):
     by_run = tlkit.predict(run_dir, [folder], top_k=1)
     by_tflite = tlkit.predict(tmp_path / "t", [folder], top_k=1)
     assert by_tflite.format == "tflite" and [p.file for p in by_tflite.predictions] == [p.file for p in by_run.predictions]
+    assert tfl.passed and tfl.check["top1_agreement"] == 1.0 and tfl.check["max_abs_diff"] < 1e-4
     for a, b in zip(by_run.predictions, by_tflite.predictions):
         assert a.top[0][0] == b.top[0][0] and abs(a.top[0][1] - b.top[0][1]) < 1e-4
     assert [os.path.basename(f) for f, _ in by_tflite.skipped] == ["corrupt.jpg"]
