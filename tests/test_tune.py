@@ -7,7 +7,7 @@ import os
 import socket
 import subprocess
 import sys
-import time
+import threading
 
 import pytest
 
@@ -241,38 +241,47 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_chief_and_two_workers_on_loopback(tiny_backbone, tmp_path):
-    """`tlkit tune` unchanged in three processes: KerasTuner's chief serves the oracle, two workers run trials."""
+def test_chief_and_two_workers_on_loopback(tiny_backbone, tmp_path, monkeypatch, capsys):
+    """`tlkit tune` unchanged as KerasTuner's chief (here, in this process: it serves the oracle and writes the
+    results) and two worker subprocesses (they run the trials), on 127.0.0.1."""
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "tlkit", "tune", "--base", tiny_backbone, "--image-size", "32", "--weights", "none",
-            "--dataset", "shapes", "--shapes-per-class", "10", "--strategy", "feature_extraction", "--augment", "none",
-            "--precision", "float32", "--tuner", "random", "--max-trials", "3", "--trial-epochs", "1",
-            "--batch-sizes", "4", "8", "--output-dir", str(out)]
+    args = ["tune", "--base", tiny_backbone, "--image-size", "32", "--weights", "none", "--dataset", "shapes",
+            "--shapes-per-class", "10", "--strategy", "feature_extraction", "--augment", "none", "--precision",
+            "float32", "--tuner", "random", "--max-trials", "3", "--trial-epochs", "1", "--batch-sizes", "4", "8",
+            "--output-dir", str(out)]
     port = _free_port()
-    procs = {}
+    distributed = dict(KERASTUNER_ORACLE_IP="127.0.0.1", KERASTUNER_ORACLE_PORT=str(port))
+    workers = {}
+    chief_rc: list[int] = []
     try:
-        for tid in ("tuner0", "tuner1", "chief"):
-            env = dict(os.environ, KERASTUNER_TUNER_ID=tid, KERASTUNER_ORACLE_IP="127.0.0.1",
-                       KERASTUNER_ORACLE_PORT=str(port), TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+        for tid in ("tuner0", "tuner1"):  # workers wait for the chief to come up
+            env = dict(os.environ, KERASTUNER_TUNER_ID=tid, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="",
+                       **distributed)
             log = open(tmp_path / f"{tid}.log", "w")
-            procs[tid] = (subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path), log)
-        deadline = time.time() + 180
-        for tid, (p, _) in procs.items():
-            p.wait(timeout=max(1.0, deadline - time.time()))
+            workers[tid] = (subprocess.Popen([sys.executable, "-m", "tlkit"] + args, env=env, stdout=log,
+                                             stderr=subprocess.STDOUT, cwd=tmp_path), log)
+        for k, v in dict(distributed, KERASTUNER_TUNER_ID="chief").items():
+            monkeypatch.setenv(k, v)
+        chief = threading.Thread(target=lambda: chief_rc.append(cli.main(args)), daemon=True)
+        chief.start()
+        chief.join(timeout=180)
+        assert not chief.is_alive(), "the chief did not finish within 180 s"
+        for p, _ in workers.values():
+            p.wait(timeout=30)
     finally:
-        for p, log in procs.values():
+        for p, log in workers.values():
             if p.poll() is None:
                 p.kill()
                 p.wait()
             log.close()
-    logs = {tid: (tmp_path / f"{tid}.log").read_text() for tid in procs}
-    for tid, (p, _) in procs.items():
+    chief_out = capsys.readouterr().out
+    logs = {tid: (tmp_path / f"{tid}.log").read_text() for tid in workers}
+    assert chief_rc == [0], chief_out[-3000:]
+    for tid, (p, _) in workers.items():
         assert p.returncode == 0, f"{tid} exited {p.returncode}:\n{logs[tid][-3000:]}"
-    assert "oracle serving on 127.0.0.1" in logs["chief"]
+        assert f"worker {tid} done" in logs[tid] and "best configuration" not in logs[tid]
+    assert f"oracle serving on 127.0.0.1:{port}" in chief_out and "best configuration" in chief_out
     rows = _read_csv(out / "trials.csv")
     assert len(rows) == 3 and all(r["status"] == "COMPLETED" for r in rows)
     assert {r["worker"] for r in rows} <= {"tuner0", "tuner1"}
-    for tid in ("tuner0", "tuner1"):
-        assert f"worker {tid} done" in logs[tid] and "best configuration" not in logs[tid]
-    assert "best configuration" in logs["chief"]
     assert C.load_config(out / "best_config.yaml").data.batch_size in (4, 8)
