@@ -84,8 +84,8 @@ def make_dataset(split: Split, image_size: int, batch_size: int, num_classes: in
     det = deterministic
     shuffle_n = min(max(split.count, 1), 10_000)
     # Per-element (or per-batch) random seeds: new each epoch, the same sequence for the same seed.
-    def seeds():
-        return tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    def seeds(stream: int = 0):
+        return tf.data.Dataset.random(seed=seed + 1000 * stream, rerandomize_each_iteration=True)
 
     crop_on_decode = training and cache == "none" and kind != "decoded"
     if crop_on_decode:
@@ -141,7 +141,7 @@ def make_dataset(split: Split, image_size: int, batch_size: int, num_classes: in
         return x, y
 
     if geometric:
-        ds = tf.data.Dataset.zip((ds, seeds())).map(lambda xy, r: finish(xy[0], xy[1], r),
+        ds = tf.data.Dataset.zip((ds, seeds(1))).map(lambda xy, r: finish(xy[0], xy[1], r),
                                                       **_parallel(not (stateful and det), det))
     else:
         # Keras's random layers draw from a stateful seed generator: in order when determinism is asked.
