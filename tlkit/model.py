@@ -59,7 +59,7 @@ def build_classifier(spec: BackboneSpec, num_classes: int, cfg: ModelConfig, ima
     """
     if base is None:
         base = spec.build(image_size, cfg.weights)
-    base._name = "backbone"  # a stable name to find it by, whatever the architecture
+    base.name = "backbone"  # a stable name to find it by, whatever the architecture
     inputs = keras.Input((image_size, image_size, 3), name="image", dtype="float32")
     x = preprocessing(spec.preprocess, inputs)
     # training=False keeps BatchNorm in inference mode even when the base is unfrozen (Keras's transfer-

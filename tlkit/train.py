@@ -54,12 +54,13 @@ class _EpochLog(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.t0 = time.time()
+        self.lr = schedules.current_lr(self.model.optimizer)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         row = {"epoch": epoch + 1, "stage": self.stage}
         row.update({k: float(v) for k, v in logs.items() if np.ndim(v) == 0})
-        row["lr"] = schedules.current_lr(self.model.optimizer)
+        row["lr"] = self.lr  # at the start of the epoch
         row["seconds"] = round(time.time() - self.t0, 3)
         self.rows.append(row)
         rundir.write_csv(self.path, self.rows)
@@ -207,9 +208,11 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
     spec = backbones.get_backbone(cfg.model.base)
     keras.utils.set_random_seed(cfg.seed)
     rt = runtime.setup(cfg.runtime)
-    # A user's .keras backbone fixes its own input size: load it first.
-    user_base = spec.build(cfg.data.image_size, cfg.model.weights) if spec.path else None
-    size = resolve_image_size(cfg, spec, user_base)
+    # The backbone first: a user's .keras fixes its own input size, and ImageNet weights may need a download;
+    # either can fail, and then before any data is read or any folder written.
+    with rt.scope():
+        base = spec.build(cfg.data.image_size, cfg.model.weights)
+    size = resolve_image_size(cfg, spec, base)
     if size < spec.min_size:
         raise ConfigError(f"image_size {size} is too small for {spec.name}: it needs at least {spec.min_size} px.")
     data = load_sources(cfg.data, size, cfg.seed)
@@ -223,7 +226,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
 
     train_ds, val_ds, test_ds = make_pipelines(resolved, data, size, out_dir)
     with rt.scope():
-        model = build_classifier(spec, data.num_classes, cfg.model, size, base=user_base)
+        model = build_classifier(spec, data.num_classes, cfg.model, size, base=base)
     steps = math.ceil(data.train.count / cfg.data.batch_size)
     if resolved.train.lr == AUTO_LR:  # --lr auto: the LR finder first; config.yaml gets the number it found
         from tlkit.lr_find import resolve_auto_lr
@@ -311,6 +314,6 @@ def load_weights_quietly(model: keras.Model, path: str) -> None:
 
 def save_model(model: keras.Model, path: str) -> None:
     """Saves the classifier atomically, without optimizer state, so it reloads with plain Keras."""
-    plain = keras.Model(model.inputs, model.outputs, name=model.name)
+    plain = keras.Model(model.input, model.output, name=model.name)  # one tensor in, one out (not lists)
     with rundir.atomic_path(path, suffix=".keras") as tmp:
         plain.save(tmp)
