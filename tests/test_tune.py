@@ -47,15 +47,21 @@ class Recorder(keras.callbacks.Callback):
 
 
 class FailSome(keras.callbacks.Callback):
-    """Raises `errors[i]` at the start of the i-th fit of the test (None: no failure)."""
+    """Raises `errors[i]` at the start of the i-th fit of the test (None: no failure; "nan": the loss that the
+    callbacks after this one see becomes NaN)."""
 
     errors: list = []
 
     def on_train_begin(self, logs=None):
         STARTS.append(1)
         i = len(STARTS) - 1
-        if i < len(self.errors) and self.errors[i] is not None:
+        self.nan = i < len(self.errors) and isinstance(self.errors[i], str) and self.errors[i] == "nan"
+        if i < len(self.errors) and self.errors[i] is not None and not self.nan:
             raise self.errors[i]
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.nan and logs is not None:
+            logs["loss"] = float("nan")
 
 
 def _cfg(tiny_backbone, out, **train) -> C.FinetuneConfig:
@@ -115,15 +121,16 @@ def test_failed_trials_are_recorded_and_resume_skips_finished_trials(tiny_backbo
     STARTS.clear()
     out = tmp_path / "run"
     cfg = _cfg(tiny_backbone, out)
-    tc = C.TuneConfig(tuner="random", max_trials=3, batch_sizes=(4, 8), lr_range=(1e-4, 1e-2), trial_epochs=1)
+    tc = C.TuneConfig(tuner="random", max_trials=4, batch_sizes=(4, 8), lr_range=(1e-4, 1e-2), trial_epochs=1)
     FailSome.errors = [None, tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor"),
-                       RuntimeError("forced failure")]
+                       RuntimeError("forced failure"), "nan"]
     result = tune(cfg, tc, callbacks=[FailSome()])
-    assert len(STARTS) == 3
+    assert len(STARTS) == 4
     rows = _read_csv(out / "trials.csv")
-    assert [r["status"] for r in rows] == ["COMPLETED", "FAILED", "FAILED"]
+    assert [r["status"] for r in rows] == ["COMPLETED", "FAILED", "FAILED", "FAILED"]
     assert rows[1]["reason"].startswith(f"out of memory with batch size {rows[1]['batch_size']}")
     assert rows[2]["reason"] == "RuntimeError: forced failure"
+    assert rows[3]["reason"].startswith("loss became NaN or infinite in epoch 1")
     assert result.best_value == float(rows[0]["val_accuracy"])
     assert result.best_config.data.batch_size == int(rows[0]["batch_size"])
     assert "trial 2 failed: RuntimeError: forced failure" in capsys.readouterr().out
@@ -131,22 +138,22 @@ def test_failed_trials_are_recorded_and_resume_skips_finished_trials(tiny_backbo
     # The same command again: nothing left to do, nothing re-run.
     FailSome.errors = []
     tune(cfg, tc, callbacks=[FailSome()])
-    assert len(STARTS) == 3
+    assert len(STARTS) == 4
     assert _read_csv(out / "trials.csv") == rows
     # One more trial allowed, interrupted (Ctrl-C, a killed job): it is recorded as such ...
-    FailSome.errors = [None] * 3 + [KeyboardInterrupt()]
+    FailSome.errors = [None] * 4 + [KeyboardInterrupt()]
     with pytest.raises(KeyboardInterrupt):
-        tune(cfg, dataclasses.replace(tc, max_trials=4), callbacks=[FailSome()])
-    assert len(STARTS) == 4
-    rows4 = _read_csv(out / "trials.csv")
-    assert rows4[:3] == rows and rows4[3]["status"] == "RUNNING" and "interrupted" in rows4[3]["reason"]
+        tune(cfg, dataclasses.replace(tc, max_trials=5), callbacks=[FailSome()])
+    assert len(STARTS) == 5
+    rows5 = _read_csv(out / "trials.csv")
+    assert rows5[:4] == rows and rows5[4]["status"] == "RUNNING" and "interrupted" in rows5[4]["reason"]
     # ... and resuming runs exactly that trial again; the finished ones keep their values and results.
     # --then-finetune (which may change on resume) then trains the best configuration for real.
-    result = tune(cfg, dataclasses.replace(tc, max_trials=4, then_finetune=True), callbacks=[FailSome()])
-    assert len(STARTS) == 5
-    rows4b = _read_csv(out / "trials.csv")
-    assert len(rows4b) == 4 and rows4b[:3] == rows and rows4b[3]["status"] == "COMPLETED"
-    assert rows4b[3]["lr"] == rows4[3]["lr"] and rows4b[3]["batch_size"] == rows4[3]["batch_size"]
+    result = tune(cfg, dataclasses.replace(tc, max_trials=5, then_finetune=True), callbacks=[FailSome()])
+    assert len(STARTS) == 6
+    rows5b = _read_csv(out / "trials.csv")
+    assert len(rows5b) == 5 and rows5b[:4] == rows and rows5b[4]["status"] == "COMPLETED"
+    assert rows5b[4]["lr"] == rows5[4]["lr"] and rows5b[4]["batch_size"] == rows5[4]["batch_size"]
     assert (out / "finetune" / "model.keras").is_file()
     final = C.load_config(out / "finetune" / "config.yaml")
     assert final.train.lr == result.best_config.train.lr and final.data.batch_size == result.best_config.data.batch_size
