@@ -19,9 +19,9 @@ from tlkit.errors import ConfigError, DataError, OfflineError, TlkitError  # noq
 from tlkit.backbones import get_backbone, list_backbones  # noqa: E402
 from tlkit.data import Datasets, list_datasets  # noqa: E402
 from tlkit.evaluate import evaluate  # noqa: E402
-from tlkit.lr_find import LRFindResult, lr_find  # noqa: E402
 from tlkit.export import ExportResult, export  # noqa: E402
 from tlkit.predict import Predictor, load, predict  # noqa: E402
+from tlkit.lr_find import LRFindResult, lr_find  # noqa: E402
 from tlkit.train import RunResult, finetune  # noqa: E402
 from tlkit.config import DistillConfig, PruneConfig  # noqa: E402
 from tlkit.distill import distill  # noqa: E402
