@@ -19,6 +19,7 @@ Example:
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import keras
@@ -245,7 +246,11 @@ def fit_stage(model: keras.Model, cfg: Any, rt: Any, train_ds: tf.data.Dataset, 
         >>> fit_stage(model, cfg, rt, train_ds, validation_data=val_ds, epochs=3, verbose=2)
     """
     if not use_feature_cache(model, cfg):
-        return model.fit(train_ds, validation_data=validation_data, callbacks=callbacks, **fit_kwargs)
+        with warnings.catch_warnings():
+            # Keras 3.15 warns "Your input ran out of data" at the end of every epoch of a dataset of unknown
+            # length (image folders: ignore_errors); it is spurious (fixed upstream, keras-team/keras#23360).
+            warnings.filterwarnings("ignore", message=".*Your input ran out of data.*")
+            return model.fit(train_ds, validation_data=validation_data, callbacks=callbacks, **fit_kwargs)
     fit_kwargs["shuffle"] = False  # the feature batches are reshuffled by the dataset itself
     extractor, head = split_model(model)
     jit = bool(model.jit_compile)
