@@ -8,24 +8,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pytest
 
-
-def make_tiny_backbone(path: str, size: int = 32, width: int = 16, seed: int = 0) -> str:
-    """Writes a small conv net with BatchNorm and three downsampling stages as a .keras backbone."""
-    import keras
-    from keras import layers
-
-    keras.utils.set_random_seed(seed)  # the same initial weights in every test session
-    inp = keras.Input((size, size, 3))
-    x = layers.Rescaling(1 / 127.5, offset=-1, name="scale")(inp)
-    for i, ch in enumerate((width, width * 2, width * 4)):
-        x = layers.Conv2D(ch, 3, padding="same", use_bias=False, name=f"s{i}_conv")(x)
-        x = layers.BatchNormalization(momentum=0.9, name=f"s{i}_bn")(x)
-        x = layers.ReLU(name=f"s{i}_relu")(x)
-        x = layers.Conv2D(ch, 3, strides=2, padding="same", name=f"s{i}_down")(x)
-        x = layers.ReLU(name=f"s{i}_relu2")(x)
-    model = keras.Model(inp, x, name="tiny")
-    model.save(path)
-    return path
+from tlkit.testing import make_tiny_backbone  # noqa: F401  (tests import it from here)
 
 
 @pytest.fixture(scope="session")

@@ -424,26 +424,31 @@ def load_config(path: str | os.PathLike, base: FinetuneConfig | None = None) -> 
     YAML file's folder, not the working directory.
     """
     values = load_yaml(path)
-    cfg = config_from_dict(values, base)
-    folder = os.path.dirname(os.path.abspath(path))
-    d = cfg.data
-    fixes = {}
-    for key in ("image_dir", "data_dir"):
-        value = getattr(d, key)
-        if value and not os.path.isabs(value):
-            fixes[key] = os.path.normpath(os.path.join(folder, value))
-    if fixes:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, **fixes))
-    if cfg.model.base.endswith(".keras") and not os.path.isabs(cfg.model.base):
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-            cfg.model, base=os.path.normpath(os.path.join(folder, cfg.model.base))))
-    weights = cfg.model.weights
-    if weights and weights.lower() not in ("imagenet", "none") and not os.path.isabs(weights):
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-            cfg.model, weights=os.path.normpath(os.path.join(folder, weights))))
-    if cfg.output_dir and not os.path.isabs(cfg.output_dir):
-        cfg = dataclasses.replace(cfg, output_dir=os.path.normpath(os.path.join(folder, cfg.output_dir)))
-    return cfg
+    return absolute_paths(config_from_dict(values, base), os.path.dirname(os.path.abspath(path)))
+
+
+def absolute_paths(cfg: FinetuneConfig, folder: str | None = None) -> FinetuneConfig:
+    """The config with image_dir, data_dir, a .keras base, a weights file and output_dir made absolute.
+
+    Args:
+        cfg: A `FinetuneConfig`.
+        folder: What relative paths are relative to. Defaults to `None` (the working directory).
+
+    Example:
+        >>> absolute_paths(config_from_dict({"image_dir": "imgs"}), "/data").data.image_dir
+        '/data/imgs'
+    """
+    def fix(value: str | None, keep: tuple[str, ...] = ()) -> str | None:
+        if not value or str(value).lower() in keep or os.path.isabs(value):
+            return value
+        return os.path.normpath(os.path.join(folder, value)) if folder else os.path.abspath(value)
+
+    d, m = cfg.data, cfg.model
+    base = fix(m.base) if (m.base.endswith(".keras") or os.sep in m.base) else m.base
+    return dataclasses.replace(
+        cfg, output_dir=fix(cfg.output_dir),
+        data=dataclasses.replace(d, image_dir=fix(d.image_dir), data_dir=fix(d.data_dir)),
+        model=dataclasses.replace(m, base=base, weights=fix(m.weights, keep=("imagenet", "none"))))
 
 
 def dump_yaml(values: Mapping[str, Any]) -> str:

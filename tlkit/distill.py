@@ -35,7 +35,7 @@ from tlkit.data import Datasets, load_sources, make_dataset
 from tlkit.errors import ConfigError, DataError, TrainingError
 from tlkit.evaluate import compute_metrics, load_model_and_labels, predict_split
 from tlkit.model import build_classifier, get_base, set_trainable
-from tlkit.train import RunResult, _EpochLog, _NaNGuard, _check_data, save_model
+from tlkit.train import RunResult, EpochLog, NaNGuard, _check_data, save_model
 
 
 class _LogOf(keras.layers.Layer):
@@ -353,8 +353,8 @@ def distill(cfg: FinetuneConfig, dcfg: DistillConfig) -> RunResult:
           flush=True)
     rows: list[dict[str, Any]] = []
     monitor = "val_accuracy" if val_fit is not None else "accuracy"
-    epoch_log = _EpochLog(os.path.join(out_dir, "history.csv"), rows)
-    guard = _NaNGuard()
+    epoch_log = EpochLog(os.path.join(out_dir, "history.csv"), rows)
+    guard = NaNGuard()
     keep = _KeepBest(student, monitor)
     verbose = 1 if sys.stdout.isatty() else 2
     epoch = 0

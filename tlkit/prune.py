@@ -36,7 +36,7 @@ from tlkit.config import FinetuneConfig, PruneConfig, config_to_dict, dump_yaml,
 from tlkit.data import load_sources, make_dataset
 from tlkit.errors import ConfigError, DataError, TrainingError
 from tlkit.evaluate import compute_metrics, load_model_and_labels
-from tlkit.train import RunResult, _EpochLog, _NaNGuard, save_model
+from tlkit.train import RunResult, EpochLog, NaNGuard, save_model
 
 _PRUNABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.DepthwiseConv2D,
              keras.layers.Conv2DTranspose, keras.layers.Dense)
@@ -349,9 +349,9 @@ def _finetune(model, pruner: Pruner, cfg: PruneConfig, run_cfg: FinetuneConfig, 
         model.compile(optimizer=opt, loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg.label_smoothing),
                       metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")], jit_compile=rt.jit_compile)
     rows: list[dict[str, Any]] = []
-    log = _EpochLog(os.path.join(out_dir, "history.csv"), rows)
+    log = EpochLog(os.path.join(out_dir, "history.csv"), rows)
     log.stage = f"prune_{cfg.schedule}"
-    guard = _NaNGuard()
+    guard = NaNGuard()
     sched = PruningSchedule(pruner, target, frequency, end)
     model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=[sched, guard, log],
               verbose=1 if sys.stdout.isatty() else 2, shuffle=False)

@@ -333,24 +333,6 @@ def nan_message(epoch: int, stage, optimizer: keras.optimizers.Optimizer, precis
 # ---------------------------------------------------------------- the run folder
 
 
-def absolute_paths(cfg):
-    """The config with its file paths (image_dir, data_dir, a .keras base, a weights file, output_dir) absolute.
-
-    The resolved `config.yaml` then repeats the run from any working directory.
-    """
-    def fix(value: str | None, keep=()) -> str | None:
-        if not value or value.lower() in keep or os.path.isabs(value):
-            return value
-        return os.path.abspath(value)
-
-    d, m = cfg.data, cfg.model
-    base = fix(m.base) if (m.base.endswith(".keras") or os.sep in m.base) else m.base
-    return dataclasses.replace(
-        cfg, output_dir=fix(cfg.output_dir),
-        data=dataclasses.replace(d, image_dir=fix(d.image_dir), data_dir=fix(d.data_dir)),
-        model=dataclasses.replace(m, base=base, weights=fix(m.weights, keep=("imagenet", "none"))))
-
-
 def check_output_dir(output_dir: str | None, overwrite: bool, resume: bool) -> None:
     """Fails early (before any data is read) on an output folder that would be refused later."""
     if resume and not output_dir:
@@ -421,7 +403,7 @@ def _saved_config(path: str):
 def config_differences(saved, cfg) -> list[str]:
     """`key: saved -> now` for every setting that differs from a run's saved config (a `config.yaml` path or a
     `FinetuneConfig`), paths compared as absolute paths."""
-    from tlkit.config import config_to_dict
+    from tlkit.config import absolute_paths, config_to_dict
 
     if isinstance(saved, (str, os.PathLike)):
         saved = _saved_config(os.fspath(saved))

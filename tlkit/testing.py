@@ -27,7 +27,7 @@ def is_smoke() -> bool:
     return os.environ.get("TLKIT_SMOKE", "").strip().lower() in ("1", "true", "yes")
 
 
-def make_tiny_backbone(path: str, size: int = 32, width: int = 16) -> str:
+def make_tiny_backbone(path: str, size: int = 32, width: int = 16, seed: int | None = 0) -> str:
     """Writes a small conv net (three downsampling stages with BatchNorm) as a `.keras` backbone.
 
     The same network as the test suite's `tiny_backbone` fixture (tests/conftest.py); it learns `shapes`.
@@ -40,6 +40,8 @@ def make_tiny_backbone(path: str, size: int = 32, width: int = 16) -> str:
         path: Where to write the `.keras` file (its folder must exist).
         size: Square input side in pixels. Defaults to `32`.
         width: Channels of the first stage (doubled per stage). Defaults to `16`.
+        seed: Seeds Keras's global random state before the weights are drawn, so every call writes the same
+            network; `None` leaves the random state alone. Defaults to `0`.
 
     Returns:
         `path`.
@@ -51,6 +53,8 @@ def make_tiny_backbone(path: str, size: int = 32, width: int = 16) -> str:
     import keras
     from keras import layers
 
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
     inp = keras.Input((size, size, 3))
     x = layers.Rescaling(1 / 127.5, offset=-1, name="scale")(inp)
     for i, ch in enumerate((width, width * 2, width * 4)):

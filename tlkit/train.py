@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 
 from tlkit import backbones, features, param_groups, resume, rundir, runtime, schedules, strategies
-from tlkit.config import AUTO_LR, FinetuneConfig, config_to_dict, dump_yaml
+from tlkit.config import AUTO_LR, FinetuneConfig, absolute_paths, config_to_dict, dump_yaml
 from tlkit.data import Datasets, load_sources, make_dataset
 from tlkit.errors import ConfigError, DataError, TrainingError
 from tlkit.evaluate import compute_metrics, predict_split, summary_table, training_report
@@ -44,7 +44,7 @@ class RunResult:
     config: FinetuneConfig
 
 
-class _EpochLog(keras.callbacks.Callback):
+class EpochLog(keras.callbacks.Callback):
     """Adds stage and learning rate to each epoch's logs and rewrites history.csv atomically."""
 
     def __init__(self, path: str, rows: list[dict[str, Any]]):
@@ -66,7 +66,7 @@ class _EpochLog(keras.callbacks.Callback):
         rundir.write_csv(self.path, self.rows)
 
 
-class _NaNGuard(keras.callbacks.Callback):
+class NaNGuard(keras.callbacks.Callback):
     """Stops training when the loss becomes NaN or infinite (the best checkpoint stays the model)."""
 
     def __init__(self):
@@ -115,8 +115,8 @@ def run_stages(model: keras.Model, spec: backbones.BackboneSpec, plan: list[stra
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
     monitor = "val_accuracy" if val_ds is not None else "accuracy"
-    epoch_log = _EpochLog(os.path.join(out_dir, "history.csv"), rows)
-    guard = _NaNGuard()
+    epoch_log = EpochLog(os.path.join(out_dir, "history.csv"), rows)
+    guard = NaNGuard()
     ckpt = resume.Checkpointer(out_dir, monitor, rows, bad_epoch=lambda: guard.bad_epoch)
     state = resume.load_state(out_dir) if cfg.resume else None
     if state is not None:
@@ -218,7 +218,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
     data = load_sources(cfg.data, size, cfg.seed)
     _check_data(cfg, data)
     out_dir = cfg.output_dir or rundir.default_run_dir(spec.name, data.name)
-    resolved = resume.absolute_paths(
+    resolved = absolute_paths(
         dataclasses.replace(cfg, output_dir=out_dir, data=dataclasses.replace(cfg.data, image_size=size)))
     resolved = resume.prepare_run_dir(out_dir, resolved)  # refuses a non-empty folder unless --overwrite/--resume
     rundir.write_text(os.path.join(out_dir, "config.yaml"), dump_yaml(config_to_dict(resolved)))

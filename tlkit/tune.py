@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import inspect
 import math
 import os
 import sys
@@ -49,7 +48,8 @@ from keras_tuner.src.engine.trial import TrialStatus
 
 from tlkit import backbones, rundir, runtime, schedules, strategies
 from tlkit import config as C
-from tlkit.config import FinetuneConfig, TuneConfig, config_to_dict, dump_yaml
+from tlkit.config import FinetuneConfig, TuneConfig, absolute_paths, config_to_dict, dump_yaml
+from tlkit.train import NaNGuard, compile_model
 from tlkit.data import Datasets, load_sources, make_dataset
 from tlkit.errors import (BackboneError, ConfigError, DataError, OfflineError, OutputExistsError, TlkitError,
                           TrainingError, suggest)
@@ -160,22 +160,7 @@ def load_tune_config(path: str | os.PathLike) -> tuple[FinetuneConfig, TuneConfi
     tune_values = values.pop("tune") or {}
     cfg = C.config_from_dict(values)
     folder = os.path.dirname(os.path.abspath(path))
-    return _absolute_paths(cfg, folder), tune_config_from_dict(tune_values)
-
-
-def _absolute_paths(cfg: FinetuneConfig, folder: str | None = None) -> FinetuneConfig:
-    """The config with image_dir, data_dir, a .keras base, a weights file and output_dir made absolute."""
-    def fix(value: str | None, keep: tuple[str, ...] = ()) -> str | None:
-        if not value or str(value).lower() in keep or os.path.isabs(value):
-            return value
-        return os.path.normpath(os.path.join(folder, value)) if folder else os.path.abspath(value)
-
-    d, m = cfg.data, cfg.model
-    base = fix(m.base) if (m.base.endswith(".keras") or os.sep in m.base) else m.base
-    return dataclasses.replace(
-        cfg, output_dir=fix(cfg.output_dir),
-        data=dataclasses.replace(d, image_dir=fix(d.image_dir), data_dir=fix(d.data_dir)),
-        model=dataclasses.replace(m, base=base, weights=fix(m.weights, keep=("imagenet", "none"))))
+    return absolute_paths(cfg, folder), tune_config_from_dict(tune_values)
 
 
 def settings_yaml(cfg: FinetuneConfig, tc: TuneConfig) -> str:
@@ -361,7 +346,7 @@ class TlkitHyperModel(kt.HyperModel):
         end = total if epochs is None else min(int(epochs), total)
         callbacks = [c for c in (callbacks or [])
                      if self.keep_checkpoints or not isinstance(c, kt_tuner_utils.SaveBestEpoch)]
-        guard = _TrialGuard()
+        guard = NaNGuard()
         rows: list[dict[str, float]] = []
         objective = self.tc.objective
         start_epoch = 0
@@ -375,7 +360,7 @@ class TlkitHyperModel(kt.HyperModel):
                           cfg.model.bn_trains)
             lr = schedules.make_schedule(cfg.train, stage.lr, stage.epochs, steps)
             with self.rt.scope():
-                _compile(model, cfg, lr, n, self.rt.jit_compile, self.spec)
+                compile_model(model, cfg, lr, n, self.rt.jit_compile, spec=self.spec)
             if a > s0:  # Hyperband continues inside a stage: the schedule goes on where it was
                 model.optimizer.iterations.assign((a - s0) * steps)
             stage_cbs = list(callbacks) + [guard]
@@ -393,34 +378,6 @@ class TlkitHyperModel(kt.HyperModel):
             for i in range(len(history.history.get("loss", []))):
                 rows.append({k: float(history.history[k][i]) for k in keys if i < len(history.history[k])})
         return _best_epoch(rows, objective)
-
-
-class _TrialGuard(keras.callbacks.Callback):
-    """Stops a trial's training when the loss becomes NaN or infinite."""
-
-    def __init__(self):
-        super().__init__()
-        self.bad_epoch: int | None = None
-        self.epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            self.bad_epoch = self.epoch + 1
-            self.model.stop_training = True
-
-
-def _compile(model, cfg, lr, num_classes, jit, spec) -> None:
-    """`train.compile_model`, with the backbone spec where that version takes it (discriminative LRs)."""
-    from tlkit.train import compile_model
-
-    if "spec" in inspect.signature(compile_model).parameters:
-        compile_model(model, cfg, lr, num_classes, jit, spec=spec)
-    else:
-        compile_model(model, cfg, lr, num_classes, jit)
 
 
 def _best_epoch(rows: list[dict[str, float]], objective: str) -> dict[str, float]:
@@ -628,7 +585,7 @@ def tune(cfg: FinetuneConfig, tune_cfg: TuneConfig | None = None,
         ...     weights="none")), TuneConfig(tuner="random", max_trials=3, batch_sizes=(16, 32)))
     """
     tc = (tune_cfg or TuneConfig()).validate()
-    cfg = _absolute_paths(cfg.validate())
+    cfg = absolute_paths(cfg.validate())
     if not isinstance(cfg.train.lr, (int, float)) or isinstance(cfg.train.lr, bool):
         raise ConfigError(f"tune searches the learning rate itself: give lr a number (the fixed warm-up rate of "
                           f"two_stage), not {cfg.train.lr!r}.")
