@@ -90,7 +90,7 @@ def test_image_dir_with_real_files_and_config_rerun(tmp_path, tiny_backbone):
 def test_it_learns_shapes(tmp_path, tiny_backbone):
     run = str(tmp_path / "run")
     rc = main(["finetune", "--base", tiny_backbone, "--weights", "none", "--dataset", "shapes", "--image-size", "32",
-               "--shapes-per-class", "100", "--strategy", "full", "--lr", "3e-3", "--epochs", "10",
+               "--shapes-per-class", "100", "--strategy", "full", "--lr", "3e-3", "--epochs", "14",
                "--augment", "none", "--label-smoothing", "0", "--dropout", "0", "--batch-size", "32",
                "--output-dir", run])
     assert rc == 0
