@@ -269,7 +269,9 @@ class Checkpointer(keras.callbacks.Callback):
         if self.bad_epoch() is not None or (loss is not None and not math.isfinite(float(loss))):
             return
         value = logs.get(self.monitor)
-        if value is not None and math.isfinite(float(value)) and float(value) > self.best:
+        # Ties go to the later epoch: when the head warm-up already saturates a small validation split, the
+        # fine-tuned model that equals it (and is usually better calibrated) is the one kept.
+        if value is not None and math.isfinite(float(value)) and float(value) >= self.best:
             save_weights(self.model, self.best_path)
             self.best, self.best_epoch = float(value), epoch + 1
         self.save(epoch + 1)
