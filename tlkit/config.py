@@ -98,15 +98,23 @@ class TrainConfig:
     """How the model is trained.
 
     Attributes:
-        strategy: `feature_extraction` (base frozen), `two_stage` (head warm-up, then the top
-            `unfreeze_stages` stages at `lr * finetune_lr_scale`), `top_k` (the top `unfreeze_stages`
-            stages from the start), `gradual` (one more stage every `gradual_every` epochs, top down) or
-            `full`. Defaults to `"two_stage"`.
-        epochs: Epochs of training; for `two_stage` the epochs after the head warm-up. Defaults to `10`.
-        head_epochs: Epochs of head warm-up with the base frozen (`two_stage`). Defaults to `3`.
+        strategy: `feature_extraction` (base frozen: the head alone), `two_stage` (the head trained to
+            convergence on the frozen base's features, then the top `unfreeze_stages` stages with the head, the
+            backbone at `lr * finetune_lr_scale`), `top_k` (the top `unfreeze_stages` stages from the start),
+            `gradual` (head, then one more stage every `gradual_every` epochs, top down) or `full`.
+            Defaults to `"two_stage"`.
+        epochs: Epochs over the training images of the stages that train the backbone (`two_stage`: after the
+            head stage; `feature_extraction`: of the head, at least `head_steps` steps). Defaults to `10`.
+        head_steps: Optimizer steps of the head stage with the base frozen (`two_stage`, `gradual`,
+            `feature_extraction`), counted in steps so that it means the same on 50 images and on 50,000;
+            rounded up to whole passes over the training split. The head trains on features computed once from
+            un-augmented images (seconds, not epochs of the backbone) unless `cache_features` is off, and
+            the best of its passes on the validation split is kept. `0` skips the head stage.
+            Defaults to `300`.
         unfreeze_stages: Number of top backbone stages to unfreeze (`two_stage`, `top_k`). Defaults to `2`.
         gradual_every: Epochs between two unfreezings of `gradual`. Defaults to `1`.
-        finetune_lr_scale: Learning-rate factor of the fine-tuning stage of `two_stage`. Defaults to `0.1`.
+        finetune_lr_scale: Learning-rate factor of the backbone in the stages after the head stage
+            (`two_stage`, `gradual`). Defaults to `0.1`.
         optimizer: `adam`, `adamw`, `sgd` (with momentum) or `rmsprop`. Defaults to `"adam"`.
         lr: Peak learning rate (of the head stage for `two_stage`), or `auto`: run the learning-rate finder
             (`tlkit lr-find`) on the first stage and train with its suggestion; the number found is saved
@@ -134,7 +142,7 @@ class TrainConfig:
 
     strategy: str = "two_stage"
     epochs: int = 10
-    head_epochs: int = 3
+    head_steps: int = 300
     unfreeze_stages: int = 2
     gradual_every: int = 1
     finetune_lr_scale: float = 0.1
@@ -228,7 +236,7 @@ class FinetuneConfig:
         _range("dropout", m.dropout, 0.0, 0.99)
         _range("label_smoothing", t.label_smoothing, 0.0, 0.99)
         _range("l2", m.l2, 0.0, 1.0)
-        for name in ("epochs", "head_epochs", "unfreeze_stages"):
+        for name in ("epochs", "head_steps", "unfreeze_stages"):
             if getattr(t, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(t, name)}.")
         _positive("gradual_every", t.gradual_every)
@@ -588,7 +596,7 @@ class TuneConfig:
         objective: `val_accuracy` (maximised) or `val_loss` (minimised), the best epoch of a trial counts.
             Defaults to `"val_accuracy"`.
         trial_epochs: Epochs of each trial; replaces `epochs` (for `two_stage` the fine-tuning stage: the
-            head warm-up keeps `head_epochs`); the best configuration keeps your `epochs`. For `hyperband`
+            head stage keeps `head_steps`); the best configuration keeps your `epochs`. For `hyperband`
             the most epochs a trial gets. Defaults to `None` (`epochs`).
         lr_range: Lowest and highest learning rate, searched on a log scale. Defaults to `(1e-05, 0.01)`.
         batch_sizes: Batch sizes to choose from (the data is re-batched for every trial).
@@ -596,7 +604,7 @@ class TuneConfig:
         search: Further dimensions to search, comma-separated, from `dropout`, `label_smoothing`,
             `unfreeze_stages` (two_stage and top_k), `optimizer`, `augment`. Defaults to `""` (none).
         two_stage_lr: Which learning rate is searched for `strategy: two_stage`: `finetune` (the fine-tuning
-            stage's; the head warm-up stays at `lr` for `head_epochs`), `head` (the warm-up's `lr`, the
+            stage's; the head stage stays at `lr` for `head_steps`), `head` (the warm-up's `lr`, the
             fine-tuning stage following at `lr * finetune_lr_scale`) or `both` (two dimensions in
             `lr_range`). Defaults to `"finetune"`.
         grid_points: Learning-rate values of the `grid` tuner, log-spaced over `lr_range`, ends included.

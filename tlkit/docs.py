@@ -94,7 +94,7 @@ def render(parser: argparse.ArgumentParser | None = None) -> str:
     lines += [f"| [`tlkit {name}`](#tlkit-{name}) | {_cell(h)} |" for name, h, _ in verbs]
     lines += ["", "Every verb also takes `--debug` (show the full traceback of an error). Flags of `finetune` "
               "(and of the verbs that take its flags) override the `--config` YAML, which overrides the "
-              "defaults; every such flag is also a YAML key (`--head-epochs 3` is `head_epochs: 3`)."]
+              "defaults; every such flag is also a YAML key (`--head-steps 300` is `head_steps: 300`)."]
     shared = _signatures(verbs[0][2]) if verbs and verbs[0][0] == "finetune" else set()
     for name, _, sub in verbs:
         lines += ["", f"### `tlkit {name}`", ""]

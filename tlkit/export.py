@@ -493,8 +493,8 @@ def model_card(info: dict[str, Any], run_cfg: Any, metrics: dict[str, Any] | Non
              f"| data | {data} |",
              f"| classes | {len(info['class_names'])}: {', '.join(info['class_names'][:10])}"
              f"{' ...' if len(info['class_names']) > 10 else ''} |",
-             f"| strategy | `{cfg('train', 'strategy')}` (epochs {cfg('train', 'epochs')}, head epochs "
-             f"{cfg('train', 'head_epochs')}, lr {cfg('train', 'lr')}) |",
+             f"| strategy | `{cfg('train', 'strategy')}` (epochs {cfg('train', 'epochs')}, "
+             f"{cfg('train', 'head_steps')} head steps, lr {cfg('train', 'lr')}) |",
              f"| input size | {info['image_size']}x{info['image_size']} RGB |",
              f"| preprocessing | {preprocessing} |",
              f"| export format | {info['format']}{'' if info['quantize'] == 'none' else ' (' + info['quantize'] + ')'}"

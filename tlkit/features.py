@@ -29,12 +29,15 @@ import tensorflow as tf
 from tlkit.model import get_base, head_layers
 
 
-def use_feature_cache(model: keras.Model, cfg: Any) -> bool:
+def use_feature_cache(model: keras.Model, cfg: Any, head_stage: bool = False) -> bool:
     """Whether the coming stage of `model` trains on cached features (call after `set_trainable`).
 
     Args:
         model: A classifier from `build_classifier`.
         cfg: The `FinetuneConfig` (`runtime.cache_features`, `data.augment`).
+        head_stage: The stage is the recipe's head stage, which trains on the features of the un-augmented
+            training images whatever the augmentation (the engine's `HeadFeatures`): then only
+            `cache_features: false` turns the cache off. Defaults to `False`.
 
     Example:
         >>> use_feature_cache(model, cfg)
@@ -47,7 +50,7 @@ def use_feature_cache(model: keras.Model, cfg: Any) -> bool:
         return False
     if any(w.trainable for layer in model.layers[:_base_index(model)] for w in layer.weights):
         return False  # something trainable before the backbone (not a classifier we know)
-    return bool(flag) or cfg.data.augment == "none"
+    return bool(flag) or head_stage or cfg.data.augment == "none"
 
 
 def _base_index(model: keras.Model) -> int:

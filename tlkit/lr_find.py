@@ -164,7 +164,7 @@ def pick_stage(cfg: TrainConfig, num_stages: int, stage: str | None = None) -> t
     Raises:
         ConfigError: `stage` is not a stage of the plan.
     """
-    unit = strategies.plan(dataclasses.replace(cfg, lr=1.0), num_stages)
+    unit = strategies.plan(dataclasses.replace(cfg, lr=1.0), num_stages, 1)
     if not unit:
         raise ConfigError(f"Strategy {cfg.strategy!r} with these epochs has no stage to train (all have 0 epochs).")
     if stage is None:
@@ -314,7 +314,7 @@ class _nullcontext:
 
 
 def resolve_auto_lr(cfg: FinetuneConfig, model: keras.Model, spec: backbones.BackboneSpec, data, image_size: int,
-                    rt: runtime.Runtime, output_dir: str, **kwargs: Any) -> FinetuneConfig:
+                    rt: runtime.Runtime, output_dir: str, features: Any = None, **kwargs: Any) -> FinetuneConfig:
     """`--lr auto`: runs the finder on the first stage and returns `cfg` with the suggested learning rate.
 
     The suggestion is the first stage's peak LR; `cfg.train.lr` is set so that the plan gives the first stage
@@ -370,6 +370,7 @@ def lr_find(cfg: FinetuneConfig, *, model: keras.Model | None = None, start_lr: 
         >>> r.suggestion
     """
     from tlkit.data import load_sources, make_dataset
+    from tlkit.engine import setup as engine_setup
     from tlkit.train import _check_data, resolve_image_size
 
     cfg.validate()
@@ -385,10 +386,14 @@ def lr_find(cfg: FinetuneConfig, *, model: keras.Model | None = None, start_lr: 
     else:
         user_base, size = None, int(model.input_shape[1])
     data = load_sources(cfg.data, size, cfg.seed)
+    cfg = engine_setup.fit_batch_size(cfg, data.train.count)
     _check_data(cfg, data)
-    if model is None:
-        with rt.scope():
-            model = build_classifier(spec, data.num_classes, cfg.model, size, base=user_base)
+    if model is None:  # as finetune builds it: the head standardises the features of the training images
+        if user_base is None:
+            with rt.scope():
+                user_base = spec.build(size, cfg.model.weights)
+        plain = make_dataset(data.train, size, cfg.data.batch_size, data.num_classes, cache="none", seed=cfg.seed)
+        model, _ = engine_setup.build_model(spec, user_base, data.num_classes, cfg, size, rt, plain, None)
     elif model.output_shape[-1] != data.num_classes:
         raise ConfigError(f"The model predicts {model.output_shape[-1]} classes but the data has {data.num_classes}.")
     out = output_dir or cfg.output_dir or (rundir.default_run_dir(spec.name, data.name) + "-lr-find")

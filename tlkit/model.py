@@ -40,7 +40,8 @@ def preprocessing(mode: str, x: keras.KerasTensor) -> keras.KerasTensor:
 
 
 def build_classifier(spec: BackboneSpec, num_classes: int, cfg: ModelConfig, image_size: int,
-                     base: keras.Model | None = None) -> keras.Model:
+                     base: keras.Model | None = None,
+                     feature_stats: tuple[np.ndarray, np.ndarray] | None = None) -> keras.Model:
     """Builds backbone + classification head.
 
     Args:
@@ -49,6 +50,9 @@ def build_classifier(spec: BackboneSpec, num_classes: int, cfg: ModelConfig, ima
         cfg: The `ModelConfig` (weights, dropout, l2, train_bn).
         image_size: Input side in pixels.
         base: An already built backbone. Defaults to `None` (built from `spec` with `cfg.weights`).
+        feature_stats: `(mean, variance)` of the pooled backbone features over the training images
+            (`engine.setup.feature_stats`): the head standardises the features with them (a frozen
+            `Normalization` layer, constants in the saved model). Defaults to `None` (mean 0, variance 1).
 
     Returns:
         A functional `keras.Model` from float32 images [B, S, S, 3] in 0..255 to float32 class
@@ -69,9 +73,21 @@ def build_classifier(spec: BackboneSpec, num_classes: int, cfg: ModelConfig, ima
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     elif len(x.shape) != 2:
         raise ValueError(f"The backbone's output has shape {x.shape}; expected a feature map or vector.")
+    # The head starts from standardised features (per-feature mean and variance of the training images, fixed
+    # constants of the model) and zero logits (loss ln C at the first step): its start no longer depends on the
+    # scale of the backbone's features, which for a ReLU backbone without normalisation can be anything.
+    dim = int(x.shape[-1])
+    mean, var = feature_stats if feature_stats is not None else (np.zeros(dim), np.ones(dim))
+    var = np.asarray(var, np.float64)
+    # A feature that never fired on the training images (a dead ReLU) must not be divided by ~0 later, when
+    # fine-tuning wakes it up: its variance is floored at a small fraction of the typical one.
+    var = np.maximum(var, 1e-3 * float(np.mean(var)) + 1e-6)
+    x = keras.layers.Normalization(axis=-1, mean=np.asarray(mean, np.float32).tolist(),
+                                   variance=var.astype(np.float32).tolist(),
+                                   name="feature_norm")(x)
     x = keras.layers.Dropout(cfg.dropout, name="head_dropout")(x)
     reg = keras.regularizers.L2(cfg.l2) if cfg.l2 else None
-    logits = keras.layers.Dense(num_classes, kernel_regularizer=reg, name="logits")(x)
+    logits = keras.layers.Dense(num_classes, kernel_regularizer=reg, kernel_initializer="zeros", name="logits")(x)
     probs = keras.layers.Activation("softmax", dtype="float32", name="probs")(logits)
     model = keras.Model(inputs, probs, name=f"tlkit_{spec.name}")
     for layer in model.layers:

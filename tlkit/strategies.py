@@ -6,6 +6,7 @@ of stages that `train.run_stages` runs in order, recompiling at each change.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from tlkit.config import TrainConfig
 from tlkit.errors import ConfigError
@@ -17,15 +18,19 @@ class Stage:
 
     Attributes:
         name: `head`, `finetune`, `full`, `top_k` or `unfreeze_N` (gradual).
-        epochs: Epochs of this stage.
-        lr: Peak learning rate.
+        epochs: Epochs of this stage (passes over the training split; for a `head` stage on cached features,
+            passes over the features).
+        lr: Peak learning rate of the head (and of the backbone, times `backbone_factor`).
         trainable: Backbone stage indices that train; `None` means all, an empty set means none.
+        backbone_factor: Learning-rate factor of the backbone's trained stages relative to `lr` (discriminative
+            rates: the head keeps learning while the backbone moves slowly). Defaults to `1.0`.
     """
 
     name: str
     epochs: int
     lr: float
     trainable: frozenset[int] | None
+    backbone_factor: float = 1.0
 
     def describe(self, num_stages: int) -> str:
         if self.trainable is None:
@@ -34,6 +39,8 @@ class Stage:
             what = "backbone frozen"
         else:
             what = f"top {len(self.trainable)} of {num_stages} stages"
+        if self.trainable != frozenset() and self.backbone_factor != 1.0:
+            what += f" at lr {self.lr * self.backbone_factor:g}"
         return f"{self.name}: {self.epochs} epoch(s) at lr {self.lr:g}, {what}"
 
 
@@ -43,33 +50,59 @@ def top_stages(num_stages: int, k: int) -> frozenset[int]:
     return frozenset(range(num_stages - k, num_stages))
 
 
-def plan(cfg: TrainConfig, num_stages: int) -> list[Stage]:
-    """The stages of `cfg.strategy` for a backbone of `num_stages` stages.
+def head_epochs(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Epochs of the head stage: `head_steps` optimizer steps, rounded up to whole passes (0 when off).
 
     Example:
-        >>> [s.name for s in plan(TrainConfig(strategy="two_stage", head_epochs=2, epochs=3), 5)]
+        >>> head_epochs(TrainConfig(head_steps=300), steps_per_epoch=2)
+        150
+    """
+    if cfg.head_steps <= 0:
+        return 0
+    return max(1, math.ceil(cfg.head_steps / max(1, steps_per_epoch)))
+
+
+def plan(cfg: TrainConfig, num_stages: int, steps_per_epoch: int = 1) -> list[Stage]:
+    """The stages of `cfg.strategy` for a backbone of `num_stages` stages.
+
+    The head stage (`two_stage`, `gradual`, `feature_extraction`) is budgeted in optimizer steps
+    (`head_steps`), so that it means the same on 50 images and on 50,000: its epochs are
+    `ceil(head_steps / steps_per_epoch)` (at least `epochs` for `feature_extraction`). The stages that train the
+    backbone are budgeted in `epochs`; in them the head keeps the stage's learning rate while the backbone's
+    stages train at `finetune_lr_scale` of it (`Stage.backbone_factor`).
+
+    Example:
+        >>> [s.name for s in plan(TrainConfig(strategy="two_stage", head_steps=20, epochs=3), 5, 4)]
         ['head', 'finetune']
     """
     s, lr = cfg.strategy, cfg.lr
     if isinstance(lr, str):  # "auto" is resolved by tlkit.lr_find.resolve_auto_lr before any plan is made
         raise ConfigError(f"lr {lr!r} must be resolved to a number before planning (finetune does it with lr_find).")
+    head = head_epochs(cfg, steps_per_epoch)
+    scale = cfg.finetune_lr_scale
     if s == "feature_extraction":
-        stages = [Stage("head", cfg.epochs, lr, frozenset())]
+        stages = [Stage("head", max(cfg.epochs, head), lr, frozenset())]
     elif s == "full":
         stages = [Stage("full", cfg.epochs, lr, None)]
     elif s == "top_k":
         stages = [Stage("top_k", cfg.epochs, lr, top_stages(num_stages, cfg.unfreeze_stages))]
     elif s == "two_stage":
-        stages = [Stage("head", cfg.head_epochs, lr, frozenset()),
-                  Stage("finetune", cfg.epochs, lr * cfg.finetune_lr_scale, top_stages(num_stages, cfg.unfreeze_stages))]
+        stages = [Stage("head", head, lr, frozenset()),
+                  Stage("finetune", cfg.epochs, lr * FINETUNE_HEAD_FACTOR, top_stages(num_stages, cfg.unfreeze_stages),
+                        backbone_factor=scale / FINETUNE_HEAD_FACTOR)]
     elif s == "gradual":
-        stages, left, k = [], cfg.epochs, 0
+        stages, left, k = [Stage("head", head, lr, frozenset())], cfg.epochs, 1
         while left > 0:
             n = left if k >= num_stages else min(cfg.gradual_every, left)
-            name = "head" if k == 0 else f"unfreeze_{k}"
-            stages.append(Stage(name, n, lr if k == 0 else lr * cfg.finetune_lr_scale, top_stages(num_stages, k)))
+            stages.append(Stage(f"unfreeze_{k}", n, lr * FINETUNE_HEAD_FACTOR, top_stages(num_stages, k),
+                                backbone_factor=scale / FINETUNE_HEAD_FACTOR))
             left -= n
             k += 1
     else:
         raise ValueError(f"Unknown strategy {s!r}")
     return [st for st in stages if st.epochs > 0]
+
+
+# The head's learning rate in the stages that train the backbone, as a fraction of `lr` (the backbone's is
+# `lr * finetune_lr_scale` whatever this is).
+FINETUNE_HEAD_FACTOR = 1.0

@@ -123,6 +123,13 @@ def make_dataset(split: Split, image_size: int, batch_size: int, num_classes: in
             ds = ds.shuffle(shuffle_n, seed=seed, reshuffle_each_iteration=True)
         crop_in_batch = bool(preset.crop_scale or preset.flip)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE, deterministic=det)
+    if split.count > 0:
+        # `ignore_errors` makes the length unknown, and on a dataset of unknown length Keras 3.15 counts one
+        # optimizer step more per epoch than there are batches (the step that meets the end of the data still
+        # advances `optimizer.iterations`, so every schedule ends early). The files were all decoded when the
+        # folder was scanned, so the number of batches is known: say it.
+        batches = split.count // batch_size if drop_remainder else -(-split.count // batch_size)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
     # Crop, flip, rotation, zoom and contrast are one fused, stateless, vectorised op (`batch_geometric`);
     # what is left for Keras's random layers is RandAugment and mixup/cutmix.
     geometric = training and bool(crop_in_batch or preset.rotation or preset.zoom or preset.contrast)

@@ -1,0 +1,343 @@
+"""The ONE stage loop: set what trains, compile with a fresh optimizer, fit, checkpoint, handle NaN.
+
+`finetune`, each `tune` trial, the `distill` student, `prune` and `lr-find` all train through `run_stages`,
+passing only what differs:
+
+- `compile_fn(optimizer) -> model_to_fit`: how the stage is compiled (default: the classifier with
+  label-smoothed cross-entropy; `distill` compiles its teacher-student wrapper, `prune` masks the updates);
+- `callbacks`: extra callbacks of every stage (KerasTuner's, the pruning schedule, ...);
+- `checkpointer`/`history_path`: the run folder's per-epoch checkpoints and `history.csv`, or none (tune trials);
+- `epoch_range`: Hyperband's `[initial_epoch, epochs)` window of the plan.
+
+A stage that trains no backbone weight and fits the classifier itself trains the head on base features
+computed once (`HeadFeatures`, from the un-augmented training images): a few hundred optimizer steps there cost
+seconds, so the head is trained to convergence and the best of its passes on the validation features is kept;
+the run's callbacks then see the stage as one finished epoch (one history row, one checkpoint).
+
+Example:
+    >>> rows = run_stages(model, spec, plan, train_ds, val_ds, cfg, rt, num_classes=5, steps_per_epoch=4,
+    ...                   features=HeadFeatures.lazy(train_plain_ds, val_ds))
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+import warnings
+from typing import Any, Callable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tlkit import features as F
+from tlkit import param_groups, rundir, schedules
+from tlkit.errors import TrainingError
+from tlkit.model import get_base, set_trainable
+
+
+class EpochLog(keras.callbacks.Callback):
+    """Adds stage and learning rate to each epoch's logs and (with a path) rewrites history.csv atomically."""
+
+    def __init__(self, path: str | None, rows: list[dict[str, Any]]):
+        super().__init__()
+        self.path, self.rows, self.stage = path, rows, ""
+        self.t0 = time.time()
+        self.lr = float("nan")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.t0 = time.time()
+        self.lr = schedules.current_lr(self.model.optimizer)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        row: dict[str, Any] = {"epoch": epoch + 1, "stage": self.stage}
+        row.update({k: float(v) for k, v in logs.items() if np.ndim(v) == 0})
+        row["lr"] = self.lr  # at the start of the epoch
+        row["seconds"] = round(time.time() - self.t0, 3)
+        self.rows.append(row)
+        if self.path:
+            rundir.write_csv(self.path, self.rows)
+
+
+class NaNGuard(keras.callbacks.Callback):
+    """Stops training when the loss becomes NaN or infinite (the best checkpoint stays the model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bad_epoch: int | None = None
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.bad_epoch = self.epoch + 1
+            self.model.stop_training = True
+
+
+def classifier_metrics(num_classes: int) -> list:
+    """Top-1 accuracy, and top-5 with more than five classes."""
+    metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    if num_classes > 5:
+        metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top5"))
+    return metrics
+
+
+def stage_optimizer(model: keras.Model, spec, cfg, learning_rate, backbone_factor: float = 1.0):
+    """The configured optimizer with the discriminative rates of `cfg.train` and the stage's backbone factor."""
+    optimizer = schedules.make_optimizer(cfg.train, learning_rate)
+    if spec is None:
+        return optimizer
+    return param_groups.discriminative_optimizer(optimizer, model, spec, cfg.train, backbone_factor)
+
+
+def compile_model(model: keras.Model, cfg, learning_rate, num_classes: int, jit_compile: bool,
+                  spec=None, backbone_factor: float = 1.0) -> None:
+    """Compiles with the configured optimizer, label-smoothed cross-entropy, top-1 and top-5 accuracy.
+
+    With `spec`, the optimizer applies the discriminative learning rates of `cfg.train.lr_mult` /
+    `stage_lrs` (and `backbone_factor`) to the backbone's stages (`param_groups`).
+    """
+    model.compile(optimizer=stage_optimizer(model, spec, cfg, learning_rate, backbone_factor),
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),
+                  metrics=classifier_metrics(num_classes), jit_compile=jit_compile)
+
+
+def nan_message(epoch: int, stage, optimizer, precision: str) -> str:
+    """What to do when the loss became NaN or infinite."""
+    from tlkit import resume
+
+    return resume.nan_message(epoch, stage, optimizer, precision)
+
+
+@dataclasses.dataclass
+class HeadFeatures:
+    """Pooled base features of the un-augmented training images (and the validation images), for head stages.
+
+    Computed at most once per backbone state: `finetune` computes them before the model is built (they give the
+    head's feature statistics) and the first head stage reuses them; `get` computes them on first use otherwise.
+
+    Attributes:
+        x_train, y_train, x_val, y_val: Features and one-hot labels (`x_val`/`y_val` `None` without validation).
+        train_ds, val_ds: The un-augmented batched datasets to compute them from (when not given).
+    """
+
+    x_train: np.ndarray | None = None
+    y_train: np.ndarray | None = None
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+    train_ds: Any = None
+    val_ds: Any = None
+    fresh: bool = False  # computed with the current backbone weights
+
+    @classmethod
+    def lazy(cls, train_ds, val_ds) -> "HeadFeatures":
+        return cls(train_ds=train_ds, val_ds=val_ds)
+
+    def get(self, model: keras.Model, jit_compile: bool = False) -> "HeadFeatures":
+        if not self.fresh:
+            extractor, _ = F.split_model(model)
+            self.x_train, self.y_train, self.x_val, self.y_val = F.extract_splits(
+                extractor, self.train_ds, self.val_ds, jit_compile)
+            self.fresh = True
+        return self
+
+
+class _KeepBestHead(keras.callbacks.Callback):
+    """In memory: the weights and logs of the best pass of the head (val accuracy, then val loss)."""
+
+    def __init__(self, monitor: str):
+        super().__init__()
+        self.monitor = monitor
+        self.loss_key = "val_loss" if monitor.startswith("val_") else "loss"
+        self.key: tuple[float, float] | None = None
+        self.weights: list | None = None
+        self.logs: dict[str, float] = {}
+        self.epoch = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {k: float(v) for k, v in (logs or {}).items() if np.ndim(v) == 0}
+        if not math.isfinite(logs.get("loss", float("nan"))):
+            return
+        key = (logs.get(self.monitor, -math.inf), -logs.get(self.loss_key, math.inf))
+        if self.key is None or key >= self.key:  # ties: the later pass (further converged)
+            self.key, self.weights, self.logs, self.epoch = key, self.model.get_weights(), logs, epoch + 1
+
+
+def fit_head_on_features(model: keras.Model, feats: HeadFeatures, cfg, rt, stage, batch_size: int, monitor: str,
+                         epochs: int, verbose: int) -> tuple[dict[str, float], NaNGuard]:
+    """Trains the head of the compiled `model` on cached features for `epochs` passes; keeps the best pass.
+
+    The head model shares the classifier's layers and optimizer (`features.split_model`), so the classifier
+    holds the result. Returns the logs of the kept pass (as `fit` would report them) and the NaN guard.
+    """
+    _, head = F.split_model(model)
+    jit = bool(model.jit_compile)
+    train = F.features_dataset(feats.x_train, feats.y_train, batch_size, training=True, seed=cfg.seed)
+    val = None
+    if feats.x_val is not None:
+        val = F.features_dataset(feats.x_val, feats.y_val, batch_size, training=False)
+    with rt.scope():
+        head.compile(optimizer=model.optimizer, loss=model.loss, metrics=F._fresh_metrics(model), jit_compile=jit)
+    keep, guard = _KeepBestHead(monitor), NaNGuard()
+    t0 = time.time()
+    head.fit(train, validation_data=val, epochs=epochs, callbacks=[guard, keep], verbose=0, shuffle=False)
+    if keep.weights is not None:
+        head.set_weights(keep.weights)
+    steps = int(model.optimizer.iterations.numpy())
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in keep.logs.items())
+    if verbose:
+        print(f"[tlkit] head trained on cached features: {epochs} passes ({steps} steps, batch {batch_size}) in "
+              f"{time.time() - t0:.1f} s; kept pass {keep.epoch}: {shown}", flush=True)
+    return keep.logs, guard
+
+
+def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, rt, *, num_classes: int,
+               steps_per_epoch: int, features: HeadFeatures | None = None,
+               compile_fn: Callable[[keras.optimizers.Optimizer], keras.Model] | None = None,
+               callbacks: Sequence[keras.callbacks.Callback] = (), checkpointer=None, history_path: str | None = None,
+               state=None, epoch_range: tuple[int, int] | None = None, early_stopping_monitor: str | None = None,
+               verbose: int | None = None, describe: bool = True) -> list[dict[str, Any]]:
+    """Runs the stages of `plan` in order; returns the history rows (one dict per epoch, with the stage).
+
+    For each stage: set what trains (`model.set_trainable`), build a fresh optimizer with the stage's schedule
+    and learning-rate factors, compile (`compile_fn` or the classifier's cross-entropy), fit. A head stage
+    (nothing of the backbone trains) of a classifier fitted by itself runs on `features` when given
+    (`HeadFeatures`), else on the images.
+
+    Args:
+        model: The classifier (`build_classifier`).
+        spec: Its backbone's `BackboneSpec`.
+        plan: The `strategies.Stage`s.
+        train_ds, val_ds: Batched training and validation datasets (`val_ds` may be `None`).
+        cfg: The `FinetuneConfig`.
+        rt: The `Runtime`.
+        num_classes: Number of classes.
+        steps_per_epoch: Batches per epoch of `train_ds` (the schedules' length).
+        features: Cached head features, or `None` (head stages train on the images). Defaults to `None`.
+        compile_fn: `compile_fn(optimizer)` compiles the stage and returns the model to fit. Defaults to `None`.
+        callbacks: Extra callbacks of every stage. Defaults to `()`.
+        checkpointer: A `resume.Checkpointer` (best and per-epoch checkpoints), or `None`. Defaults to `None`.
+        history_path: Where `history.csv` is rewritten after each epoch, or `None`. Defaults to `None`.
+        state: A `resume.RunState` to continue from, or `None`. Defaults to `None`.
+        epoch_range: `(initial_epoch, end_epoch)` of the plan to run (Hyperband), or `None` (all of it).
+        early_stopping_monitor: Metric of `cfg.train.early_stopping`. Defaults to `None` (val_accuracy, or
+            accuracy without validation).
+        verbose: Keras's fit verbosity. Defaults to `None` (1 on a terminal, else 2).
+        describe: Print one line per stage. Defaults to `True`.
+
+    Raises:
+        TrainingError: The loss became NaN or infinite (`error.history` holds the rows so far).
+    """
+    from tlkit import resume
+
+    rows: list[dict[str, Any]] = []
+    monitor = "val_accuracy" if val_ds is not None else "accuracy"
+    es_monitor = early_stopping_monitor or monitor
+    epoch_log = EpochLog(history_path, rows)
+    guard = NaNGuard()
+    if checkpointer is not None:
+        checkpointer.history = rows
+        checkpointer.bad_epoch = lambda: guard.bad_epoch
+        if state is not None:
+            checkpointer.restore(state)
+    base_cbs: list[keras.callbacks.Callback] = [guard, epoch_log, *callbacks]
+    verbose = (1 if sys.stdout.isatty() else 2) if verbose is None else verbose
+    num_stages = spec.num_stages(get_base(model))
+    first, last = epoch_range if epoch_range is not None else (0, sum(s.epochs for s in plan))
+    batch = _batch_size(train_ds, cfg)
+    epoch = 0
+    for index, stage in enumerate(plan):
+        s0, s1 = epoch, epoch + stage.epochs
+        epoch = s1
+        if state is not None and index < state.next_stage:
+            continue
+        a, b = max(s0, first), min(s1, last)
+        if a >= b:
+            continue
+        n = set_trainable(model, spec, None if stage.trainable is None else set(stage.trainable), cfg.model.bn_trains)
+        if describe:
+            print(f"[tlkit] stage {stage.describe(num_stages)}; {n} trainable weight tensors", flush=True)
+            factors = param_groups.describe_factors(num_stages, cfg.train, stage.lr, stage.backbone_factor)
+            if stage.trainable != frozenset() and factors:
+                print(f"[tlkit] {factors}", flush=True)
+        lr = schedules.make_schedule(cfg.train, stage.lr, stage.epochs, steps_per_epoch)
+        on_features = (features is not None and compile_fn is None and stage.trainable == frozenset()
+                       and F.use_feature_cache(model, cfg, head_stage=True))
+        with rt.scope():
+            optimizer = stage_optimizer(model, spec, cfg, lr, stage.backbone_factor)
+            if compile_fn is None:
+                model.compile(optimizer=optimizer,
+                              loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),
+                              metrics=classifier_metrics(num_classes), jit_compile=rt.jit_compile)
+                fit_model = model
+            else:
+                fit_model = compile_fn(optimizer)
+        rt.verify_compiled(fit_model)  # --xla on must not silently fall back to off
+        epoch_log.stage = stage.name
+        stage_cbs = list(base_cbs)
+        if cfg.train.early_stopping:
+            stage_cbs.append(keras.callbacks.EarlyStopping(
+                monitor=es_monitor, mode="min" if es_monitor.endswith("loss") else "max",
+                patience=cfg.train.early_stopping))
+        if checkpointer is not None:
+            stage_cbs.append(checkpointer)  # last: it records what the others did in the epoch
+        start = a
+        if state is not None and index == state.next_stage and state.next_stage_epoch:
+            start = s0 + state.next_stage_epoch  # resuming inside a stage: weights, optimizer, schedule step
+        if state is not None and index == state.next_stage:
+            with rt.scope():
+                resume.load_weights(model, os.path.join(checkpointer.dir, state.weights))
+                if state.next_stage_epoch:
+                    resume.restore_optimizer(model, os.path.join(checkpointer.dir, state.optimizer))
+        elif start > s0:  # Hyperband continues inside a stage: the schedule goes on where it was
+            fit_model.optimizer.iterations.assign((start - s0) * steps_per_epoch)
+        if checkpointer is not None:
+            es_state = state.early_stopping if state is not None and index == state.next_stage and start > s0 else None
+            checkpointer.begin_stage(index, stage, s0, stage_cbs, es_state)
+        if on_features and start == s0 and b == s1:
+            feats = features.get(model, bool(model.jit_compile))
+            logs, head_guard = fit_head_on_features(model, feats, cfg, rt, stage, batch, monitor, stage.epochs,
+                                                    verbose)
+            if head_guard.bad_epoch is not None and not logs:
+                guard.bad_epoch = s0 + head_guard.bad_epoch
+            else:  # the run's callbacks see the stage as one finished epoch, the last of the stage
+                cbl = keras.callbacks.CallbackList(stage_cbs, add_history=False, add_progbar=False, model=model)
+                cbl.on_train_begin()
+                cbl.on_epoch_begin(b - 1)
+                cbl.on_epoch_end(b - 1, logs)
+                cbl.on_train_end()
+        else:
+            with warnings.catch_warnings():
+                # Keras 3.15 warns "Your input ran out of data" at the end of each epoch of a dataset of unknown
+                # length; it is spurious (fixed upstream, keras-team/keras#23360).
+                warnings.filterwarnings("ignore", message=".*Your input ran out of data.*")
+                fit_model.fit(train_ds, validation_data=val_ds, epochs=b, initial_epoch=start, callbacks=stage_cbs,
+                              verbose=verbose, shuffle=False)
+        if features is not None and stage.trainable != frozenset():
+            features.fresh = False  # the backbone moved: features of a later head stage are computed again
+        if guard.bad_epoch is not None:
+            if checkpointer is not None and checkpointer.last is not None:  # the last good checkpoint
+                resume.load_weights(model, os.path.join(checkpointer.dir, checkpointer.last.weights))
+            err = TrainingError(nan_message(guard.bad_epoch, stage, fit_model.optimizer, rt.precision))
+            err.history = rows  # type: ignore[attr-defined]
+            err.stage = stage  # type: ignore[attr-defined]
+            raise err
+    if state is not None and state.next_stage >= len(plan) and checkpointer is not None:
+        resume.load_weights(model, os.path.join(checkpointer.dir, state.weights))  # a finished run resumed
+    return rows
+
+
+def _batch_size(ds, cfg) -> int:
+    try:
+        spec = ds.element_spec[0]
+        if spec.shape[0] is not None:
+            return int(spec.shape[0])
+    except (AttributeError, TypeError, IndexError):
+        pass
+    return int(getattr(ds, "tl_batch_size", cfg.data.batch_size))
