@@ -40,7 +40,7 @@ def main() -> int:
         tiny = make_tiny_backbone(os.path.join(work, "tiny.keras"))
         run = os.path.join(work, "run")
         rc = cli.main(["finetune", "--base", tiny, "--weights", "none", "--dataset", "shapes", "--image-size", "32",
-                       "--epochs", str(args.epochs), "--head-epochs", "0", "--shapes-per-class",
+                       "--epochs", str(args.epochs), "--head-steps", "0", "--shapes-per-class",
                        str(args.shapes_per_class), "--lr", str(args.lr), "--augment", "none", "--output-dir", run])
         if rc:
             return rc

@@ -200,6 +200,8 @@ def main() -> None:
     p.add_argument("--recipes", default=",".join(RECIPES), help="Comma-separated recipes. Default: all.")
     p.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds. Default: 0,1,2.")
     p.add_argument("--out", default="benchmarks/results/transfer.json", help="JSON output.")
+    p.add_argument("--keep", action="store_true", help="Keep the results already in --out and run only the missing "
+                   "(task, recipe, seed) rows (to add a recipe, or to finish an interrupted run).")
     args = p.parse_args()
     tasks = [t for t in args.tasks.split(",") if t]
     recipes = [r for r in args.recipes.split(",") if r]
@@ -208,11 +210,17 @@ def main() -> None:
         if not os.path.exists(path):
             sys.exit(f"missing {path}: run ../shared/tools/make-imagenet-backbone and make-transfer-tasks first")
     results = []
+    if args.keep and os.path.exists(args.out):
+        with open(args.out) as f:
+            results = json.load(f)["results"]
+    done = {(r["task"], r["recipe"], r["seed"]) for r in results}
     for task in tasks:
         folder, which, size = TASKS[task]
         backbone = args.imagenet_backbone if which == "imagenet" else os.path.join(args.tasks_dir, "letters_backbone.keras")
         for recipe in recipes:
             for seed in seeds:
+                if (task, recipe, seed) in done:
+                    continue
                 t0 = time.time()
                 acc = RECIPES[recipe](os.path.join(args.tasks_dir, folder), backbone, size, seed)
                 results.append({"task": task, "recipe": recipe, "seed": seed, "test_accuracy": acc,
@@ -222,7 +230,7 @@ def main() -> None:
                 keras.backend.clear_session()
                 _write(args.out, args, results)
     print()
-    print(table(results, tasks, recipes))
+    print(table(results, tasks, sorted({r["recipe"] for r in results}, key=list(RECIPES).index)))
     print(f"\nwritten: {args.out}")
 
 

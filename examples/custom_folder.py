@@ -39,14 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         images = args.images or write_image_folder(os.path.join(work, "images"), ("red", "green", "blue"), per_class=8)
         data = DataConfig(image_dir=images, image_size=32, batch_size=8, val_split=0.25, augment="light")
         model = ModelConfig(base=make_tiny_backbone(os.path.join(work, "tiny.keras")), weights="none")
-        train = TrainConfig(strategy="two_stage", head_epochs=1, epochs=1)
+        train = TrainConfig(strategy="two_stage", head_steps=1, epochs=1)
         output_dir = args.output_dir or os.path.join(work, "run")
     else:
         if not args.images:
             parser.error("give the folder of your images (or set TLKIT_SMOKE=1 for a demo)")
         data = DataConfig(image_dir=args.images, image_size=224, batch_size=32, augment="standard")
         model = ModelConfig(base=args.base, weights="imagenet")
-        train = TrainConfig(strategy="two_stage", head_epochs=3, epochs=args.epochs, optimizer="adamw",
+        train = TrainConfig(strategy="two_stage", head_steps=300, epochs=args.epochs, optimizer="adamw",
                             lr=1e-3, weight_decay=1e-4)
         output_dir = args.output_dir
 

@@ -18,8 +18,8 @@ if [[ "${TLKIT_SMOKE:-0}" == 1 ]]; then
   TINY=${TINY:-$OUT/tiny.keras}  # a tiny random-weight .keras backbone (an existing one is reused)
   [[ -f "$TINY" ]] || python -c "from tlkit.testing import make_tiny_backbone as m; m('$TINY')"
   DATA=(--dataset shapes --shapes-per-class 8 --image-size 32 --base "$TINY" --weights none)
-  SEARCH=(--tuner random --max-trials 2 --trial-epochs 1 --head-epochs 1 --lr-range 1e-4 1e-2 --batch-sizes 8 16)
-  FINAL=(--head-epochs 1 --epochs 1)
+  SEARCH=(--tuner random --max-trials 2 --trial-epochs 1 --head-steps 1 --lr-range 1e-4 1e-2 --batch-sizes 8 16)
+  FINAL=(--head-steps 1 --epochs 1)
 else
   DATA=(--config examples/finetune_flowers.yaml)
   SEARCH=(--tuner bayesian --max-trials 20 --trial-epochs 4 --lr-range 1e-5 1e-2 --batch-sizes 16 32 64)

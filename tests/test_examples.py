@@ -93,7 +93,7 @@ def test_yaml_loads_with_cli_and_runs_a_smoke(tmp_path, tiny, capsys):
     out = tmp_path / "run"
     rc = cli.main(["finetune", "--config", YAML, "--dataset", "shapes", "--shapes-per-class", "8",
                    "--base", tiny, "--weights", "none", "--image-size", "32", "--batch-size", "8",
-                   "--head-epochs", "1", "--epochs", "1", "--output-dir", str(out)])
+                   "--head-steps", "1", "--epochs", "1", "--output-dir", str(out)])
     assert rc == 0, capsys.readouterr().err
     for name in ("config.yaml", "labels.txt", "model.keras", "history.csv", "metrics.json"):
         assert (out / name).is_file(), name

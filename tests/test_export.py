@@ -20,7 +20,7 @@ EXPORT = importlib.import_module("tlkit.export")  # the module (tlkit.export is 
 def run_dir(tiny_backbone, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("export_run") / "run")
     rc = cli.main(["finetune", "--base", tiny_backbone, "--weights", "none", "--dataset", "shapes", "--image-size", "32",
-                   "--epochs", "1", "--head-epochs", "0", "--shapes-per-class", "8", "--augment", "none",
+                   "--epochs", "1", "--head-steps", "0", "--shapes-per-class", "8", "--augment", "none",
                    "--output-dir", out])
     assert rc == 0
     return out

@@ -36,7 +36,7 @@ def _check_run(run, num_classes, size, epochs):
 def test_resnet50_on_shapes_end_to_end(tmp_path, capsys):
     run = str(tmp_path / "run")
     rc = main(["finetune", "--base", "resnet50", "--weights", "none", "--dataset", "shapes", "--image-size", "32",
-               "--epochs", "2", "--head-epochs", "0", "--shapes-per-class", "4", "--batch-size", "8",
+               "--epochs", "2", "--head-steps", "0", "--shapes-per-class", "4", "--batch-size", "8",
                "--output-dir", run])
     assert rc == 0
     rows, metrics = _check_run(run, 4, 32, epochs=2)
@@ -58,7 +58,7 @@ def test_oxford_flowers102_through_tfds_mock_data(tmp_path, tiny_backbone):
     run = str(tmp_path / "run")
     with tfds.testing.mock_data(num_examples=12):
         rc = main(["finetune", "--base", tiny_backbone, "--weights", "none", "--dataset", "oxford_flowers102",
-                   "--image-size", "32", "--epochs", "1", "--head-epochs", "1", "--batch-size", "4",
+                   "--image-size", "32", "--epochs", "1", "--head-steps", "1", "--batch-size", "4",
                    "--output-dir", run])
         assert rc == 0
         _, metrics = _check_run(run, 102, 32, epochs=2)
@@ -72,7 +72,7 @@ def test_image_dir_with_real_files_and_config_rerun(tmp_path, tiny_backbone):
     root = write_image_folder(tmp_path / "imgs", classes=("red", "green", "blue"), per_class=8)
     run = str(tmp_path / "run")
     rc = main(["finetune", "--base", tiny_backbone, "--weights", "none", "--image-dir", root, "--image-size", "32",
-               "--strategy", "two_stage", "--head-epochs", "1", "--epochs", "2", "--batch-size", "4",
+               "--strategy", "two_stage", "--head-steps", "1", "--epochs", "2", "--batch-size", "4",
                "--val-split", "0.25", "--augment", "light", "--output-dir", run])
     assert rc == 0
     rows, _ = _check_run(run, 3, 32, epochs=3)

@@ -153,9 +153,9 @@ def test_finetune_lr_auto_runs_the_finder_and_saves_the_number(tiny_backbone, co
 
 def test_the_suggestion_is_the_first_stage_lr():
     # --lr is the head's LR; when the first stage runs at a multiple of it, lr = suggestion / multiple.
-    stage, factor = LF.pick_stage(TrainConfig(strategy="two_stage", head_epochs=2), 4)
+    stage, factor = LF.pick_stage(TrainConfig(strategy="two_stage", head_steps=2), 4)
     assert (stage.name, factor) == ("head", 1.0)
-    stage, factor = LF.pick_stage(TrainConfig(strategy="two_stage", head_epochs=0, finetune_lr_scale=0.1), 4)
+    stage, factor = LF.pick_stage(TrainConfig(strategy="two_stage", head_steps=0, finetune_lr_scale=0.1), 4)
     assert (stage.name, factor) == ("finetune", pytest.approx(0.1))
     stage, factor = LF.pick_stage(TrainConfig(strategy="gradual", epochs=3), 4, stage="unfreeze_2")
     assert stage.trainable == frozenset({2, 3}) and factor == pytest.approx(0.1)

@@ -30,7 +30,7 @@ def test_parser_walk_finds_the_verbs_and_their_flags():
     assert {"finetune", "evaluate", "info"} <= set(verbs)
     finetune_flags = {f for a in docs.options(verbs["finetune"]) for f in docs.long_flags(a)}
     # Generated config flags (one per dataclass field), a boolean pair, and the CLI's own flags.
-    assert {"--dataset", "--base", "--head-epochs", "--tensorboard", "--no-tensorboard", "--config",
+    assert {"--dataset", "--base", "--head-steps", "--tensorboard", "--no-tensorboard", "--config",
             "--output-dir", "--debug"} <= finetune_flags
     assert "--help" not in finetune_flags
 

@@ -68,7 +68,7 @@ def test_sigkill_sigint_resume_matches_uninterrupted(tmp_path, tiny_backbone, ca
     work = tmp_path / "work"  # the working directory: nothing may be written here but the run folders
     work.mkdir()
     args = ["finetune", "--base", tiny_backbone, "--image-size", "32", "--weights", "none", "--image-dir", images,
-            "--batch-size", "4", "--val-split", "0.25", "--head-epochs", "2", "--epochs", "1", "--augment", "none",
+            "--batch-size", "4", "--val-split", "0.25", "--head-steps", "2", "--epochs", "1", "--augment", "none",
             "--lr", "0.01", "--seed", "3"]
     ref, run = str(work / "ref"), str(work / "run")
 

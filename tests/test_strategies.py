@@ -27,7 +27,7 @@ def _counts(model, spec):
     ("two_stage", [("head", frozenset()), ("finetune", frozenset({3, 4}))]),
 ])
 def test_plans(strategy, expected):
-    stages = plan(TrainConfig(strategy=strategy, epochs=4, head_epochs=2, unfreeze_stages=2, lr=1e-3), 5)
+    stages = plan(TrainConfig(strategy=strategy, epochs=4, head_steps=2, unfreeze_stages=2, lr=1e-3), 5)
     assert [(s.name, s.trainable) for s in stages] == expected
     if strategy == "two_stage":
         assert stages[0].epochs == 2 and stages[1].epochs == 4
@@ -35,10 +35,22 @@ def test_plans(strategy, expected):
 
 
 def test_gradual_unfreezes_one_more_stage_each_step():
-    stages = plan(TrainConfig(strategy="gradual", epochs=5, gradual_every=2), 4)
-    assert [len(s.trainable) for s in stages] == [0, 1, 2]
-    assert [s.epochs for s in stages] == [2, 2, 1]
+    stages = plan(TrainConfig(strategy="gradual", epochs=5, gradual_every=2, head_steps=6), 4, steps_per_epoch=4)
+    assert [len(s.trainable) for s in stages] == [0, 1, 2, 3]
+    assert [s.epochs for s in stages] == [2, 2, 2, 1]  # the head: ceil(6 steps / 4 a pass); then `epochs`
     assert stages[1].trainable == frozenset({3}) and stages[2].trainable == frozenset({2, 3})
+
+
+@pytest.mark.parametrize("n_images,batch,head_steps,expected", [(50, 32, 300, 150), (50_000, 32, 300, 1),
+                                                                  (40, 8, 1, 1), (40, 8, 0, 0)])
+def test_the_head_stage_is_budgeted_in_steps(n_images, batch, head_steps, expected):
+    steps = -(-n_images // batch)
+    cfg = TrainConfig(strategy="two_stage", head_steps=head_steps, epochs=3)
+    stages = plan(cfg, 4, steps_per_epoch=steps)
+    assert [s.epochs for s in stages if s.name == "head"] == ([expected] if expected else [])
+    assert [s.epochs for s in stages if s.name == "finetune"] == [3]  # --epochs means epochs of fine-tuning
+    fe = plan(TrainConfig(strategy="feature_extraction", head_steps=head_steps, epochs=3), 4, steps_per_epoch=steps)
+    assert fe[0].epochs == max(3, expected)
 
 
 def test_resnet50_trainable_weights_per_stage():

@@ -83,7 +83,7 @@ def _read_csv(path):
 def test_random_search_writes_outputs_and_each_trial_trains_with_its_values(tiny_backbone, tmp_path):
     FITS.clear()
     out = tmp_path / "run"
-    cfg = _cfg(tiny_backbone, out, strategy="two_stage", head_epochs=0, unfreeze_stages=1, lr=2e-3)
+    cfg = _cfg(tiny_backbone, out, strategy="two_stage", head_steps=0, unfreeze_stages=1, lr=2e-3)
     tc = C.TuneConfig(tuner="random", max_trials=3, batch_sizes=(4, 8), lr_range=(1e-4, 1e-1), trial_epochs=1,
                       search="dropout")
     result = tune(cfg, tc, callbacks=[Recorder()])
@@ -196,7 +196,7 @@ def test_every_tuner_declares_the_space_it_should(tiny_backbone, tmp_path):
     from tlkit import backbones, runtime
     from tlkit.data import load_sources
 
-    cfg = _cfg(tiny_backbone, tmp_path, strategy="two_stage", head_epochs=2, epochs=3)
+    cfg = _cfg(tiny_backbone, tmp_path, strategy="two_stage", head_steps=2, epochs=3)
     spec = backbones.get_backbone(cfg.model.base)
     data = load_sources(cfg.data, 32, cfg.seed)
     rt = runtime.setup(cfg.runtime)

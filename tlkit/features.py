@@ -71,7 +71,7 @@ def split_model(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     Example:
         >>> extractor, head = split_model(model)
         >>> [l.name for l in head.layers]
-        ['features', 'head_dropout', 'logits', 'probs']
+        ['features', 'feature_norm', 'head_dropout', 'logits', 'probs']
     """
     layers = head_layers(model)
     for layer in layers:
@@ -122,7 +122,7 @@ def extract_features(extractor: keras.Model, ds: tf.data.Dataset, jit_compile: b
     forward = forward or _compiled_forward(extractor, jit_compile)
     steps = int(ds.cardinality())
     bar = keras.utils.Progbar(steps if steps > 0 else None, unit_name="batch")
-    print(f"[tlkit] caching base features of the {what} split", flush=True)
+    print(f"[tlkit] computing base features of the {what} split (once)", flush=True)
     feats, labels = [], []
     for x, y in ds:
         feats.append(forward(x).numpy())

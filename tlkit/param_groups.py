@@ -135,12 +135,8 @@ def stage_factors(num_stages: int, cfg: TrainConfig) -> list[float] | None:
     return [float(cfg.lr_mult ** (num_stages - s)) for s in range(num_stages)]
 
 
-def stage_multipliers(model: keras.Model, spec: BackboneSpec, cfg: TrainConfig,
-                      backbone_factor: float = 1.0) -> dict[int, float]:
+def stage_multipliers(model: keras.Model, spec: BackboneSpec, cfg: TrainConfig) -> dict[int, float]:
     """`{id(variable): factor}` for every backbone variable of a `build_classifier` model (head: 1).
-
-    `backbone_factor` multiplies every backbone stage's factor: the fine-tuning stage of the default recipe
-    keeps the head at the stage's learning rate while the backbone moves at `finetune_lr_scale` of it.
 
     Example:
         >>> mults = stage_multipliers(model, get_backbone("resnet50"), TrainConfig(lr_mult=0.1))
@@ -151,35 +147,30 @@ def stage_multipliers(model: keras.Model, spec: BackboneSpec, cfg: TrainConfig,
     assignment = spec.stages(base)
     factors = stage_factors(max(assignment) + 1, cfg)
     if factors is None:
-        if backbone_factor == 1.0:
-            return {}
-        factors = [1.0] * (max(assignment) + 1)
+        return {}
     out: dict[int, float] = {}
     for layer, stage in zip(base.layers, assignment):
         for v in layer.weights:
-            out[id(v)] = factors[stage] * float(backbone_factor)
+            out[id(v)] = factors[stage]
     return out
 
 
 def discriminative_optimizer(optimizer: keras.optimizers.Optimizer, model: keras.Model, spec: BackboneSpec,
-                             cfg: TrainConfig, backbone_factor: float = 1.0) -> keras.optimizers.Optimizer:
+                             cfg: TrainConfig) -> keras.optimizers.Optimizer:
     """`optimizer` with discriminative learning rates per backbone stage, or itself when they are off.
 
     Example:
         >>> opt = discriminative_optimizer(make_optimizer(cfg.train, 1e-3), model, spec, cfg.train)
     """
-    mults = stage_multipliers(model, spec, cfg, backbone_factor)
+    mults = stage_multipliers(model, spec, cfg)
     if not mults:
         return optimizer
     return scaled_optimizer(optimizer, multipliers=mults)
 
 
-def describe_factors(num_stages: int, cfg: TrainConfig, lr: float, backbone_factor: float = 1.0) -> str:
+def describe_factors(num_stages: int, cfg: TrainConfig, lr: float) -> str:
     """One line naming each stage's learning rate, for the log."""
     factors = stage_factors(num_stages, cfg)
     if factors is None:
-        if backbone_factor == 1.0:
-            return ""
-        factors = [1.0] * num_stages
-    return ("stage lrs (bottom first): " + ", ".join(f"{lr * f * backbone_factor:.3g}" for f in factors)
-            + f"; head {lr:.3g}")
+        return ""
+    return "stage lrs (bottom first): " + ", ".join(f"{lr * f:.3g}" for f in factors) + f"; head {lr:.3g}"

@@ -88,22 +88,22 @@ def classifier_metrics(num_classes: int) -> list:
     return metrics
 
 
-def stage_optimizer(model: keras.Model, spec, cfg, learning_rate, backbone_factor: float = 1.0):
-    """The configured optimizer with the discriminative rates of `cfg.train` and the stage's backbone factor."""
+def stage_optimizer(model: keras.Model, spec, cfg, learning_rate):
+    """The configured optimizer with the discriminative rates of `cfg.train` (`lr_mult`, `stage_lrs`)."""
     optimizer = schedules.make_optimizer(cfg.train, learning_rate)
     if spec is None:
         return optimizer
-    return param_groups.discriminative_optimizer(optimizer, model, spec, cfg.train, backbone_factor)
+    return param_groups.discriminative_optimizer(optimizer, model, spec, cfg.train)
 
 
 def compile_model(model: keras.Model, cfg, learning_rate, num_classes: int, jit_compile: bool,
-                  spec=None, backbone_factor: float = 1.0) -> None:
+                  spec=None) -> None:
     """Compiles with the configured optimizer, label-smoothed cross-entropy, top-1 and top-5 accuracy.
 
     With `spec`, the optimizer applies the discriminative learning rates of `cfg.train.lr_mult` /
-    `stage_lrs` (and `backbone_factor`) to the backbone's stages (`param_groups`).
+    `stage_lrs` to the backbone's stages (`param_groups`).
     """
-    model.compile(optimizer=stage_optimizer(model, spec, cfg, learning_rate, backbone_factor),
+    model.compile(optimizer=stage_optimizer(model, spec, cfg, learning_rate),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),
                   metrics=classifier_metrics(num_classes), jit_compile=jit_compile)
 
@@ -189,8 +189,9 @@ def fit_head_on_features(model: keras.Model, feats: HeadFeatures, cfg, rt, stage
     head.fit(train, validation_data=val, epochs=epochs, callbacks=[guard, keep], verbose=0, shuffle=False)
     if keep.weights is not None:
         head.set_weights(keep.weights)
+        keep.logs = dict(keep.logs, head_passes=float(epochs), kept_pass=float(keep.epoch))
     steps = int(model.optimizer.iterations.numpy())
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in keep.logs.items())
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in keep.logs.items() if k not in ("head_passes", "kept_pass"))
     if verbose:
         print(f"[tlkit] head trained on cached features: {epochs} passes ({steps} steps, batch {batch_size}) in "
               f"{time.time() - t0:.1f} s; kept pass {keep.epoch}: {shown}", flush=True)
@@ -263,14 +264,14 @@ def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, 
         n = set_trainable(model, spec, None if stage.trainable is None else set(stage.trainable), cfg.model.bn_trains)
         if describe:
             print(f"[tlkit] stage {stage.describe(num_stages)}; {n} trainable weight tensors", flush=True)
-            factors = param_groups.describe_factors(num_stages, cfg.train, stage.lr, stage.backbone_factor)
+            factors = param_groups.describe_factors(num_stages, cfg.train, stage.lr)
             if stage.trainable != frozenset() and factors:
                 print(f"[tlkit] {factors}", flush=True)
         lr = schedules.make_schedule(cfg.train, stage.lr, stage.epochs, steps_per_epoch)
         on_features = (features is not None and compile_fn is None and stage.trainable == frozenset()
                        and F.use_feature_cache(model, cfg, head_stage=True))
         with rt.scope():
-            optimizer = stage_optimizer(model, spec, cfg, lr, stage.backbone_factor)
+            optimizer = stage_optimizer(model, spec, cfg, lr)
             if compile_fn is None:
                 model.compile(optimizer=optimizer,
                               loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),
