@@ -104,17 +104,67 @@ def _test_acc(model, test) -> float:
     return float(np.mean(np.concatenate(y_true) == np.concatenate(y_pred)))
 
 
+_FEATURES: dict = {}
+
+
+def _features(task_dir, backbone, size):
+    """Base features of every split, computed once per task: the frozen part of the keras recipes trains
+    Dropout + Dense on them, which is the same computation as training the model with the base frozen in inference
+    mode on un-augmented images (the base's output does not change), only without recomputing it each epoch."""
+    key = (task_dir, backbone, size)
+    if key not in _FEATURES:
+        base = keras.models.load_model(backbone, compile=False)
+        out = {}
+        for split in ("train", "val", "test"):
+            ds = keras.utils.image_dataset_from_directory(os.path.join(task_dir, split), image_size=(size, size),
+                                                          batch_size=64, label_mode="categorical", shuffle=False,
+                                                          verbose=False)
+            xs, ys = [], []
+            for x, y in ds:
+                f = base(x, training=False)
+                if len(f.shape) == 4:
+                    f = tf.reduce_mean(f, axis=[1, 2])
+                xs.append(f.numpy())
+                ys.append(y.numpy())
+            out[split] = (np.concatenate(xs), np.concatenate(ys))
+        _FEATURES[key] = out
+    return _FEATURES[key]
+
+
 def keras_recipe(task_dir, backbone, size, seed, guide: bool) -> float:
-    train, val, test, n = _folders(task_dir, size, 16, seed)
-    model, base = _head_model(backbone, size, n, seed)
-    model.compile(keras.optimizers.Adam(1e-3), "categorical_crossentropy", metrics=["accuracy"])
+    feats = _features(task_dir, backbone, size)
+    (x, y), (xv, yv) = feats["train"], feats["val"]
+    n = y.shape[1]
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(x.shape[1:])
+    head = keras.Sequential([keras.layers.Dropout(0.2), keras.layers.Dense(n, activation="softmax")])
+    probe = keras.Model(inputs, head(inputs))
+    probe.compile(keras.optimizers.Adam(1e-3), "categorical_crossentropy", metrics=["accuracy"])
     best = _Best()
-    model.fit(train, validation_data=val, epochs=30, callbacks=[best], verbose=0)
-    if guide:
-        base.trainable = True
-        model.compile(keras.optimizers.Adam(1e-5), "categorical_crossentropy", metrics=["accuracy"])
-        model.fit(train, validation_data=val, epochs=10, callbacks=[best], verbose=0)
-    model.set_weights(best.weights)
+    probe.fit(x, y, batch_size=16, shuffle=True, validation_data=(xv, yv), epochs=30, callbacks=[best], verbose=0)
+    if not guide:
+        probe.set_weights(best.weights)
+        xt, yt = feats["test"]
+        return float(np.mean(probe.predict(xt, verbose=0).argmax(-1) == yt.argmax(-1)))
+    # The guide's second part: the whole base unfrozen at 1e-5 for 10 epochs, from the last frozen epoch.
+    train, val, test, _ = _folders(task_dir, size, 16, seed)
+    base = keras.models.load_model(backbone, compile=False)
+    image = keras.Input((size, size, 3))
+    f = base(image, training=False)
+    if len(f.shape) == 4:
+        f = keras.layers.GlobalAveragePooling2D()(f)
+    model = keras.Model(image, head(f))
+    frozen_best = best.weights  # the best frozen epoch's head, as keras weights of the head alone
+    base.trainable = True
+    model.compile(keras.optimizers.Adam(1e-5), "categorical_crossentropy", metrics=["accuracy"])
+    best_ft = _Best()
+    best_ft.best = best.best  # an epoch of the second part is kept only if it beats the frozen part's best
+    model.fit(train, validation_data=val, epochs=10, callbacks=[best_ft], verbose=0)
+    if best_ft.weights is not None:
+        model.set_weights(best_ft.weights)
+    else:
+        head.set_weights(frozen_best)
+        base.set_weights(keras.models.load_model(backbone, compile=False).get_weights())
     return _test_acc(model, test)
 
 

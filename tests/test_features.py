@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import tlkit
+from tlkit.strategies import plan
 from tlkit import features
 from tlkit.backbones import get_backbone
 from tlkit.config import DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig, TrainConfig
@@ -34,19 +35,13 @@ def test_split_model_shares_the_head_layers_and_composes_to_the_model(tiny_backb
                                keras.ops.convert_to_numpy(model(x)), rtol=1e-5, atol=1e-6)
 
 
-def test_when_the_cache_applies(tiny_backbone):
-    spec, model = _classifier(tiny_backbone)
-    cfg = FinetuneConfig(data=DataConfig(dataset="shapes", augment="none"))
-    with_aug = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment="standard"))
-    set_trainable(model, spec, set())  # head stage: backbone frozen
-    assert features.use_feature_cache(model, cfg)
-    assert not features.use_feature_cache(model, with_aug)  # auto: augmentation makes every epoch different
-    forced = dataclasses.replace(with_aug, runtime=RuntimeConfig(cache_features=True))
-    assert features.use_feature_cache(model, forced)
-    off = dataclasses.replace(cfg, runtime=RuntimeConfig(cache_features=False))
-    assert not features.use_feature_cache(model, off)
-    set_trainable(model, spec, {2})  # a backbone stage trains: never
-    assert not features.use_feature_cache(model, forced)
+def test_when_the_head_trains_on_cached_features():
+    cfg = FinetuneConfig(data=DataConfig(dataset="shapes", augment="standard"))
+    assert features.head_on_features(cfg)  # auto: on, whatever the augmentation (the features are un-augmented)
+    assert features.head_on_features(dataclasses.replace(cfg, runtime=RuntimeConfig(cache_features=True)))
+    assert not features.head_on_features(dataclasses.replace(cfg, runtime=RuntimeConfig(cache_features=False)))
+    stages = plan(cfg.train, 4, steps_per_epoch=2, head_on_features=True)
+    assert [(s.name, s.epochs, s.passes) for s in stages] == [("head", 1, 150), ("finetune", 10, 0)]
 
 
 def _run(root, tiny_backbone, out, cache, strategy="feature_extraction", augment="none", batch_size=4):
@@ -73,7 +68,7 @@ def test_feature_cache_trains_the_same_head_to_the_same_accuracy_and_saves_the_f
     # trained the full model on the images epoch by epoch, has the same losses within float noise.
     assert len(plain.history) == 8 and len(cached.history) == 1 and cached.history[0]["stage"] == "head"
     row = cached.history[0]
-    assert row["epoch"] == 8 and row["head_passes"] == 8
+    assert row["epoch"] == 1 and row["head_passes"] == 8  # one epoch of the run, eight passes over the features
     same = plain.history[int(row["kept_pass"]) - 1]
     np.testing.assert_allclose([row["loss"], row["val_loss"]], [same["loss"], same["val_loss"]], atol=5e-3)
     assert abs(plain.metrics["val"]["accuracy"] - cached.metrics["val"]["accuracy"]) <= 0.25

@@ -173,11 +173,11 @@ class RuntimeConfig:
         distribute: `auto` (mirrored with more than one GPU), `none`, `mirrored`, `multiworker` (reads
             `TF_CONFIG`) or `tpu`. Defaults to `"auto"`.
         deterministic: Make the input pipeline and ops deterministic (slower). Defaults to `False`.
-        cache_features: Train the head of a stage whose backbone is frozen on base features computed once
-            (`tlkit.features`), many times faster; the head and the saved model are the same. `None` (auto):
-            when the training split has no augmentation (`--augment none`); `True` (`--cache-features`): also
-            with augmentation (the features of one augmented pass over the training set are reused);
-            `False` (`--no-cache-features`): never. Defaults to `None`.
+        cache_features: Train the head stage (backbone frozen) on base features of the un-augmented training
+            images computed once (`tlkit.features`): `head_steps` steps then cost seconds, and the best pass on
+            the validation features is kept; the stage is one row of history.csv. `None` (auto) and `True`
+            (`--cache-features`): on; `False` (`--no-cache-features`): the head stage trains on the augmented
+            images, `ceil(head_steps / batches per epoch)` epochs. Defaults to `None`.
     """
 
     precision: str = "auto"

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 import time
 from typing import Any
 
@@ -29,13 +28,15 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from tlkit import backbones, param_groups, rundir, runtime, schedules, strategies
+from tlkit import backbones, rundir, runtime, strategies
 from tlkit.config import DistillConfig, FinetuneConfig, config_to_dict, dump_yaml, load_config
-from tlkit.data import Datasets, load_sources, make_dataset
+from tlkit.data import load_sources, make_dataset
 from tlkit.errors import ConfigError, DataError, TrainingError
 from tlkit.evaluate import compute_metrics, load_model_and_labels, predict_split
-from tlkit.model import build_classifier, get_base, set_trainable
-from tlkit.train import RunResult, EpochLog, NaNGuard, _check_data, save_model
+from tlkit.model import get_base
+from tlkit.engine import setup as engine_setup
+from tlkit.engine.loop import run_stages
+from tlkit.train import RunResult, _check_data, save_model
 
 
 class _LogOf(keras.layers.Layer):
@@ -308,6 +309,7 @@ def distill(cfg: FinetuneConfig, dcfg: DistillConfig) -> RunResult:
     if size < spec.min_size:
         raise ConfigError(f"image_size {size} is too small for {spec.name}: it needs at least {spec.min_size} px.")
     data = load_sources(cfg.data, size, cfg.seed)
+    cfg = engine_setup.fit_batch_size(cfg, data.train.count)
     _check_data(cfg, data)
     if int(teacher.output_shape[-1]) != data.num_classes:
         raise DataError(f"The teacher {dcfg.teacher!r} predicts {teacher.output_shape[-1]} classes but the data has "
@@ -341,39 +343,37 @@ def distill(cfg: FinetuneConfig, dcfg: DistillConfig) -> RunResult:
     test_ds = make_dataset(data.test, cache="none", **common) if data.test else None
 
     with rt.scope():
-        student = build_classifier(spec, data.num_classes, cfg.model, size, base=user_base)
+        base = user_base if user_base is not None else spec.build(size, cfg.model.weights)
+    plain = make_dataset(data.train, cache="none", **common)
+    # The student's head standardises its backbone's features of the training images, as finetune's does.
+    student, _ = engine_setup.build_model(spec, base, data.num_classes, cfg, size, rt, plain, None)
+    with rt.scope():
         distiller = Distiller(logits_model(student), None if cached else t_logits, data.num_classes,
                               dcfg.temperature, dcfg.alpha, cfg.train.label_smoothing, name="distiller")
     num_stages = spec.num_stages(get_base(student))
-    plan = strategies.plan(cfg.train, num_stages)
     steps = math.ceil(data.train.count / d.batch_size)
+    # The head stage trains on the images here (the distillation loss needs the teacher's view of each one).
+    plan = strategies.plan(cfg.train, num_stages, steps, head_on_features=False)
     print(f"[tlkit] distilling {os.path.basename(os.path.normpath(dcfg.teacher))} -> {spec.name} on {data.name}: "
           f"{data.train.count} train images, {data.num_classes} classes, {size}px, T={dcfg.temperature:g}, "
           f"alpha={dcfg.alpha:g}, teacher logits {'cached' if cached else 'computed each step'}; {rt.describe()}",
           flush=True)
-    rows: list[dict[str, Any]] = []
     monitor = "val_accuracy" if val_fit is not None else "accuracy"
-    epoch_log = EpochLog(os.path.join(out_dir, "history.csv"), rows)
-    guard = NaNGuard()
     keep = _KeepBest(student, monitor)
-    verbose = 1 if sys.stdout.isatty() else 2
-    epoch = 0
     t0 = time.time()
-    for stage in plan:
-        n = set_trainable(student, spec, None if stage.trainable is None else set(stage.trainable), cfg.model.bn_trains)
-        print(f"[tlkit] stage {stage.describe(num_stages)}; {n} trainable weight tensors", flush=True)
-        lr = schedules.make_schedule(cfg.train, stage.lr, stage.epochs, steps)
-        with rt.scope():
-            optimizer = param_groups.discriminative_optimizer(schedules.make_optimizer(cfg.train, lr), student, spec,
-                                                              cfg.train)
-            distiller.compile(optimizer=optimizer, jit_compile=rt.jit_compile)
-        epoch_log.stage = stage.name
-        distiller.fit(train_ds, validation_data=val_fit, epochs=epoch + stage.epochs, initial_epoch=epoch,
-                      callbacks=[guard, epoch_log, keep], verbose=verbose, shuffle=False)
-        if guard.bad_epoch is not None:
-            raise TrainingError(f"The distillation loss became NaN or infinite in epoch {guard.bad_epoch} (stage "
-                                f"{stage.name!r}); lower --lr or --temperature, or use --precision float32.")
-        epoch += stage.epochs
+
+    def compile_fn(optimizer):  # the stage's optimizer (the student's variables), the distillation loss
+        distiller.compile(optimizer=optimizer, jit_compile=rt.jit_compile)
+        return distiller
+
+    try:
+        rows = run_stages(student, spec, plan, train_ds, val_fit, cfg, rt, num_classes=data.num_classes,
+                          steps_per_epoch=steps, compile_fn=compile_fn, callbacks=[keep],
+                          history_path=os.path.join(out_dir, "history.csv"))
+    except TrainingError as e:
+        stage = getattr(e, "stage", None)
+        raise TrainingError(f"The distillation loss became NaN or infinite (stage {getattr(stage, 'name', '?')!r}); "
+                            "lower --lr or --temperature, or use --precision float32.") from None
     train_seconds = time.time() - t0
     if keep.weights is not None:
         student.set_weights(keep.weights)

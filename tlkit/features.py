@@ -1,25 +1,21 @@
-"""Frozen-feature caching: train the head of a frozen-backbone stage on base features computed once.
+"""Frozen-feature caching: the head stage trains on base features computed once.
 
-When a stage trains no backbone weight, every epoch pushes the same images through the same frozen base to
-get the same features; only the head (dropout -> Dense -> softmax) learns. `fit_stage` then computes the
-features once (with a progress bar), and trains the head on them: a `keras.Model` made of the classifier's own
-head layers (the same layer objects, so the same architecture and the weights land in the full model), with
-the full model's optimizer, loss and metrics, and the run's callbacks still seeing the full model (the best
-checkpoint and the saved model are base + head). An epoch then costs a few matrix products instead of a
-forward pass through the backbone, which makes the `head` stage of `two_stage` and `feature_extraction`
-many times faster.
-
-When it applies (`use_feature_cache`): the backbone has no trainable weight in this stage, and
-`RuntimeConfig.cache_features` is `True`, or `None` (auto) with `DataConfig.augment == "none"` (with
-augmentation, each epoch sees other images, so auto leaves it off; `--cache-features` reuses the features of one
-augmented pass). Features are computed in inference mode (`training=False`), as the frozen base runs anyway.
+When a stage trains no backbone weight, every epoch would push the same images through the same frozen base to
+get the same features; only the head (feature_norm -> dropout -> Dense -> softmax) learns. The engine
+(`engine.loop.HeadFeatures`) computes the pooled features of the un-augmented training and validation images once
+(`extract_splits`, with a progress bar), and trains the head on them (`engine.loop.fit_head_on_features`): a
+`keras.Model` made of the classifier's own head layers (`split_model`: the same layer objects, so the weights land
+in the full model) with the full model's optimizer, loss and metrics. A pass then costs a few matrix products
+instead of a forward pass through the backbone, so the head can be trained to convergence (`head_steps`) in
+seconds, on 50 images or 50,000. Features are computed in inference mode (`training=False`), as the frozen base
+runs anyway. `cache_features: false` (`head_on_features`) trains the head stage on the images instead.
 
 Example:
-    >>> history = fit_stage(model, cfg, rt, train_ds, validation_data=val_ds, epochs=3, callbacks=cbs)
+    >>> extractor, head = split_model(model)
+    >>> x_train, y_train, x_val, y_val = extract_splits(extractor, plain_train_ds, val_ds)
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import keras
@@ -29,28 +25,14 @@ import tensorflow as tf
 from tlkit.model import get_base, head_layers
 
 
-def use_feature_cache(model: keras.Model, cfg: Any, head_stage: bool = False) -> bool:
-    """Whether the coming stage of `model` trains on cached features (call after `set_trainable`).
-
-    Args:
-        model: A classifier from `build_classifier`.
-        cfg: The `FinetuneConfig` (`runtime.cache_features`, `data.augment`).
-        head_stage: The stage is the recipe's head stage, which trains on the features of the un-augmented
-            training images whatever the augmentation (the engine's `HeadFeatures`): then only
-            `cache_features: false` turns the cache off. Defaults to `False`.
+def head_on_features(cfg: Any) -> bool:
+    """Whether head stages train on cached features (`RuntimeConfig.cache_features` not `False`).
 
     Example:
-        >>> use_feature_cache(model, cfg)
-        True
+        >>> head_on_features(FinetuneConfig(runtime=RuntimeConfig(cache_features=False)))
+        False
     """
-    flag = getattr(cfg.runtime, "cache_features", None)
-    if flag is False:
-        return False
-    if get_base(model).trainable_weights:
-        return False
-    if any(w.trainable for layer in model.layers[:_base_index(model)] for w in layer.weights):
-        return False  # something trainable before the backbone (not a classifier we know)
-    return bool(flag) or head_stage or cfg.data.augment == "none"
+    return getattr(cfg.runtime, "cache_features", None) is not False
 
 
 def _base_index(model: keras.Model) -> int:
@@ -148,65 +130,6 @@ def extract_splits(extractor: keras.Model, train_ds: tf.data.Dataset, val_ds: tf
     return x_train, y_train, x_val, y_val
 
 
-class _ToFullModel(keras.callbacks.Callback):
-    """Forwards the head's fit events to callbacks that keep seeing the full model.
-
-    The checkpoints save the full model's weights (base + head), `stop_training` set on the full model (NaN
-    guard, early stopping) stops the head's fit, and the learning rate read from `model.optimizer` is the shared
-    optimizer's.
-    """
-
-    def __init__(self, callbacks: list[keras.callbacks.Callback], model: keras.Model):
-        super().__init__()
-        self.full = model
-        self.inner = keras.callbacks.CallbackList(list(callbacks), add_history=False, add_progbar=False, model=model)
-        self.head: keras.Model | None = None
-
-    def set_model(self, model):
-        self.head = model  # the inner callbacks keep the full model
-
-    def set_params(self, params):
-        super().set_params(params)
-        self.inner.set_params(params)
-
-    def _sync(self):
-        if self.full.stop_training and self.head is not None:
-            self.head.stop_training = True
-
-    def on_train_begin(self, logs=None):
-        self.full.stop_training = False
-        self.inner.on_train_begin(logs)
-
-    def on_train_end(self, logs=None):
-        self.inner.on_train_end(logs)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.inner.on_epoch_begin(epoch, logs)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.inner.on_epoch_end(epoch, logs)
-        self._sync()
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.inner.on_train_batch_begin(batch, logs)
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.inner.on_train_batch_end(batch, logs)
-        self._sync()
-
-    def on_test_begin(self, logs=None):
-        self.inner.on_test_begin(logs)
-
-    def on_test_end(self, logs=None):
-        self.inner.on_test_end(logs)
-
-    def on_test_batch_begin(self, batch, logs=None):
-        self.inner.on_test_batch_begin(batch, logs)
-
-    def on_test_batch_end(self, batch, logs=None):
-        self.inner.on_test_batch_end(batch, logs)
-
-
 def _fresh_metrics(model: keras.Model) -> list:
     config = model.get_compile_config() or {}
     metrics = config.get("metrics") or []
@@ -220,51 +143,3 @@ def features_dataset(feats: np.ndarray, labels: np.ndarray, batch_size: int, *, 
     if training:
         ds = ds.shuffle(len(feats), seed=seed, reshuffle_each_iteration=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def fit_stage(model: keras.Model, cfg: Any, rt: Any, train_ds: tf.data.Dataset, *,
-              validation_data: tf.data.Dataset | None = None, callbacks: list | None = None,
-              batch_size: int | None = None, **fit_kwargs) -> keras.callbacks.History:
-    """`model.fit` of one stage, on cached base features when `use_feature_cache` says so.
-
-    Call it exactly as `model.fit(train_ds, validation_data=..., epochs=..., initial_epoch=..., callbacks=...,
-    ...)` after compiling `model` for the stage. With the cache, the head model is compiled with the full model's
-    optimizer (the same object, so its step count and state are the stage's), loss and metrics and XLA setting,
-    and trained on the features for the same epochs, with the same batch size and number of steps per epoch.
-
-    Args:
-        model: The compiled classifier.
-        cfg: The `FinetuneConfig`.
-        rt: The `Runtime` (strategy scope, XLA).
-        train_ds: Batches of `(images, one-hot labels)`.
-        validation_data: Validation batches, or `None`. Defaults to `None`.
-        callbacks: The stage's callbacks (they see the full model). Defaults to `None`.
-        batch_size: Batch size of the feature batches. Defaults to `None` (`cfg.data.batch_size`).
-        **fit_kwargs: Passed on to `fit` (`epochs`, `initial_epoch`, `verbose`, ...).
-
-    Returns:
-        The `History` of the fit.
-
-    Example:
-        >>> fit_stage(model, cfg, rt, train_ds, validation_data=val_ds, epochs=3, verbose=2)
-    """
-    if not use_feature_cache(model, cfg):
-        with warnings.catch_warnings():
-            # Keras 3.15 warns "Your input ran out of data" at the end of every epoch of a dataset of unknown
-            # length (image folders: ignore_errors); it is spurious (fixed upstream, keras-team/keras#23360).
-            warnings.filterwarnings("ignore", message=".*Your input ran out of data.*")
-            return model.fit(train_ds, validation_data=validation_data, callbacks=callbacks, **fit_kwargs)
-    fit_kwargs["shuffle"] = False  # the feature batches are reshuffled by the dataset itself
-    extractor, head = split_model(model)
-    jit = bool(model.jit_compile)
-    x_train, y_train, x_val, y_val = extract_splits(extractor, train_ds, validation_data, jit)
-    val = None
-    if validation_data is not None:
-        val = features_dataset(x_val, y_val, batch_size or cfg.data.batch_size, training=False)
-    train = features_dataset(x_train, y_train, batch_size or cfg.data.batch_size, training=True, seed=cfg.seed)
-    print(f"[tlkit] training the head on cached features ({x_train.shape[0]} x {x_train.shape[1:]} train)",
-          flush=True)
-    with rt.scope():
-        head.compile(optimizer=model.optimizer, loss=model.loss, metrics=_fresh_metrics(model), jit_compile=jit)
-    forward = [_ToFullModel(callbacks or [], model)]
-    return head.fit(train, validation_data=val, callbacks=forward, **fit_kwargs)

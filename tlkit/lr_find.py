@@ -27,7 +27,7 @@ import tensorflow as tf
 from tlkit import backbones, rundir, runtime, strategies
 from tlkit.config import AUTO_LR, FinetuneConfig, TrainConfig
 from tlkit.errors import ConfigError, TrainingError
-from tlkit.model import build_classifier, get_base, set_trainable
+from tlkit.model import get_base, set_trainable
 
 SUGGESTIONS = ("valley", "steepest")
 

@@ -21,7 +21,6 @@ import io
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 import zipfile
@@ -31,12 +30,14 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from tlkit import param_groups, rundir, runtime, schedules
+from tlkit import param_groups, rundir, runtime
 from tlkit.config import FinetuneConfig, PruneConfig, config_to_dict, dump_yaml, load_config, parse_sparsities
 from tlkit.data import load_sources, make_dataset
 from tlkit.errors import ConfigError, DataError, TrainingError
 from tlkit.evaluate import compute_metrics, load_model_and_labels
-from tlkit.train import RunResult, EpochLog, NaNGuard, save_model
+from tlkit.engine.loop import run_stages
+from tlkit.strategies import Stage
+from tlkit.train import RunResult, save_model
 
 _PRUNABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.DepthwiseConv2D,
              keras.layers.Conv2DTranspose, keras.layers.Dense)
@@ -341,21 +342,27 @@ def _finetune(model, pruner: Pruner, cfg: PruneConfig, run_cfg: FinetuneConfig, 
         end = max(1, int(round(cfg.ramp * total)))
         target = lambda step: polynomial_sparsity(step, cfg.sparsity, end)  # noqa: E731
         frequency = cfg.frequency or max(1, end // 10)
-    _unfreeze(model, run_cfg.model.bn_trains)
-    train_cfg = dataclasses.replace(run_cfg.train, lr=lr, lr_mult=1.0, stage_lrs=None)
-    with rt.scope():
-        opt = schedules.make_optimizer(train_cfg, schedules.make_schedule(train_cfg, lr, cfg.epochs, steps_per_epoch))
-        opt = param_groups.scaled_optimizer(opt, masks=pruner.masks_by_id())
-        model.compile(optimizer=opt, loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg.label_smoothing),
+    train_cfg = dataclasses.replace(run_cfg.train, lr=lr, lr_mult=1.0, stage_lrs=None, early_stopping=None,
+                                    tensorboard=False)
+    fcfg = dataclasses.replace(run_cfg, train=train_cfg)
+    num_classes = int(model.output_shape[-1])
+
+    def trainable(stage) -> int:  # everything but BatchNorm (unless train_bn) and the frozen preprocessing
+        _unfreeze(model, run_cfg.model.bn_trains)
+        return len(model.trainable_weights)
+
+    def compile_fn(optimizer):  # the stage's optimizer, its updates masked
+        model.compile(optimizer=param_groups.scaled_optimizer(optimizer, masks=pruner.masks_by_id()),
+                      loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg.label_smoothing),
                       metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")], jit_compile=rt.jit_compile)
-    rows: list[dict[str, Any]] = []
-    log = EpochLog(os.path.join(out_dir, "history.csv"), rows)
-    log.stage = f"prune_{cfg.schedule}"
-    guard = NaNGuard()
-    sched = PruningSchedule(pruner, target, frequency, end)
-    model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=[sched, guard, log],
-              verbose=1 if sys.stdout.isatty() else 2, shuffle=False)
-    if guard.bad_epoch is not None:
-        raise TrainingError(f"The loss became NaN or infinite in epoch {guard.bad_epoch} of the pruning fine-tuning "
-                            f"(lr {lr:g}); lower --lr.")
-    return rows
+        return model
+
+    stage = Stage(f"prune_{cfg.schedule}", cfg.epochs, lr, None)
+    try:
+        return run_stages(model, None, [stage], train_ds, val_ds, fcfg, rt, num_classes=num_classes,
+                          steps_per_epoch=steps_per_epoch, compile_fn=compile_fn,
+                          callbacks=[PruningSchedule(pruner, target, frequency, end)],
+                          history_path=os.path.join(out_dir, "history.csv"), trainable_fn=trainable)
+    except TrainingError:
+        raise TrainingError(f"The loss became NaN or infinite in the pruning fine-tuning (lr {lr:g}); lower --lr.") \
+            from None

@@ -22,12 +22,16 @@ class Stage:
             passes over the features).
         lr: Peak learning rate.
         trainable: Backbone stage indices that train; `None` means all, an empty set means none.
+        passes: For a head stage trained on cached features: its passes over the features; the stage then counts
+            as one epoch of the run (one history row, one checkpoint). `0`: the stage trains on the images for
+            `epochs` epochs. Defaults to `0`.
     """
 
     name: str
     epochs: int
     lr: float
     trainable: frozenset[int] | None
+    passes: int = 0
 
     def describe(self, num_stages: int) -> str:
         if self.trainable is None:
@@ -36,6 +40,8 @@ class Stage:
             what = "backbone frozen"
         else:
             what = f"top {len(self.trainable)} of {num_stages} stages"
+        if self.passes:
+            return f"{self.name}: {self.passes} passes over cached features at lr {self.lr:g}, {what}"
         return f"{self.name}: {self.epochs} epoch(s) at lr {self.lr:g}, {what}"
 
 
@@ -57,7 +63,7 @@ def head_epochs(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.head_steps / max(1, steps_per_epoch)))
 
 
-def plan(cfg: TrainConfig, num_stages: int, steps_per_epoch: int = 1) -> list[Stage]:
+def plan(cfg: TrainConfig, num_stages: int, steps_per_epoch: int = 1, head_on_features: bool = False) -> list[Stage]:
     """The stages of `cfg.strategy` for a backbone of `num_stages` stages.
 
     The head stage (`two_stage`, `gradual`, `feature_extraction`) is budgeted in optimizer steps
@@ -66,6 +72,9 @@ def plan(cfg: TrainConfig, num_stages: int, steps_per_epoch: int = 1) -> list[St
     backbone are budgeted in `epochs`, at `lr * finetune_lr_scale` for the head and the backbone alike (measured in
     `benchmarks/transfer.py`: a head kept at `lr` while the backbone moves at a tenth of it undoes the converged
     head, and lost 2 points on textures-5).
+
+    With `head_on_features` (the engine has the head's cached features), the head stage is one epoch of the run
+    whose `passes` are those epochs over the features.
 
     Example:
         >>> [s.name for s in plan(TrainConfig(strategy="two_stage", head_steps=20, epochs=3), 5, 4)]
@@ -94,5 +103,9 @@ def plan(cfg: TrainConfig, num_stages: int, steps_per_epoch: int = 1) -> list[St
             k += 1
     else:
         raise ValueError(f"Unknown strategy {s!r}")
-    return [st for st in stages if st.epochs > 0]
+    stages = [st for st in stages if st.epochs > 0]
+    if head_on_features:
+        stages = [dataclasses.replace(st, epochs=1, passes=st.epochs) if st.trainable == frozenset() else st
+                  for st in stages]
+    return stages
 

@@ -5,15 +5,12 @@ import dataclasses
 import logging
 import math
 import os
-import sys
 import time
 from typing import Any
 
-import numpy as np
 import keras
-import tensorflow as tf
 
-from tlkit import backbones, resume, rundir, runtime, strategies
+from tlkit import backbones, features, resume, rundir, runtime, strategies
 from tlkit.config import AUTO_LR, FinetuneConfig, absolute_paths, config_to_dict, dump_yaml
 from tlkit.data import Datasets, load_sources
 from tlkit.engine import setup as engine_setup
@@ -100,7 +97,8 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
 
         resolved = resolve_auto_lr(resolved, model, spec, data, size, rt, out_dir, features=feats)
         rundir.write_text(os.path.join(out_dir, "config.yaml"), dump_yaml(config_to_dict(resolved)))
-    plan = strategies.plan(resolved.train, spec.num_stages(get_base(model)), steps)
+    plan = strategies.plan(resolved.train, spec.num_stages(get_base(model)), steps,
+                           head_on_features=features.head_on_features(resolved))
     print(f"[tlkit] {spec.name} on {data.name}: {data.train.count} train / "
           f"{data.val.count if data.val else 0} val / {data.test.count if data.test else 0} test images, "
           f"{data.num_classes} classes, {size}px, batch {resolved.data.batch_size}; {rt.describe()}", flush=True)

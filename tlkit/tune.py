@@ -46,14 +46,16 @@ from keras_tuner.src import config as kt_config
 from keras_tuner.src.engine import tuner_utils as kt_tuner_utils
 from keras_tuner.src.engine.trial import TrialStatus
 
-from tlkit import backbones, rundir, runtime, schedules, strategies
+from tlkit import backbones, rundir, runtime, strategies
 from tlkit import config as C
 from tlkit.config import FinetuneConfig, TuneConfig, absolute_paths, config_to_dict, dump_yaml
-from tlkit.train import NaNGuard, compile_model
+from tlkit import features as F
+from tlkit.engine import setup as engine_setup
+from tlkit.engine.loop import HeadFeatures, run_stages
 from tlkit.data import Datasets, load_sources, make_dataset
 from tlkit.errors import (BackboneError, ConfigError, DataError, OfflineError, OutputExistsError, TlkitError,
                           TrainingError, suggest)
-from tlkit.model import build_classifier, get_base, set_trainable
+from tlkit.model import build_classifier, get_base
 
 SEARCH_DIR = "search"  # KerasTuner's project folder inside the run folder
 SETTINGS_FILE = "tune.yaml"
@@ -224,6 +226,8 @@ class TlkitHyperModel(kt.HyperModel):
         self.image_size, self.rt, self.cache_dir = image_size, rt, cache_dir
         self.num_stages, self.verbose = num_stages, verbose
         self.execution = 0  # builds within the current trial (one per execution): the seed offset
+        self.feature_stats = None  # the head's standardisation, from the training images' features (tune())
+        self.head_features: HeadFeatures | None = None  # those features, for every trial's head stage
         self.keep_checkpoints = False  # KerasTuner's per-trial best weights; only Hyperband needs them
         two = cfg.train.strategy == "two_stage"
         self.lr_names: tuple[str, ...] = {"finetune": ("finetune_lr",), "head": ("lr",),
@@ -291,7 +295,8 @@ class TlkitHyperModel(kt.HyperModel):
 
     def plan(self, cfg: FinetuneConfig, values: Mapping[str, Any], num_stages: int) -> list[strategies.Stage]:
         """The strategy's stages, the searched learning rates set exactly (not through a scale factor)."""
-        stages = strategies.plan(cfg.train, num_stages)
+        steps = math.ceil(self.data.train.count / cfg.data.batch_size)
+        stages = strategies.plan(cfg.train, num_stages, steps, head_on_features=F.head_on_features(cfg))
         if "finetune_lr" in values:
             stages = [dataclasses.replace(s, lr=float(values["finetune_lr"])) if s.name == "finetune" else s
                       for s in stages]
@@ -308,7 +313,7 @@ class TlkitHyperModel(kt.HyperModel):
     def total_epochs(self) -> int:
         """Epochs of a whole trial, all stages (Hyperband's `max_epochs`)."""
         cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, epochs=self.trial_epochs))
-        return sum(s.epochs for s in strategies.plan(cfg.train, max(int(self.num_stages or 1), 1)))
+        return sum(s.epochs for s in self.plan(cfg, {}, max(int(self.num_stages or 1), 1)))
 
     # -- build and fit
     def build(self, hp: kt.HyperParameters) -> keras.Model:
@@ -320,7 +325,8 @@ class TlkitHyperModel(kt.HyperModel):
         self.execution += 1
         cfg = self.trial_config(values)
         with self.rt.scope():
-            return build_classifier(self.spec, self.data.num_classes, cfg.model, self.image_size)
+            return build_classifier(self.spec, self.data.num_classes, cfg.model, self.image_size,
+                                    feature_stats=self.feature_stats)
 
     def fit(self, hp: kt.HyperParameters, model: keras.Model, *args, callbacks: Sequence[Any] | None = None,
             epochs: int | None = None, initial_epoch: int = 0, **kwargs) -> dict[str, float]:
@@ -346,37 +352,22 @@ class TlkitHyperModel(kt.HyperModel):
         end = total if epochs is None else min(int(epochs), total)
         callbacks = [c for c in (callbacks or [])
                      if self.keep_checkpoints or not isinstance(c, kt_tuner_utils.SaveBestEpoch)]
-        guard = NaNGuard()
-        rows: list[dict[str, float]] = []
         objective = self.tc.objective
-        start_epoch = 0
-        for stage in plan:
-            s0, s1 = start_epoch, start_epoch + stage.epochs
-            start_epoch = s1
-            a, b = max(s0, int(initial_epoch)), min(s1, end)
-            if a >= b:
-                continue
-            set_trainable(model, self.spec, None if stage.trainable is None else set(stage.trainable),
-                          cfg.model.bn_trains)
-            lr = schedules.make_schedule(cfg.train, stage.lr, stage.epochs, steps)
-            with self.rt.scope():
-                compile_model(model, cfg, lr, n, self.rt.jit_compile, spec=self.spec)
-            if a > s0:  # Hyperband continues inside a stage: the schedule goes on where it was
-                model.optimizer.iterations.assign((a - s0) * steps)
-            stage_cbs = list(callbacks) + [guard]
-            if cfg.train.early_stopping:
-                stage_cbs.append(keras.callbacks.EarlyStopping(
-                    monitor=objective, mode="max" if objective.endswith("accuracy") else "min",
-                    patience=cfg.train.early_stopping))
-            history = model.fit(train_ds, validation_data=val_ds, epochs=b, initial_epoch=a, callbacks=stage_cbs,
-                                verbose=self.verbose, shuffle=False)
-            if guard.bad_epoch is not None:
-                raise kt.errors.FailedTrialError(
-                    f"loss became NaN or infinite in epoch {guard.bad_epoch} (stage {stage.name!r}, lr "
-                    f"{stage.lr:.3g}, batch size {bs})")
-            keys = list(history.history)
-            for i in range(len(history.history.get("loss", []))):
-                rows.append({k: float(history.history[k][i]) for k in keys if i < len(history.history[k])})
+        feats = None
+        if self.head_features is not None:  # the trial's own copy: the arrays are shared, the state is not
+            feats = dataclasses.replace(self.head_features, fresh=True)
+        try:
+            rows = run_stages(model, self.spec, plan, train_ds, val_ds, cfg, self.rt, num_classes=n,
+                              steps_per_epoch=steps, features=feats, callbacks=callbacks,
+                              epoch_range=(int(initial_epoch), end), early_stopping_monitor=objective,
+                              verbose=self.verbose, describe=False)
+        except TrainingError as e:
+            stage = getattr(e, "stage", None)
+            raise kt.errors.FailedTrialError(
+                f"loss became NaN or infinite (stage {getattr(stage, 'name', '?')!r}, lr "
+                f"{getattr(stage, 'lr', float('nan')):.3g}, batch size {bs})") from None
+        skip = ("epoch", "lr", "seconds", "head_passes", "kept_pass")
+        rows = [{k: float(v) for k, v in r.items() if k not in skip and isinstance(v, (int, float))} for r in rows]
         return _best_epoch(rows, objective)
 
 
@@ -602,10 +593,9 @@ def tune(cfg: FinetuneConfig, tune_cfg: TuneConfig | None = None,
     size = resolve_image_size(cfg, spec, user_base)
     if size < spec.min_size:
         raise ConfigError(f"image_size {size} is too small for {spec.name}: it needs at least {spec.min_size} px.")
-    num_stages = None
-    if cfg.train.strategy in ("two_stage", "top_k", "gradual"):
-        base = user_base if user_base is not None else spec.build(size, "none")
-        num_stages = spec.num_stages(base)
+    with rt.scope():  # the pretrained backbone once: its stages, and the features of the training images
+        base = user_base if user_base is not None else spec.build(size, cfg.model.weights)
+    num_stages = spec.num_stages(base)
     del user_base
     data = load_sources(cfg.data, size, cfg.seed)
     _check_data(data, tc)
@@ -616,6 +606,14 @@ def tune(cfg: FinetuneConfig, tune_cfg: TuneConfig | None = None,
     cache_dir = os.path.join(out, "cache", _safe(tuner_id))  # one per process: tf.data disk caches lock
     _clear_stale_cache_locks(cache_dir)
     hm = TlkitHyperModel(cfg, tc, spec, data, size, rt, cache_dir=cache_dir, num_stages=num_stages, verbose=verbose)
+    if role != "chief":  # every trial's head starts from the same standardised features (finetune's recipe)
+        batch = min(max(tc.batch_sizes), data.train.count)
+        plain = make_dataset(data.train, size, batch, data.num_classes, cache="none", seed=cfg.seed)
+        val = make_dataset(data.val, size, batch, data.num_classes, cache="none", seed=cfg.seed)
+        _, feats = engine_setup.build_model(spec, base, data.num_classes, cfg, size, rt, plain, val)
+        hm.feature_stats = engine_setup.feature_stats(feats)
+        hm.head_features = dataclasses.replace(feats, train_ds=None, val_ds=None)
+    del base
     oracle = make_oracle(tc, cfg.seed, hm.total_epochs())
     try:
         tuner = TlkitTuner(oracle, hm, hyperband=tc.tuner == "hyperband", directory=out, project_name=SEARCH_DIR,
@@ -630,10 +628,6 @@ def tune(cfg: FinetuneConfig, tune_cfg: TuneConfig | None = None,
           f"batch size {'/'.join(str(b) for b in sorted(set(tc.batch_sizes)))}"
           + (f", {', '.join(tc.dimensions)}" if tc.dimensions else "") + f"; {rt.describe()}; role {role}",
           flush=True)
-    if tc.tuner == "hyperband" and "finetune_lr" in hm.lr_names and cfg.train.head_epochs > 0:
-        print(f"[tlkit] note: hyperband's shortest trials may end inside the fixed {cfg.train.head_epochs}-epoch head "
-              "warm-up, before the searched fine-tuning rate acts: give --trial-epochs well above --head-epochs, or "
-              "search --two-stage-lr head", flush=True)
     if role == "single" and tuner.remaining_trials is not None and len(tuner.oracle.trials):
         print(f"[tlkit] resuming {out}: {len(tuner.oracle.trials)} trial(s) already in the search", flush=True)
     trial_callbacks = list(callbacks or [])

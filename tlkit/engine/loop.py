@@ -30,7 +30,6 @@ from typing import Any, Callable, Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from tlkit import features as F
 from tlkit import param_groups, rundir, schedules
@@ -203,7 +202,8 @@ def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, 
                compile_fn: Callable[[keras.optimizers.Optimizer], keras.Model] | None = None,
                callbacks: Sequence[keras.callbacks.Callback] = (), checkpointer=None, history_path: str | None = None,
                state=None, epoch_range: tuple[int, int] | None = None, early_stopping_monitor: str | None = None,
-               verbose: int | None = None, describe: bool = True) -> list[dict[str, Any]]:
+               trainable_fn: Callable[[Any], int] | None = None, verbose: int | None = None,
+               describe: bool = True) -> list[dict[str, Any]]:
     """Runs the stages of `plan` in order; returns the history rows (one dict per epoch, with the stage).
 
     For each stage: set what trains (`model.set_trainable`), build a fresh optimizer with the stage's schedule
@@ -213,7 +213,7 @@ def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, 
 
     Args:
         model: The classifier (`build_classifier`).
-        spec: Its backbone's `BackboneSpec`.
+        spec: Its backbone's `BackboneSpec`, or `None` with `trainable_fn` (no discriminative rates then).
         plan: The `strategies.Stage`s.
         train_ds, val_ds: Batched training and validation datasets (`val_ds` may be `None`).
         cfg: The `FinetuneConfig`.
@@ -229,6 +229,8 @@ def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, 
         epoch_range: `(initial_epoch, end_epoch)` of the plan to run (Hyperband), or `None` (all of it).
         early_stopping_monitor: Metric of `cfg.train.early_stopping`. Defaults to `None` (val_accuracy, or
             accuracy without validation).
+        trainable_fn: `trainable_fn(stage)` sets what trains and returns the number of trainable tensors, in
+            place of `model.set_trainable` by the backbone's stages (`prune` trains everything). Defaults to `None`.
         verbose: Keras's fit verbosity. Defaults to `None` (1 on a terminal, else 2).
         describe: Print one line per stage. Defaults to `True`.
 
@@ -249,7 +251,7 @@ def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, 
             checkpointer.restore(state)
     base_cbs: list[keras.callbacks.Callback] = [guard, epoch_log, *callbacks]
     verbose = (1 if sys.stdout.isatty() else 2) if verbose is None else verbose
-    num_stages = spec.num_stages(get_base(model))
+    num_stages = spec.num_stages(get_base(model)) if spec is not None else 0
     first, last = epoch_range if epoch_range is not None else (0, sum(s.epochs for s in plan))
     batch = _batch_size(train_ds, cfg)
     epoch = 0
@@ -261,15 +263,22 @@ def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, 
         a, b = max(s0, first), min(s1, last)
         if a >= b:
             continue
-        n = set_trainable(model, spec, None if stage.trainable is None else set(stage.trainable), cfg.model.bn_trains)
+        if trainable_fn is not None:
+            n = trainable_fn(stage)
+        else:
+            n = set_trainable(model, spec, None if stage.trainable is None else set(stage.trainable),
+                              cfg.model.bn_trains)
         if describe:
             print(f"[tlkit] stage {stage.describe(num_stages)}; {n} trainable weight tensors", flush=True)
-            factors = param_groups.describe_factors(num_stages, cfg.train, stage.lr)
+            factors = param_groups.describe_factors(num_stages, cfg.train, stage.lr) if spec is not None else ""
             if stage.trainable != frozenset() and factors:
                 print(f"[tlkit] {factors}", flush=True)
-        lr = schedules.make_schedule(cfg.train, stage.lr, stage.epochs, steps_per_epoch)
-        on_features = (features is not None and compile_fn is None and stage.trainable == frozenset()
-                       and F.use_feature_cache(model, cfg, head_stage=True))
+        on_features = bool(stage.passes)
+        if on_features and (features is None or compile_fn is not None or stage.trainable != frozenset()):
+            raise ValueError(f"Stage {stage.name!r} is planned on cached features, which need the classifier's "
+                             "own compile, a frozen backbone and the run's HeadFeatures.")
+        # a head stage on features: its schedule spans all its passes
+        lr = schedules.make_schedule(cfg.train, stage.lr, stage.passes or stage.epochs, steps_per_epoch)
         with rt.scope():
             optimizer = stage_optimizer(model, spec, cfg, lr)
             if compile_fn is None:
@@ -301,9 +310,9 @@ def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, 
         if checkpointer is not None:
             es_state = state.early_stopping if state is not None and index == state.next_stage and start > s0 else None
             checkpointer.begin_stage(index, stage, s0, stage_cbs, es_state)
-        if on_features and start == s0 and b == s1:
+        if on_features:
             feats = features.get(model, bool(model.jit_compile))
-            logs, head_guard = fit_head_on_features(model, feats, cfg, rt, stage, batch, monitor, stage.epochs,
+            logs, head_guard = fit_head_on_features(model, feats, cfg, rt, stage, batch, monitor, stage.passes,
                                                     verbose)
             if head_guard.bad_epoch is not None and not logs:
                 guard.bad_epoch = s0 + head_guard.bad_epoch
