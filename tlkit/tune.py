@@ -364,8 +364,8 @@ class TlkitHyperModel(kt.HyperModel):
         except TrainingError as e:
             stage = getattr(e, "stage", None)
             raise kt.errors.FailedTrialError(
-                f"loss became NaN or infinite (stage {getattr(stage, 'name', '?')!r}, lr "
-                f"{getattr(stage, 'lr', float('nan')):.3g}, batch size {bs})") from None
+                f"loss became NaN or infinite in epoch {getattr(e, 'epoch', '?')} (stage {getattr(stage, 'name', '?')!r}, "
+                f"lr {getattr(stage, 'lr', float('nan')):.3g}, batch size {bs})") from None
         skip = ("epoch", "lr", "seconds", "head_passes", "kept_pass")
         rows = [{k: float(v) for k, v in r.items() if k not in skip and isinstance(v, (int, float))} for r in rows]
         return _best_epoch(rows, objective)

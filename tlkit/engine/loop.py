@@ -78,6 +78,12 @@ class NaNGuard(keras.callbacks.Callback):
             self.bad_epoch = self.epoch + 1
             self.model.stop_training = True
 
+    def on_epoch_end(self, epoch, logs=None):  # a head stage on cached features reports its epoch only
+        loss = (logs or {}).get("loss")
+        if self.bad_epoch is None and loss is not None and not math.isfinite(float(loss)):
+            self.bad_epoch = epoch + 1
+            self.model.stop_training = True
+
 
 def classifier_metrics(num_classes: int) -> list:
     """Top-1 accuracy, and top-5 with more than five classes."""
@@ -249,7 +255,7 @@ def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, 
         checkpointer.bad_epoch = lambda: guard.bad_epoch
         if state is not None:
             checkpointer.restore(state)
-    base_cbs: list[keras.callbacks.Callback] = [guard, epoch_log, *callbacks]
+    base_cbs: list[keras.callbacks.Callback] = [*callbacks, guard, epoch_log]
     verbose = (1 if sys.stdout.isatty() else 2) if verbose is None else verbose
     num_stages = spec.num_stages(get_base(model)) if spec is not None else 0
     first, last = epoch_range if epoch_range is not None else (0, sum(s.epochs for s in plan))
@@ -337,6 +343,7 @@ def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, 
             err = TrainingError(nan_message(guard.bad_epoch, stage, fit_model.optimizer, rt.precision))
             err.history = rows  # type: ignore[attr-defined]
             err.stage = stage  # type: ignore[attr-defined]
+            err.epoch = guard.bad_epoch  # type: ignore[attr-defined]
             raise err
     if state is not None and state.next_stage >= len(plan) and checkpointer is not None:
         resume.load_weights(model, os.path.join(checkpointer.dir, state.weights))  # a finished run resumed
