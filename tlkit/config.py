@@ -68,8 +68,10 @@ class ModelConfig:
     """The backbone and the classification head.
 
     Attributes:
-        base: A registered backbone name (`tlkit.list_backbones()`) or the path of a `.keras` backbone
-            whose input is raw 0-255 RGB and whose output is a feature map or vector. Defaults to `"resnet50"`.
+        base: A registered backbone name (`tlkit.list_backbones()`), `hub:PRESET` (a keras-hub preset name
+            such as `hub:resnet_50_imagenet`, or a local preset folder `hub:/path/to/preset`; needs the `hub`
+            extra) or the path of a `.keras` backbone whose input is raw 0-255 RGB and whose output is a
+            feature map or vector. Defaults to `"resnet50"`.
         weights: `imagenet` (Keras's download and cache), `none` (random init) or the path of a weights file.
             Defaults to `"imagenet"`.
         dropout: Dropout rate before the classification layer. Defaults to `0.2`.
@@ -428,7 +430,8 @@ def load_config(path: str | os.PathLike, base: FinetuneConfig | None = None) -> 
 
 
 def absolute_paths(cfg: FinetuneConfig, folder: str | None = None) -> FinetuneConfig:
-    """The config with image_dir, data_dir, a .keras base, a weights file and output_dir made absolute.
+    """The config with image_dir, data_dir, a .keras base or keras-hub preset folder, a weights file and output_dir
+    made absolute.
 
     Args:
         cfg: A `FinetuneConfig`.
@@ -444,7 +447,11 @@ def absolute_paths(cfg: FinetuneConfig, folder: str | None = None) -> FinetuneCo
         return os.path.normpath(os.path.join(folder, value)) if folder else os.path.abspath(value)
 
     d, m = cfg.data, cfg.model
-    base = fix(m.base) if (m.base.endswith(".keras") or os.sep in m.base) else m.base
+    if m.base.startswith("hub:"):  # a keras-hub preset folder; a preset name or a kaggle:// handle stays
+        rest = m.base[len("hub:"):]
+        base = "hub:" + fix(rest) if (os.sep in rest and "://" not in rest) else m.base
+    else:
+        base = fix(m.base) if (m.base.endswith(".keras") or os.sep in m.base) else m.base
     return dataclasses.replace(
         cfg, output_dir=fix(cfg.output_dir),
         data=dataclasses.replace(d, image_dir=fix(d.image_dir), data_dir=fix(d.data_dir)),

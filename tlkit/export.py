@@ -449,6 +449,11 @@ def describe_preprocessing(model) -> str:
     except ValueError:
         return "none in the classifier (the backbone takes raw 0..255 RGB and scales it itself)"
     if isinstance(layer, keras.layers.Rescaling):
+        if isinstance(layer.scale, (list, tuple)) or isinstance(layer.offset, (list, tuple)):
+            fmt = lambda v: "(" + ", ".join(f"{float(x):.4g}" for x in v) + ")" if isinstance(v, (list, tuple)) \
+                else f"{float(v):.4g}"
+            return (f"inside the model: x * {fmt(layer.scale)} + {fmt(layer.offset)} per channel (the keras-hub "
+                    "preset's image converter)")
         return f"inside the model: x * {layer.scale:g} + {layer.offset:g} (mode `tf`, to [-1, 1])"
     if isinstance(layer, keras.layers.Normalization):
         return "inside the model: (x - ImageNet mean) / ImageNet std on the 0..255 scale (mode `torch`)"
