@@ -125,7 +125,8 @@ class TrainConfig:
         label_smoothing: Label smoothing of the cross-entropy. Defaults to `0.1`.
         early_stopping: Stop a stage after this many epochs without validation improvement.
             Defaults to `None` (off).
-        tensorboard: Write TensorBoard logs to the run folder. Defaults to `False`.
+        tensorboard: Write TensorBoard logs to the run folder (needs the `tensorboard` extra; refused up front
+            without it). Defaults to `False`.
         lr_mult: Discriminative learning rates: each backbone stage trains at the head's learning rate times
             `lr_mult ** depth`, where the top stage has depth 1, the one below it 2, and so on (fastai's
             `slice(lo, hi)`, ULMFiT's 1/2.6). `1.0` is off. Defaults to `1.0`.
@@ -248,7 +249,27 @@ class FinetuneConfig:
             raise ConfigError(f"lr_mult must be > 0, got {t.lr_mult}.")
         if t.stage_lrs is not None:
             parse_stage_lrs(t.stage_lrs)
+        if t.tensorboard:
+            require_tensorboard()
         return self
+
+
+def require_tensorboard() -> None:
+    """Refuses `--tensorboard` up front when TensorBoard is missing, in one `ConfigError` line.
+
+    TensorFlow 2.21 no longer installs TensorBoard, and without it `tf.summary` raises `TBNotInstalledError` at
+    the first write, after the first epoch, with the run folder half written. `validate()` calls this, before
+    anything is read or written.
+    """
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("tensorboard") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError("--tensorboard needs TensorBoard, which TensorFlow no longer installs: "
+                          "pip install 'tlkit[tensorboard]' (or pip install tensorboard), or drop --tensorboard.")
 
 
 def parse_stage_lrs(text: str) -> list[float]:
