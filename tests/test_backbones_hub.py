@@ -135,3 +135,39 @@ def test_finetune_export_and_predict_with_a_hub_preset(hub_preset, tmp_path, cap
     with open(os.path.join(run, "export", "tflite", "export.json")) as f:
         info = json.load(f)
     assert info["check"]["passed"] and info["check"]["top1_agreement"] == 1.0
+
+
+def test_info_lists_the_keras_hub_families(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    hub = info["keras_hub"]
+    assert hub["installed"] and info["versions"]["keras-hub"] == keras_hub.__version__
+    assert {"ResNetBackbone", "DenseNetBackbone", "VGGBackbone"} <= set(hub["families"])
+    assert "resnet_50_imagenet" in hub["families"]["ResNetBackbone"] and "hub:" in hub["usage"]
+    for family in hub["families"]:  # every listed family is a real keras-hub class
+        assert issubclass(getattr(keras_hub.models, family), keras_hub.models.Backbone)
+
+
+@pytest.mark.parametrize("family", ["DenseNetBackbone", "VGGBackbone"])
+def test_the_other_listed_families_build_save_and_have_stages(family, tmp_path):
+    # Small random members of the other families tlkit lists: preset folder -> classifier of built-in layers.
+    keras.utils.set_random_seed(0)
+    if family == "DenseNetBackbone":
+        hub = keras_hub.models.DenseNetBackbone(stackwise_num_repeats=[1, 1, 1], growth_rate=8)
+        stage_names = ("P2", "P3", "P4")  # its pyramid outputs
+    else:
+        hub = keras_hub.models.VGGBackbone(stackwise_num_repeats=[1, 1, 1], stackwise_num_filters=[8, 8, 16])
+        stage_names = ("stage0", "stage1", "stage2", "stage3")  # no pyramid: where the resolution drops
+    folder = str(tmp_path / family)
+    hub.save_to_preset(folder)
+    spec = backbones.get_backbone("hub:" + folder)
+    assert spec.stage_names == stage_names and spec.preprocess == "none"  # no converter saved: raw pixels
+    model = build_classifier(spec, 3, ModelConfig(base="hub:" + folder), 64)
+    base = model.get_layer("backbone")
+    assert spec.num_stages(base) == len(stage_names) and spec.stages(base) == sorted(spec.stages(base))
+    path = str(tmp_path / "clf.keras")
+    model.save(path)
+    assert "keras_hub" not in zipfile.ZipFile(path).read("config.json").decode()
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    np.testing.assert_allclose(keras.models.load_model(path).predict(x, verbose=0), model.predict(x, verbose=0),
+                               atol=1e-6)
