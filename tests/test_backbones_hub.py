@@ -122,7 +122,7 @@ def test_without_keras_hub_one_line(monkeypatch, capsys, tmp_path):
 def test_finetune_export_and_predict_with_a_hub_preset(hub_preset, tmp_path, capsys):
     run = str(tmp_path / "run")
     rc = main(["finetune", "--base", "hub:" + hub_preset, "--dataset", "shapes", "--image-size", "32",
-               "--shapes-per-class", "8", "--batch-size", "8", "--head-epochs", "1", "--epochs", "1",
+               "--shapes-per-class", "8", "--batch-size", "8", "--epochs", "1",
                "--augment", "none", "--output-dir", run])
     assert rc == 0
     with open(os.path.join(run, "metrics.json")) as f:

@@ -27,7 +27,7 @@ def test_tensorboard_logs_are_written_when_installed(tmp_path, tiny_backbone):
     pytest.importorskip("tensorboard", reason="the `tensorboard` extra (pip install 'tlkit[tensorboard]'; in [dev])")
     run = str(tmp_path / "run")
     rc = main(["finetune", "--base", tiny_backbone, "--weights", "none", "--dataset", "shapes", "--image-size", "32",
-               "--shapes-per-class", "4", "--batch-size", "4", "--head-epochs", "1", "--epochs", "1",
+               "--shapes-per-class", "4", "--batch-size", "4", "--epochs", "1",
                "--augment", "none", "--tensorboard", "--output-dir", run])
     assert rc == 0
     events = glob.glob(os.path.join(run, "tensorboard", "**", "events.out.tfevents.*"), recursive=True)
