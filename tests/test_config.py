@@ -58,3 +58,13 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
     path = tmp_path / "sub" / "c.yaml"
     path.write_text("image_dir: ../images\n")
     assert load_config(path).data.image_dir == str(tmp_path / "images")
+
+
+def test_absolute_paths_resolves_a_keras_hub_preset_folder_but_not_a_preset_name():
+    from tlkit.config import absolute_paths, config_from_dict
+
+    assert absolute_paths(config_from_dict({"base": "hub:presets/r50"}), "/data").model.base == "hub:/data/presets/r50"
+    assert absolute_paths(config_from_dict({"base": "hub:resnet_50_imagenet"}), "/data").model.base == \
+        "hub:resnet_50_imagenet"
+    kaggle = "hub:kaggle://keras/resnetv2/keras/resnet_50_imagenet"
+    assert absolute_paths(config_from_dict({"base": kaggle}), "/data").model.base == kaggle

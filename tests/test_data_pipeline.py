@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -92,3 +93,20 @@ def test_eval_batches_do_not_depend_on_the_cache(tmp_path):
     np.testing.assert_array_equal(outs["memory"], outs["none"])
     np.testing.assert_array_equal(outs["disk"], outs["none"])
     assert any(name.startswith("eval") for name in os.listdir(tmp_path / "cache"))
+
+
+def test_public_affine_transform_equals_the_raw_op_it_replaced():
+    # batch_geometric resamples with keras.ops.image.affine_transform (reflect fill, bilinear); it replaced a
+    # direct tf.raw_ops.ImageProjectiveTransformV3 call and must give the same pixels, inside tf.data too.
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.uniform(0, 255, (4, 24, 24, 3)).astype("float32"))
+    t = np.tile(np.array([[0.9, -0.2, 3.0, 0.15, 1.1, -2.0, 0.0, 0.0]], np.float32), (4, 1))
+    t[:, 2] += np.arange(4)
+    ours = keras.ops.image.affine_transform(images, t, interpolation="bilinear", fill_mode="reflect",
+                                            fill_value=0.0, data_format="channels_last")
+    raw = tf.raw_ops.ImageProjectiveTransformV3(images=images, transforms=t, output_shape=[24, 24], fill_value=0.0,
+                                                interpolation="BILINEAR", fill_mode="REFLECT")
+    np.testing.assert_array_equal(np.asarray(ours), raw.numpy())
+    ds = tf.data.Dataset.from_tensors(images).map(lambda x: batch_geometric(x, PRESETS["standard"], tf.constant([5, 6])))
+    eager = batch_geometric(images, PRESETS["standard"], tf.constant([5, 6])).numpy()
+    np.testing.assert_allclose(next(iter(ds)).numpy(), eager, atol=1e-2)  # graph vs eager float rounding, 0..255

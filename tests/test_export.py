@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -223,3 +224,31 @@ def test_mixed_precision_model_is_exported_in_float32(tiny_backbone, tmp_path):
     path.write_bytes(EXPORT.tflite_bytes(plain, 32))  # float16 MatMuls are not TFLite built-ins: this needs float32
     np.testing.assert_allclose(TFLitePredictor(str(path), None).predict_resized(x), np.asarray(call_model(plain, x)),
                                atol=1e-5)
+
+
+def test_tflite_runs_on_litert_where_installed_else_tf_lite(run_dir, keras_model, photos, tmp_path, monkeypatch):
+    import warnings
+
+    from tlkit.predict import tflite_interpreter
+
+    out = str(tmp_path / "f" / "m.tflite")
+    assert cli.main(["export", run_dir, "--format", "tflite", "--output", out]) == 0
+    imgs = [read_image(f) for f in _files(photos)]
+    litert = importlib.util.find_spec("ai_edge_litert") is not None
+    clf = tlkit.load(out)
+    assert clf.runtime.startswith("LiteRT" if litert else "tf.lite")
+    assert _info(os.path.dirname(out))["check"]["runtime"] == clf.runtime  # export.json says which ran
+    if litert:
+        from ai_edge_litert.interpreter import Interpreter
+
+        assert isinstance(clf.interpreter, Interpreter)
+    p_first = clf.predict(imgs)
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)  # without the extra: tf.lite, same answers
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
+    assert tflite_interpreter()[1].startswith("tf.lite")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback's deprecation warning is silenced
+        fallback = tlkit.load(out)
+    assert fallback.runtime.startswith("tf.lite")
+    np.testing.assert_allclose(fallback.predict(imgs), p_first, atol=1e-6)
+    np.testing.assert_allclose(p_first, _keras_probs(keras_model, imgs), atol=1e-4)

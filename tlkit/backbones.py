@@ -19,10 +19,12 @@ from typing import Callable
 
 import keras
 
-from tlkit.errors import BackboneError, ConfigError, OfflineError, suggest
+from tlkit.errors import BackboneError, ConfigError, OfflineError, TlkitError, suggest
 
-# How raw 0-255 RGB is turned into what the backbone expects (keras.applications' preprocess_input modes).
-PREPROCESS_MODES = ("caffe", "tf", "torch", "none")
+# How raw 0-255 RGB is turned into what the backbone expects (keras.applications' preprocess_input modes, and
+# `scale_offset`: x * scale + offset per channel, what a keras-hub ImageConverter does after its resize).
+PREPROCESS_MODES = ("caffe", "tf", "torch", "none", "scale_offset")
+HUB_PREFIX = "hub:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +43,11 @@ class BackboneSpec:
         stage_names: Names of the stages, bottom (stem) first.
         stage_of: Maps a layer name to its stage index, or `None` to infer stages from resolution.
         path: For a user's `.keras` backbone, its file.
+        hub_preset: For a keras-hub backbone (`hub:NAME` or `hub:PATH`), the preset name or folder.
+        scale: With preprocess `scale_offset` (a keras-hub image converter): the factor of `x * scale +
+            offset`, one number or one per channel. Defaults to `None` (1).
+        offset: With preprocess `scale_offset`: the offset, one number or one per channel. Defaults to
+            `None` (0).
     """
 
     name: str
@@ -51,6 +58,9 @@ class BackboneSpec:
     stage_names: tuple[str, ...] = ()
     stage_of: Callable[[str], int | None] | None = None
     path: str | None = None
+    hub_preset: str | None = None
+    scale: float | tuple[float, ...] | None = None
+    offset: float | tuple[float, ...] | None = None
 
     def build(self, image_size: int | None = None, weights: str | None = "imagenet") -> keras.Model:
         """Builds the backbone without its top, for square inputs of `image_size` pixels.
@@ -64,6 +74,11 @@ class BackboneSpec:
         """
         if self.path is not None:  # a user's backbone may fix its own size
             return _load_user_backbone(self, image_size, weights)
+        if self.hub_preset is not None:
+            size = image_size or self.default_size
+            if size < self.min_size:
+                raise ConfigError(f"image_size {size} is too small for {self.name}: it needs at least {self.min_size} px.")
+            return _build_hub_backbone(self, size, weights)
         size = image_size or self.default_size
         if size < self.min_size:
             raise ConfigError(f"image_size {size} is too small for {self.name}: it needs at least {self.min_size} px.")
@@ -248,6 +263,8 @@ def get_backbone(name: str) -> BackboneSpec:
     Raises:
         ConfigError: unknown name (with the closest names), or a missing `.keras` file.
     """
+    if name.startswith(HUB_PREFIX):
+        return hub_backbone(name[len(HUB_PREFIX):])
     if name.endswith(".keras") or os.sep in name:
         if not os.path.isfile(name):
             raise ConfigError(f"Backbone file not found: {name!r}.")
@@ -256,7 +273,7 @@ def get_backbone(name: str) -> BackboneSpec:
     key = name.lower()
     if key not in _REGISTRY:
         raise ConfigError(f"Unknown backbone {name!r}.{suggest(key, _REGISTRY)} Available: {', '.join(list_backbones())}, "
-                          "or the path of a .keras backbone.")
+                          "hub:PRESET (a keras-hub preset name or folder), or the path of a .keras backbone.")
     return _REGISTRY[key]
 
 
@@ -284,3 +301,207 @@ def _load_user_backbone(spec: BackboneSpec, size: int | None, weights: str | Non
 def user_backbone_default_size(spec: BackboneSpec) -> int:
     """The input size a `.keras` backbone fixes, or the spec default."""
     return spec.default_size
+
+
+# ---------------------------------------------------------------- keras-hub presets (`--base hub:NAME|PATH`)
+
+# keras-hub backbone classes that work as a tlkit base: one image input, a feature map out (pooled by the head),
+# built-in Keras layers only (so model.keras reloads with plain Keras, without keras-hub). Each was built small
+# and random, saved as a preset, loaded through `--base hub:DIR`, given a head, saved and run (ResNet end to end
+# in tests/test_backbones.py and tests/test_finetune.py). Stages: ResNet and DenseNet from their pyramid outputs,
+# VGG (no pyramid) where the resolution drops. Not listed: MobileNetV3 (builds, but model.keras then holds
+# keras-hub layers and needs `import keras_hub` to reload), EfficientNet (not verified: a small preset did not
+# reload in keras-hub 0.32), and the families whose output is a token sequence (ViT, DeiT, DINOv2, Swin).
+HUB_FAMILIES: dict[str, str] = {
+    "ResNetBackbone": "resnet_18_imagenet, resnet_50_imagenet (from timm's resnet50.a1_in1k, 80.4% ImageNet "
+                      "top-1), resnet_101_imagenet, resnet_v2_50_imagenet, resnet_vd_50_ssld_v2_imagenet, ...",
+    "DenseNetBackbone": "densenet_121_imagenet, densenet_169_imagenet, densenet_201_imagenet",
+    "VGGBackbone": "vgg_11_imagenet, vgg_13_imagenet, vgg_16_imagenet, vgg_19_imagenet",
+}
+_HUB_SPECS: dict[str, BackboneSpec] = {}
+
+
+def require_keras_hub():
+    """Imports keras-hub (the optional extra `hub`), or raises one `ConfigError` line saying what to install."""
+    try:
+        import keras_hub
+    except ImportError:
+        raise ConfigError("--base hub:... needs keras-hub, an optional extra: pip install 'tlkit[hub]' "
+                          "(or pip install keras-hub).") from None
+    return keras_hub
+
+
+def list_hub_families() -> dict[str, str]:
+    """The keras-hub backbone classes tlkit builds classifiers from, with example preset names.
+
+    Example:
+        >>> "ResNetBackbone" in list_hub_families()
+        True
+    """
+    return dict(HUB_FAMILIES)
+
+
+def _hub_preset_arg(preset: str) -> str:
+    if not preset:
+        raise ConfigError("--base hub: needs a keras-hub preset name or folder, e.g. hub:resnet_50_imagenet.")
+    if "://" in preset:
+        return preset
+    path = os.path.expanduser(preset)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"{preset!r} is not a keras-hub preset folder: it has no config.json "
+                              "(write one with Backbone.save_to_preset(DIR)).")
+        return os.path.abspath(path)
+    if os.sep in preset or preset.startswith((".", "~")):
+        raise ConfigError(f"keras-hub preset folder not found: {preset!r}.")
+    return preset
+
+
+def _hub_load(preset: str, load_weights: bool, image_size: int | None = None):
+    """`keras_hub.models.Backbone.from_preset` with tlkit's one-line errors, at `image_size` when given."""
+    kh = require_keras_hub()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hub = kh.models.Backbone.from_preset(preset, load_weights=load_weights)
+            shape = tuple(hub.inputs[0].shape[1:3]) if hub.inputs else ()
+            if image_size is not None and shape and shape != (image_size, image_size):
+                # The same architecture at our size, with the preset's weights: static shapes for the stages
+                # and the exports, and a preset fixed to another size works too.
+                config = hub.get_config()
+                key = next((k for k in ("image_shape", "input_shape") if k in config), None)
+                if key is None:
+                    raise BackboneError(f"keras-hub preset {preset!r} takes {shape[0]}x{shape[1]} images; pass "
+                                        f"--image-size {shape[0]}.")
+                resized = type(hub).from_config({**config, key: (image_size, image_size, 3)})
+                resized.set_weights(hub.get_weights())
+                hub = resized
+            return hub
+    except TlkitError:
+        raise
+    except Exception as e:
+        if isinstance(e, OSError) or _looks_like_download_failure(e):
+            cache = os.environ.get("KAGGLEHUB_CACHE", os.path.join("~", ".cache", "kagglehub"))
+            raise OfflineError(
+                f"Could not download the keras-hub preset {preset!r} ({_first_line(e)}). To work offline, on a "
+                f"machine with internet run keras_hub.models.Backbone.from_preset({preset!r}).save_to_preset(DIR) "
+                f"and keras_hub.layers.ImageConverter.from_preset({preset!r}).save_to_preset(DIR), copy DIR here "
+                f"and pass --base hub:DIR (or copy the kagglehub cache, {cache})."
+            ) from None
+        if "Unknown preset" in str(e):
+            names = [n for cls in HUB_FAMILIES for n in getattr(kh.models, cls).presets]
+            raise ConfigError(f"Unknown keras-hub preset {preset!r}.{suggest(preset, names)} Image backbones: "
+                              f"{', '.join(sorted(names)[:12])}, ... (tlkit info lists the families), or "
+                              "hub:PATH of a preset folder.") from None
+        raise BackboneError(f"Could not load the keras-hub preset {preset!r}: {_first_line(e)}") from None
+
+
+def _hub_converter(preset: str):
+    """The preset's ImageConverter, or `None` when the preset has none."""
+    kh = require_keras_hub()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return kh.layers.ImageConverter.from_preset(preset)
+    except Exception:  # no image_converter.json: the backbone takes raw pixels
+        return None
+
+
+def _as_tuple(v) -> float | tuple[float, ...] | None:
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple)):
+        return tuple(float(x) for x in v)
+    return float(v)
+
+
+def _check_image_backbone(backbone: keras.Model, preset: str) -> None:
+    cls = type(backbone).__name__
+    inputs = backbone.inputs
+    if len(inputs) != 1 or len(inputs[0].shape) != 4 or inputs[0].shape[-1] != 3:
+        raise BackboneError(f"keras-hub preset {preset!r} ({cls}) is not an image backbone with one RGB input "
+                            f"(inputs: {[tuple(t.shape) for t in inputs]}).")
+    out = backbone.outputs
+    if len(out) != 1 or len(out[0].shape) not in (2, 4):
+        raise BackboneError(f"keras-hub preset {preset!r} ({cls}) gives outputs of shape "
+                            f"{[tuple(t.shape) for t in out]}; tlkit needs a feature map or vector "
+                            f"(families that work: {', '.join(HUB_FAMILIES)}).")
+
+
+def hub_stage_map(backbone: keras.Model) -> tuple[tuple[str, ...], dict[str, int]]:
+    """Stage names and the stage of every layer of a keras-hub backbone, from its pyramid outputs.
+
+    Stage k holds the layers after the producer of pyramid level k-1 up to the producer of level k (the stem
+    is in the first level's stage); layers after the last level join the last stage. A backbone without
+    pyramid outputs is cut where the resolution drops (`stages_by_resolution`).
+
+    Example:
+        >>> names, stage_of = hub_stage_map(keras_hub.models.Backbone.from_preset("hub_folder"))
+        >>> names
+        ('P2', 'P3', 'P4', 'P5')
+    """
+    layers = backbone.layers
+    pyramid = getattr(backbone, "pyramid_outputs", None) or {}
+    index = {id(layer): i for i, layer in enumerate(layers)}
+    ends = []
+    for level, tensor in pyramid.items():
+        op = tensor._keras_history.operation
+        if id(op) in index:
+            ends.append((index[id(op)], str(level)))
+    ends.sort()
+    if len(ends) < 2:
+        stages = stages_by_resolution(backbone)
+        return tuple(f"stage{i}" for i in range(max(stages) + 1)), {l.name: s for l, s in zip(layers, stages)}
+    mapping, stage = {}, 0
+    for i, layer in enumerate(layers):
+        while stage < len(ends) - 1 and i > ends[stage][0]:
+            stage += 1
+        mapping[layer.name] = stage
+    return tuple(name for _, name in ends), mapping
+
+
+def hub_backbone(preset: str) -> BackboneSpec:
+    """The spec of a keras-hub preset name or folder (its preprocessing and stages read from the preset).
+
+    The preset's architecture is built once without weights to read its stages (a preset name is downloaded
+    then, and an offline machine fails here, before any data is read).
+
+    Example:
+        >>> spec = get_backbone("hub:/path/to/preset")   # or hub:resnet_50_imagenet
+        >>> spec.preprocess, spec.stage_names
+        ('scale_offset', ('P2', 'P3', 'P4', 'P5'))
+    """
+    preset = _hub_preset_arg(preset)
+    if preset in _HUB_SPECS:
+        return _HUB_SPECS[preset]
+    conv = _hub_converter(preset)
+    size, scale, offset = 224, None, None
+    if conv is not None:
+        c = conv.get_config()
+        if c.get("image_size"):
+            size = int(c["image_size"][0])
+        scale, offset = _as_tuple(c.get("scale")), _as_tuple(c.get("offset"))
+    probe = _hub_load(preset, load_weights=False, image_size=size)
+    _check_image_backbone(probe, preset)
+    names, mapping = hub_stage_map(probe)
+    name = os.path.basename(os.path.normpath(preset)) if os.path.isdir(preset) else preset.split("/")[-1]
+    spec = BackboneSpec(name=f"hub-{name}", constructor=None,
+                        preprocess="none" if scale is None and offset is None else "scale_offset",
+                        default_size=size, stage_names=names, stage_of=mapping.get, hub_preset=preset,
+                        scale=scale, offset=offset)
+    _HUB_SPECS[preset] = spec
+    return spec
+
+
+def _build_hub_backbone(spec: BackboneSpec, size: int, weights: str | None) -> keras.Model:
+    """The preset's backbone at `size`, unwrapped into a plain functional model of its own layers."""
+    w = _weights_arg(weights)
+    hub = _hub_load(spec.hub_preset, load_weights=(w == "imagenet"), image_size=size)
+    if w not in (None, "imagenet"):
+        try:
+            hub.load_weights(w)
+        except Exception as e:
+            raise BackboneError(f"Could not load weights file {w!r} into {spec.name}: {_first_line(e)}") from None
+    # A plain keras.Model over the same layers: the classifier then saves as built-in layers (no keras-hub
+    # class in model.keras), and the feature cache and exports see an ordinary functional backbone.
+    return keras.Model(hub.inputs, hub.outputs[0], name=spec.name.replace("-", "_"))

@@ -438,15 +438,22 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     versions = {"tlkit": tlkit.__version__, "python": sys.version.split()[0], "tensorflow": tf.__version__,
                 "keras": keras.__version__, "numpy": np.__version__}
-    for mod in ("keras_tuner", "tensorflow_datasets"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except Exception:  # optional at info time
-            versions[mod] = "not installed"
+    import importlib.metadata as md
+
+    for dist in ("keras-tuner", "tensorflow-datasets", "keras-hub", "ai-edge-litert", "tensorboard"):
+        try:  # the installed distribution, without importing it (keras-hub alone takes seconds)
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:  # optional at info time; the extras: hub, litert, tensorboard
+            versions[dist] = "not installed"
     devices = [f"{d.device_type}:{d.name}" for d in tf.config.list_physical_devices()]
     backbones = {n: {"input_size": get_backbone(n).default_size, "preprocess": get_backbone(n).preprocess}
                  for n in list_backbones()}
-    info = {"versions": versions, "devices": devices, "backbones": backbones, "datasets": list_datasets(),
+    from tlkit.backbones import list_hub_families
+
+    hub = {"installed": versions["keras-hub"] != "not installed", "families": list_hub_families(),
+           "usage": "--base hub:PRESET_NAME or --base hub:PATH_OF_A_PRESET_FOLDER"}
+    info = {"versions": versions, "devices": devices, "backbones": backbones, "keras_hub": hub,
+            "datasets": list_datasets(),
             "note": "any TensorFlow Datasets image-classification name works with --dataset"}
     if args.json:
         print(json.dumps(info, indent=2))
@@ -459,6 +466,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     for n, b in backbones.items():
         print(f"  {n:18s} {b['input_size']}px  preprocess={b['preprocess']}")
     print("  or PATH.keras (your own backbone: raw 0-255 RGB in, features out)")
+    print("  or hub:PRESET, a keras-hub preset name or folder" + ("" if hub["installed"] else
+          " (needs the extra: pip install 'tlkit[hub]')") + "; the families that work:")
+    for family, presets in hub["families"].items():
+        print(f"    {family:20s} {presets}")
     print("datasets (--dataset): " + ", ".join(list_datasets()) + ", or any TFDS image-classification name")
     return 0
 

@@ -68,8 +68,10 @@ class ModelConfig:
     """The backbone and the classification head.
 
     Attributes:
-        base: A registered backbone name (`tlkit.list_backbones()`) or the path of a `.keras` backbone
-            whose input is raw 0-255 RGB and whose output is a feature map or vector. Defaults to `"resnet50"`.
+        base: A registered backbone name (`tlkit.list_backbones()`), `hub:PRESET` (a keras-hub preset name
+            such as `hub:resnet_50_imagenet`, or a local preset folder `hub:/path/to/preset`; needs the `hub`
+            extra) or the path of a `.keras` backbone whose input is raw 0-255 RGB and whose output is a
+            feature map or vector. Defaults to `"resnet50"`.
         weights: `imagenet` (Keras's download and cache), `none` (random init) or the path of a weights file.
             Defaults to `"imagenet"`.
         dropout: Dropout rate before the classification layer. Defaults to `0.2`.
@@ -131,7 +133,8 @@ class TrainConfig:
         label_smoothing: Label smoothing of the cross-entropy. Defaults to `0.1`.
         early_stopping: Stop a stage after this many epochs without validation improvement.
             Defaults to `None` (off).
-        tensorboard: Write TensorBoard logs to the run folder. Defaults to `False`.
+        tensorboard: Write TensorBoard logs to the run folder (needs the `tensorboard` extra; refused up front
+            without it). Defaults to `False`.
         lr_mult: Discriminative learning rates: each backbone stage trains at the head's learning rate times
             `lr_mult ** depth`, where the top stage has depth 1, the one below it 2, and so on (fastai's
             `slice(lo, hi)`, ULMFiT's 1/2.6). `1.0` is off. Defaults to `1.0`.
@@ -254,7 +257,27 @@ class FinetuneConfig:
             raise ConfigError(f"lr_mult must be > 0, got {t.lr_mult}.")
         if t.stage_lrs is not None:
             parse_stage_lrs(t.stage_lrs)
+        if t.tensorboard:
+            require_tensorboard()
         return self
+
+
+def require_tensorboard() -> None:
+    """Refuses `--tensorboard` up front when TensorBoard is missing, in one `ConfigError` line.
+
+    TensorFlow 2.21 no longer installs TensorBoard, and without it `tf.summary` raises `TBNotInstalledError` at
+    the first write, after the first epoch, with the run folder half written. `validate()` calls this, before
+    anything is read or written.
+    """
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("tensorboard") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError("--tensorboard needs TensorBoard, which TensorFlow no longer installs: "
+                          "pip install 'tlkit[tensorboard]' (or pip install tensorboard), or drop --tensorboard.")
 
 
 def parse_stage_lrs(text: str) -> list[float]:
@@ -436,7 +459,8 @@ def load_config(path: str | os.PathLike, base: FinetuneConfig | None = None) -> 
 
 
 def absolute_paths(cfg: FinetuneConfig, folder: str | None = None) -> FinetuneConfig:
-    """The config with image_dir, data_dir, a .keras base, a weights file and output_dir made absolute.
+    """The config with image_dir, data_dir, a .keras base or keras-hub preset folder, a weights file and output_dir
+    made absolute.
 
     Args:
         cfg: A `FinetuneConfig`.
@@ -452,7 +476,11 @@ def absolute_paths(cfg: FinetuneConfig, folder: str | None = None) -> FinetuneCo
         return os.path.normpath(os.path.join(folder, value)) if folder else os.path.abspath(value)
 
     d, m = cfg.data, cfg.model
-    base = fix(m.base) if (m.base.endswith(".keras") or os.sep in m.base) else m.base
+    if m.base.startswith("hub:"):  # a keras-hub preset folder; a preset name or a kaggle:// handle stays
+        rest = m.base[len("hub:"):]
+        base = "hub:" + fix(rest) if (os.sep in rest and "://" not in rest) else m.base
+    else:
+        base = fix(m.base) if (m.base.endswith(".keras") or os.sep in m.base) else m.base
     return dataclasses.replace(
         cfg, output_dir=fix(cfg.output_dir),
         data=dataclasses.replace(d, image_dir=fix(d.image_dir), data_dir=fix(d.data_dir)),

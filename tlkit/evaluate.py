@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -75,10 +76,11 @@ def predict_with_errors(model: keras.Model, ds: tf.data.Dataset,
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """Counts [true, predicted]."""
-    cm = np.zeros((num_classes, num_classes), np.int64)
-    np.add.at(cm, (np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)), 1)
-    return cm
+    """Counts [true, predicted] over all `num_classes` classes (`sklearn.metrics.confusion_matrix`)."""
+    from sklearn import metrics as skm
+
+    return skm.confusion_matrix(np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64),
+                                labels=np.arange(num_classes)).astype(np.int64)
 
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str] | None = None) -> dict[str, Any]:
@@ -100,22 +102,31 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str
     k = min(5, c)
     topk = np.argsort(-probs, axis=-1)[:, :k]
     cm = confusion_matrix(y_true, y_pred, c)
-    support = cm.sum(1)
-    predicted = cm.sum(0)
-    tp = np.diag(cm)
-    recall = np.divide(tp, support, out=np.zeros(c), where=support > 0)
-    precision = np.divide(tp, predicted, out=np.zeros(c), where=predicted > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(c), where=(precision + recall) > 0)
+    labels = np.arange(c)
+    # Per-class precision, recall and F1, and the mean per-class accuracy, by scikit-learn: a class never
+    # predicted has precision 0 (zero_division=0); balanced_accuracy_score averages the recall of the classes
+    # present in y_true (it warns about predicted classes absent from y_true, which it leaves out, as we want).
+    from sklearn import metrics as skm
+
+    precision, recall, f1, support = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels,
+                                                                         zero_division=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*y_pred contains classes not in y_true.*")
+        balanced = float(skm.balanced_accuracy_score(y_true, y_pred))
     names = class_names or [str(i) for i in range(c)]
     per_class = [{"class": names[i], "precision": float(precision[i]), "recall": float(recall[i]),
                   "f1": float(f1[i]), "support": int(support[i])} for i in range(c)]
+    # Kept by hand, with no library equivalent that gives the same numbers: the loss (sklearn's log_loss
+    # renormalises each row and clips at the float eps, so a probability that underflowed to 0 costs 36 there
+    # and 27.6 here, as in Keras's crossentropy on float32 outputs), and top-k (sklearn's top_k_accuracy_score
+    # breaks exact ties the other way and rejects 2-class scores of shape [N, 2] with k >= 2).
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(n), y_true], 1e-12, 1.0))))
     return {
         "num_examples": int(n),
         "loss": loss,
         "accuracy": float(np.mean(y_pred == y_true)),
         "top5_accuracy": float(np.mean((topk == y_true[:, None]).any(-1))),  # 1.0 with <= 5 classes
-        "mean_per_class_accuracy": float(recall[support > 0].mean()),
+        "mean_per_class_accuracy": balanced,
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
     }

@@ -449,6 +449,11 @@ def describe_preprocessing(model) -> str:
     except ValueError:
         return "none in the classifier (the backbone takes raw 0..255 RGB and scales it itself)"
     if isinstance(layer, keras.layers.Rescaling):
+        if isinstance(layer.scale, (list, tuple)) or isinstance(layer.offset, (list, tuple)):
+            fmt = lambda v: "(" + ", ".join(f"{float(x):.4g}" for x in v) + ")" if isinstance(v, (list, tuple)) \
+                else f"{float(v):.4g}"
+            return (f"inside the model: x * {fmt(layer.scale)} + {fmt(layer.offset)} per channel (the keras-hub "
+                    "preset's image converter)")
         return f"inside the model: x * {layer.scale:g} + {layer.offset:g} (mode `tf`, to [-1, 1])"
     if isinstance(layer, keras.layers.Normalization):
         return "inside the model: (x - ImageNet mean) / ImageNet std on the 0..255 scale (mode `torch`)"
@@ -528,6 +533,8 @@ def model_card(info: dict[str, Any], run_cfg: Any, metrics: dict[str, Any] | Non
     if "bytes_signature" in c:
         b = c["bytes_signature"]
         lines.append(f"Bytes signature (PNG): agreement {b['top1_agreement']:.2%}, max |Δp| {b['max_abs_diff']:.2e}.")
+    if "runtime" in c:
+        lines.append(f"Run with {c['runtime']}.")
     if "export_accuracy" in c:
         lines.append(f"Accuracy on these images: Keras {c['keras_accuracy']:.2%}, export {c['export_accuracy']:.2%}.")
     lines += ["", "## Use", "", "```python", "import tlkit", f"clf = tlkit.load({info['load_path']!r})",
@@ -701,6 +708,8 @@ def export(model: str, format: str = "savedmodel", output: str | None = None, *,
         if max_diff is None and diff_bound is not None:
             diff_bound = max(diff_bound, MAX_ABS_DIFF["float16"])
     check = check_export(keras_model, predictor, samples, threshold, diff_bound, tie)
+    if format == "tflite":  # which interpreter produced the parity figures
+        check["runtime"] = predictor.runtime
     size_bytes = disk_size(artifact)
     info = {
         "format": format, "quantize": quantize, "int8_input": int8_input if quantize == "int8" else None,

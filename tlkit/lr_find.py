@@ -7,6 +7,9 @@ model back exactly as it was. Two suggestions, as in fastai: `valley` (the defau
 thirds down the longest descending stretch of the loss curve) and `steepest` (where the smoothed loss falls
 fastest against log LR).
 
+Written here because no library does it for Keras 3: Keras has no LR range test, and KerasTuner searches
+by full trials, not within one run (checked for this release; replace it if Keras gains one).
+
 Example:
     >>> result = tlkit.lr_find(FinetuneConfig(data=DataConfig(dataset="shapes", image_size=32),
     ...                                       model=ModelConfig(weights="none")), num_steps=50)

@@ -18,10 +18,23 @@ _TORCH_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 _TORCH_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
-def preprocessing(mode: str, x: keras.KerasTensor) -> keras.KerasTensor:
-    """Applies a `keras.applications` preprocess_input mode with built-in, frozen layers."""
+def preprocessing(mode: str, x: keras.KerasTensor, scale: float | tuple[float, ...] | None = None,
+                  offset: float | tuple[float, ...] | None = None) -> keras.KerasTensor:
+    """Applies a `keras.applications` preprocess_input mode with built-in, frozen layers.
+
+    Args:
+        mode: `none`, `tf`, `torch`, `caffe`, or `scale_offset`: `x * scale + offset` per channel, the
+            normalisation of a keras-hub `ImageConverter` (its resize is the data pipeline's).
+        x: Raw RGB images, float32 in 0..255.
+        scale: For `scale_offset`: one factor or one per channel. Defaults to `None` (1).
+        offset: For `scale_offset`: one offset or one per channel. Defaults to `None` (0).
+    """
     if mode == "none":
         return x
+    if mode == "scale_offset":
+        s = 1.0 if scale is None else (list(scale) if isinstance(scale, (list, tuple)) else float(scale))
+        o = 0.0 if offset is None else (list(offset) if isinstance(offset, (list, tuple)) else float(offset))
+        return keras.layers.Rescaling(s, offset=o, name="preprocess")(x)
     if mode == "tf":
         return keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(x)
     if mode == "torch":
@@ -65,7 +78,7 @@ def build_classifier(spec: BackboneSpec, num_classes: int, cfg: ModelConfig, ima
         base = spec.build(image_size, cfg.weights)
     base.name = "backbone"  # a stable name to find it by, whatever the architecture
     inputs = keras.Input((image_size, image_size, 3), name="image", dtype="float32")
-    x = preprocessing(spec.preprocess, inputs)
+    x = preprocessing(spec.preprocess, inputs, spec.scale, spec.offset)
     # training=False keeps BatchNorm in inference mode even when the base is unfrozen (Keras's transfer-
     # learning guide); with train_bn the base follows the fit/predict phase instead.
     x = base(x) if cfg.bn_trains else base(x, training=False)

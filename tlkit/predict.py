@@ -228,20 +228,54 @@ class SavedModelPredictor(Predictor):
         return self.serve_bytes(image_bytes=tf.constant(list(encoded), tf.string))["probabilities"].numpy()
 
 
+def tflite_interpreter() -> tuple[Any, str]:
+    """The TFLite interpreter class to run `.tflite` files with, and a description of that runtime.
+
+    LiteRT (`ai_edge_litert`, the optional extra `litert`) where it is installed: TensorFlow deprecates
+    `tf.lite.Interpreter` in its favour. Otherwise `tf.lite.Interpreter`, the fallback, with its deprecation
+    warning silenced (the user has nothing to act on). The conversion stays `tf.lite.TFLiteConverter`.
+
+    Example:
+        >>> cls, runtime = tflite_interpreter()
+        >>> runtime
+        'LiteRT (ai-edge-litert 2.3.0)'
+    """
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        Interpreter = None
+    if Interpreter is not None:
+        import importlib.metadata as md
+
+        try:
+            version = md.version("ai-edge-litert")
+        except md.PackageNotFoundError:
+            version = "?"
+        return Interpreter, f"LiteRT (ai-edge-litert {version})"
+    import warnings
+
+    import tensorflow as tf
+
+    def fallback(*args, **kwargs):
+        with warnings.catch_warnings():  # TF's interpreter announces its move to ai_edge_litert
+            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
+            return tf.lite.Interpreter(*args, **kwargs)
+
+    return fallback, f"tf.lite (TensorFlow {tf.__version__}; pip install 'tlkit[litert]' for LiteRT)"
+
+
 class TFLitePredictor(Predictor):
-    """A `.tflite` file; quantized inputs and outputs are (de)quantized with the file's own parameters."""
+    """A `.tflite` file; quantized inputs and outputs are (de)quantized with the file's own parameters.
+
+    Run with LiteRT where it is installed, else with `tf.lite` (`tflite_interpreter`); `runtime` says which.
+    """
 
     format = "tflite"
 
     def __init__(self, path: str, class_names: list[str] | None):
-        import tensorflow as tf
-
-        import warnings
-
         try:
-            with warnings.catch_warnings():  # TF's interpreter announces its move to ai_edge_litert
-                warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
-                self.interpreter = tf.lite.Interpreter(model_path=path)
+            interpreter_cls, self.runtime = tflite_interpreter()
+            self.interpreter = interpreter_cls(model_path=path)
             self.interpreter.allocate_tensors()
         except Exception as e:
             raise ConfigError(f"Could not load TFLite model {path!r}: {str(e).splitlines()[0][:200]}") from None

@@ -1,7 +1,11 @@
-"""Learning-rate schedules (constant, cosine, step, exponential, each with linear warm-up) and optimizers."""
+"""Learning-rate schedules (constant, cosine, step, exponential, each with linear warm-up) and optimizers.
+
+The cosine schedule (the default) is `keras.optimizers.schedules.CosineDecay`, which has the warm-up; the others
+are written here because Keras's `ExponentialDecay`/`PiecewiseConstantDecay` have no warm-up. `StageSchedule`
+keeps its name, arguments and config (checkpoints and other modules name it).
+"""
 from __future__ import annotations
 
-import math
 
 import keras
 from keras import ops
@@ -37,17 +41,29 @@ class StageSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.decay_rate = float(decay_rate)
         self.decay_steps = int(max(decay_steps, 1))
         self.min_ratio = float(min_ratio)
+        self._cosine = None
+        if kind == "cosine":
+            # Keras's own schedule gives the same curve: a linear warm-up from peak/100 to the peak over
+            # warmup_steps, then a cosine from the peak to peak * min_ratio over the remaining steps (tested
+            # against the formula in tests/test_schedules.py). step/exponential/constant below have no Keras
+            # equivalent with a warm-up and stay here.
+            span = max(self.total_steps - self.warmup_steps, 1)
+            if self.warmup_steps > 0:
+                self._cosine = keras.optimizers.schedules.CosineDecay(
+                    self.peak_lr / 100.0, decay_steps=span, alpha=self.min_ratio, warmup_target=self.peak_lr,
+                    warmup_steps=self.warmup_steps)
+            else:
+                self._cosine = keras.optimizers.schedules.CosineDecay(self.peak_lr, decay_steps=span,
+                                                                      alpha=self.min_ratio)
 
     def __call__(self, step):
+        if self._cosine is not None:
+            return self._cosine(step)
         step = ops.cast(step, "float32")
         peak = self.peak_lr
         w = float(self.warmup_steps)
         t = ops.maximum(step - w, 0.0)
-        if self.kind == "cosine":
-            span = float(max(self.total_steps - self.warmup_steps, 1))
-            frac = ops.minimum(t / span, 1.0)
-            lr = peak * (self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + ops.cos(math.pi * frac)))
-        elif self.kind == "step":
+        if self.kind == "step":
             lr = peak * ops.power(self.decay_rate, ops.floor(t / float(self.decay_steps)))
         elif self.kind == "exponential":
             lr = peak * ops.power(self.decay_rate, t / float(self.decay_steps))

@@ -101,3 +101,40 @@ def write_image_folder(root: str, classes: Sequence[str] = ("red", "green", "blu
             else:
                 img.save(os.path.join(folder, f"{name}_{i}.jpg"), quality=90)
     return str(root)
+
+
+def make_tiny_hub_preset(folder: str, size: int = 32, seed: int | None = 0) -> str:
+    """Writes a small, randomly initialised keras-hub ResNet and its image converter as a preset folder.
+
+    `--base hub:FOLDER` then runs the real keras-hub path (`Backbone.from_preset`, the converter's scale and
+    offset, the pyramid outputs P2, P3 as stages) offline and in seconds. Needs the `hub` extra.
+
+    Args:
+        folder: The preset folder to write (created).
+        size: The converter's image size (the backbone's default input size). Defaults to `32`.
+        seed: Seeds Keras's global random state before the weights are drawn. Defaults to `0`.
+
+    Returns:
+        `folder`.
+
+    Example:
+        >>> make_tiny_hub_preset("/tmp/tiny-hub")     # then ModelConfig(base="hub:/tmp/tiny-hub")
+        '/tmp/tiny-hub'
+    """
+    import keras
+    import keras_hub
+
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    # ResNetBackbone wants the first stack as wide as the stem (64) for its identity shortcut.
+    backbone = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64, 16, 16],
+        stackwise_num_blocks=[1, 1, 1], stackwise_num_strides=[1, 2, 2], block_type="basic_block",
+        use_pre_activation=False, image_shape=(None, None, 3))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the ImageNet statistics of keras-hub's ResNets
+    converter = keras_hub.layers.ResNetImageConverter(
+        image_size=(size, size), scale=[1 / (255 * s) for s in std], offset=[-m / s for m, s in zip(mean, std)])
+    os.makedirs(folder, exist_ok=True)
+    backbone.save_to_preset(folder)
+    converter.save_to_preset(folder)
+    return folder

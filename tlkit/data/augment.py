@@ -101,7 +101,7 @@ def batch_geometric(images: tf.Tensor, preset: "Preset", seed: tf.Tensor, crop: 
 
     Random resized crop (when `crop`), horizontal flip (when `crop`), rotation and zoom are all affine maps, so
     they compose into one 3x3 matrix per image and a single `ImageProjectiveTransformV3` (bilinear, reflect
-    fill) resamples the batch once, instead of one pass per `keras.layers.Random*` layer. Contrast follows as
+    fill, through `keras.ops.image.affine_transform`) resamples the batch once, instead of one pass per `keras.layers.Random*` layer. Contrast follows as
     Keras's `RandomContrast` does it (per image and channel, around the mean, clipped to 0..255). Every draw is
     stateless from `seed`, so the result is reproducible and needs no ordering of the map.
 
@@ -153,9 +153,10 @@ def batch_geometric(images: tf.Tensor, preset: "Preset", seed: tf.Tensor, crop: 
     transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
     identity = not (crop and (preset.crop_scale or preset.flip)) and not preset.rotation and not preset.zoom
     if not identity:
-        images = tf.raw_ops.ImageProjectiveTransformV3(
-            images=images, transforms=transforms, output_shape=shape[1:3], fill_value=0.0,
-            interpolation="BILINEAR", fill_mode="REFLECT")
+        # Keras's public op; on the TensorFlow backend it is this same ImageProjectiveTransformV3 kernel (same
+        # output, checked in tests/test_data_pipeline.py), without tlkit reaching into tf.raw_ops.
+        images = keras.ops.image.affine_transform(images, transforms, interpolation="bilinear", fill_mode="reflect",
+                                                  fill_value=0.0, data_format="channels_last")
     if preset.contrast:
         factor = tf.reshape(uniform(7, 1.0 - preset.contrast, 1.0 + preset.contrast), [-1, 1, 1, 1])
         mean = tf.reduce_mean(images, axis=[1, 2], keepdims=True)

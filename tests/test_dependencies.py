@@ -1,0 +1,71 @@
+"""setup.cfg: the installed versions satisfy the declared floors and pins, and the code's newest APIs exist.
+
+A floor that is too low is a promise the code breaks (`keras>=3.3` while the augmentation uses CutMix, new in
+3.9); a missing ceiling lets a release with different private modules in. This reads setup.cfg and checks
+every installed requirement against it, and checks that the APIs the floors were chosen for are there.
+"""
+import configparser
+import importlib.metadata as md
+import os
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _requirements(section: str, key: str) -> list[Requirement]:
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(ROOT, "setup.cfg"))
+    return [Requirement(line.strip()) for line in cfg[section][key].splitlines() if line.strip()]
+
+
+def _installed(name: str) -> str | None:
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+
+
+def test_every_install_requirement_is_installed_and_satisfied():
+    for req in _requirements("options", "install_requires"):
+        version = _installed(req.name)
+        assert version is not None, f"{req.name} is required by setup.cfg but not installed"
+        assert req.specifier.contains(version, prereleases=True), \
+            f"installed {req.name} {version} does not satisfy setup.cfg's {req}"
+
+
+@pytest.mark.parametrize("extra", ["dev", "hub", "litert", "tensorboard", "onnx"])
+def test_installed_extras_satisfy_their_floors(extra):
+    for req in _requirements("options.extras_require", extra):
+        version = _installed(req.name)
+        if version is not None:  # an extra need not be installed; when it is, it must fit
+            assert req.specifier.contains(version, prereleases=True), \
+                f"installed {req.name} {version} does not satisfy setup.cfg's [{extra}] {req}"
+
+
+def test_floors_are_not_below_what_the_code_uses():
+    reqs = {r.name: r for r in _requirements("options", "install_requires")}
+
+    def floor(name):
+        return min(Version(s.version) for s in reqs[name].specifier if s.operator in (">=", "=="))
+
+    assert floor("keras") >= Version("3.9")  # keras.layers.CutMix (tlkit/data/augment.py)
+    assert floor("keras-tuner") >= Version("1.4.6")  # the first KerasTuner on Keras 3
+    assert any(s.operator == "<" for s in reqs["keras-tuner"].specifier)  # private modules: a ceiling
+    import keras
+
+    for name in ("CutMix", "MixUp", "RandAugment"):
+        assert hasattr(keras.layers, name)
+
+
+def test_keras_tuner_private_modules_tlkit_imports_exist():
+    from keras_tuner.src import config  # noqa: F401
+    from keras_tuner.src.distribute import oracle_chief, utils  # noqa: F401
+    from keras_tuner.src.engine import tuner_utils
+    from keras_tuner.src.engine.trial import TrialStatus  # noqa: F401
+    import keras_tuner
+
+    assert hasattr(tuner_utils, "SaveBestEpoch")
+    assert hasattr(keras_tuner.Tuner, "_configure_tensorboard_dir")
