@@ -250,11 +250,24 @@ def main() -> None:
     p.add_argument("--recipes", default=",".join(RECIPES), help="Comma-separated recipes. Default: all.")
     p.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds. Default: 0,1,2.")
     p.add_argument("--out", default="benchmarks/results/transfer.json", help="JSON output.")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="Print and write (--out) the table of these result "
+                   "files (runs of this script on the same machine, e.g. the baselines and tlkit in two processes) "
+                   "instead of running anything.")
     p.add_argument("--keep", action="store_true", help="Keep the results already in --out and run only the missing "
                    "(task, recipe, seed) rows (to add a recipe, or to finish an interrupted run).")
     args = p.parse_args()
     tasks = [t for t in args.tasks.split(",") if t]
     recipes = [r for r in args.recipes.split(",") if r]
+    if args.merge:
+        results = []
+        for path in args.merge:
+            with open(path) as f:
+                results += json.load(f)["results"]
+        _write(args.out, args, results)
+        print(table(results, [t for t in TASKS if any(r["task"] == t for r in results)],
+                    [r for r in RECIPES if any(x["recipe"] == r for x in results)]))
+        print(f"\nwritten: {args.out}")
+        return
     seeds = [int(s) for s in args.seeds.split(",")]
     for path in (args.imagenet_backbone, os.path.join(args.tasks_dir, "letters_backbone.keras")):
         if not os.path.exists(path):
