@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "size (the data is re-batched per trial) are always searched; --search adds dropout, "
                        "label_smoothing, unfreeze_stages, optimizer, augment. For --strategy two_stage, --two-stage-lr "
                        "picks what is searched: by default the fine-tuning stage's learning rate, the head warm-up fixed "
-                       "at --lr for --head-epochs. Outputs in --output-dir (default runs/tune-BASE-DATASET): tune.yaml, "
+                       "at --lr for --head-steps. Outputs in --output-dir (default runs/tune-BASE-DATASET): tune.yaml, "
                        "trials.csv, best_config.yaml (for tlkit finetune --config), objective_vs_lr.png, search/ "
                        "(KerasTuner's project). Re-running the same command resumes the search; --overwrite starts "
                        "over. A failed trial (NaN, out of memory, error) is recorded and the search goes on. "
