@@ -318,16 +318,18 @@ def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, 
             checkpointer.begin_stage(index, stage, s0, stage_cbs, es_state)
         if on_features:
             feats = features.get(model, bool(model.jit_compile))
+            # The run's callbacks see the stage as one epoch, the last of the stage: it begins before the head trains
+            # (the learning rate at its start, its seconds) and ends with the kept pass's logs.
+            cbl = keras.callbacks.CallbackList(stage_cbs, add_history=False, add_progbar=False, model=model)
+            cbl.on_train_begin()
+            cbl.on_epoch_begin(b - 1)
             logs, head_guard = fit_head_on_features(model, feats, cfg, rt, stage, batch, monitor, stage.passes,
                                                     verbose)
             if head_guard.bad_epoch is not None and not logs:
-                guard.bad_epoch = s0 + head_guard.bad_epoch
-            else:  # the run's callbacks see the stage as one finished epoch, the last of the stage
-                cbl = keras.callbacks.CallbackList(stage_cbs, add_history=False, add_progbar=False, model=model)
-                cbl.on_train_begin()
-                cbl.on_epoch_begin(b - 1)
+                guard.bad_epoch = s0 + 1
+            else:
                 cbl.on_epoch_end(b - 1, logs)
-                cbl.on_train_end()
+            cbl.on_train_end()
         else:
             with warnings.catch_warnings():
                 # Keras 3.15 warns "Your input ran out of data" at the end of each epoch of a dataset of unknown
