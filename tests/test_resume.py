@@ -68,8 +68,8 @@ def test_sigkill_sigint_resume_matches_uninterrupted(tmp_path, tiny_backbone, ca
     work = tmp_path / "work"  # the working directory: nothing may be written here but the run folders
     work.mkdir()
     args = ["finetune", "--base", tiny_backbone, "--image-size", "32", "--weights", "none", "--image-dir", images,
-            "--batch-size", "4", "--val-split", "0.25", "--head-steps", "2", "--epochs", "1", "--augment", "none",
-            "--lr", "0.01", "--seed", "3"]
+            "--batch-size", "4", "--val-split", "0.25", "--head-steps", "6", "--epochs", "1", "--augment", "none",
+            "--lr", "0.01", "--seed", "3", "--no-cache-features"]  # the head stage on images: 2 epochs of 5 steps
     ref, run = str(work / "ref"), str(work / "run")
 
     # 1. A real subprocess, SIGKILLed inside epoch 2, after epoch 1's checkpoint.
