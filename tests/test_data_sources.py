@@ -75,3 +75,40 @@ def test_tfds_oxford_flowers_alias_with_mock_data():
 def test_unknown_tfds_name_suggests():
     with pytest.raises(DataError, match=r"Unknown dataset 'oxford_flower102'.*'oxford_flowers102'"):
         load_sources(DataConfig(dataset="oxford_flower102"), 32)
+
+
+def test_the_scan_reads_headers_and_ends_and_decodes_only_a_file_without_an_end_marker(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from tlkit.data import sources
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    paths = {}
+    for name, fmt in (("a.jpg", "JPEG"), ("b.png", "PNG"), ("c.gif", "GIF"), ("d.bmp", "BMP")):
+        paths[name] = str(tmp_path / name)
+        Image.fromarray(arr).save(paths[name], fmt)
+    for name in list(paths):  # the same files cut in half
+        data = open(paths[name], "rb").read()
+        cut = str(tmp_path / ("cut-" + name))
+        with open(cut, "wb") as f:
+            f.write(data[: len(data) // 2])
+        paths["cut-" + name] = cut
+    padded = str(tmp_path / "padded.jpg")  # a camera's extra data after the end marker: usable
+    with open(padded, "wb") as f:
+        f.write(open(paths["a.jpg"], "rb").read() + bytes(rng.integers(0, 255, 10_000, dtype=np.uint8)))
+
+    decoded = []
+    real_jpeg, real_image = tf.io.decode_jpeg, tf.io.decode_image
+    monkeypatch.setattr(tf.io, "decode_jpeg", lambda *a, **k: decoded.append("jpeg") or real_jpeg(*a, **k))
+    monkeypatch.setattr(tf.io, "decode_image", lambda *a, **k: decoded.append("image") or real_image(*a, **k))
+    for name in ("a.jpg", "b.png", "c.gif", "d.bmp"):
+        assert sources.image_problem(paths[name]) is None, name
+    assert decoded == []  # complete files: headers and ends only, no pixel decoded
+    for name in ("a.jpg", "b.png", "c.gif", "d.bmp"):
+        problem = sources.image_problem(paths["cut-" + name])
+        assert problem and problem.startswith("truncated or corrupt"), (name, problem)
+    assert sources.image_problem(padded) is None
+    assert decoded[-1] == "jpeg"  # the padded file had no marker in its last bytes: TensorFlow decoded it
+    ok, bad = sources.check_images([paths["a.jpg"], paths["cut-b.png"], padded])
+    assert ok == [True, False, True] and list(bad) == [paths["cut-b.png"]]

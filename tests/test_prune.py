@@ -106,3 +106,22 @@ def test_prune_constant_with_head_and_bad_input(run_dir, tmp_path):
     assert main(["prune", run_dir, "--sparsity", "1.5"]) == 2
     assert main(["prune", str(tmp_path / "nothing"), "--sparsity", "0.5"]) == 2
     assert main(["prune", run_dir, "--schedule", "cubic"]) == 2
+
+
+def test_magnitude_mask_by_selection_equals_a_stable_sort_with_ties():
+    import numpy as np
+
+    from tlkit.prune import magnitude_mask
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 80))
+        w = (rng.integers(-3, 4, n) * rng.choice([1.0, 0.5])).astype(np.float32)  # many equal magnitudes
+        s = float(rng.uniform(0, 1))
+        k = int(round(s * n))
+        expected = np.ones(n, np.float32)
+        expected[np.argsort(np.abs(w), kind="stable")[:k]] = 0.0
+        got = magnitude_mask(w.reshape(1, n), s)
+        assert got.shape == (1, n) and np.array_equal(got.ravel(), expected), (w, s)
+        assert int(np.sum(got == 0)) == k
+    assert magnitude_mask(np.ones((2, 3)), 1.0).sum() == 0

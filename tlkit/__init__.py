@@ -1,5 +1,8 @@
 """tlkit: transfer learning for Keras 3.
 
+The public names are imported lazily: `import tlkit` (and `tlkit --help`) loads neither TensorFlow nor Keras;
+the first use of a name that needs them (`tlkit.finetune`, `tlkit.evaluate`, ...) imports its module then.
+
 Example:
     >>> import tlkit
     >>> from tlkit import FinetuneConfig, DataConfig, ModelConfig, TrainConfig
@@ -8,31 +11,67 @@ Example:
     ...                                        train=TrainConfig(epochs=2)))
     >>> result.metrics["val"]["accuracy"]
 """
+import importlib as _importlib
 import os as _os
+import sys as _sys
+import types as _types
 
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# Light modules (dataclasses, YAML, exceptions): imported at once.
 from tlkit.config import (  # noqa: E402
-    DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig, TrainConfig, config_from_dict, load_config,
+    DataConfig, DistillConfig, FinetuneConfig, ModelConfig, PruneConfig, RuntimeConfig, TrainConfig, TuneConfig,
+    config_from_dict, load_config,
 )
 from tlkit.errors import ConfigError, DataError, OfflineError, TlkitError  # noqa: E402
-from tlkit.backbones import get_backbone, list_backbones  # noqa: E402
-from tlkit.data import Datasets, list_datasets  # noqa: E402
-from tlkit.evaluate import evaluate  # noqa: E402
-from tlkit.export import ExportResult, export  # noqa: E402
-from tlkit.predict import Predictor, load, predict  # noqa: E402
-from tlkit.lr_find import LRFindResult, lr_find  # noqa: E402
-from tlkit.train import RunResult, finetune  # noqa: E402
-from tlkit.config import DistillConfig, PruneConfig  # noqa: E402
-from tlkit.distill import distill  # noqa: E402
-from tlkit.prune import prune  # noqa: E402
-from tlkit.config import TuneConfig  # noqa: E402
-from tlkit.tune import TuneResult, tune  # noqa: E402
 
 __version__ = "0.1.0"
 
+# Everything else: name -> module, imported on first use (PEP 562).
+_LAZY = {
+    "get_backbone": "tlkit.backbones", "list_backbones": "tlkit.backbones",
+    "Datasets": "tlkit.data", "list_datasets": "tlkit.data",
+    "evaluate": "tlkit.evaluate",
+    "ExportResult": "tlkit.export", "export": "tlkit.export",
+    "Predictor": "tlkit.predict", "load": "tlkit.predict", "predict": "tlkit.predict",
+    "LRFindResult": "tlkit.lr_find", "lr_find": "tlkit.lr_find",
+    "RunResult": "tlkit.train", "finetune": "tlkit.train",
+    "distill": "tlkit.distill",
+    "prune": "tlkit.prune",
+    "TuneResult": "tlkit.tune", "tune": "tlkit.tune",
+}
 
-def load_dataset(data: DataConfig, image_size: int = 224, seed: int = 42) -> Datasets:
+
+class _Package(_types.ModuleType):
+    """`tlkit.evaluate` is the function even after `import tlkit.evaluate` (the import system then sets the
+    package attribute to the module; an eager `from tlkit.evaluate import evaluate` used to win that race)."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, _types.ModuleType) and _LAZY.get(name) == value.__name__ and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tlkit' has no attribute {name!r}")
+    from tlkit._quiet import import_tensorflow
+
+    import_tensorflow()  # TensorFlow's start-up lines filtered (tlkit._quiet)
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value  # the next access is a plain attribute
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+def load_dataset(data: DataConfig, image_size: int = 224, seed: int = 42) -> "Datasets":
     """Loads the splits of a dataset (TFDS name, `shapes`, or `image_dir`) without a model.
 
     Args:

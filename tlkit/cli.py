@@ -483,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     debug = bool(getattr(args, "debug", False))
     try:
+        from tlkit._quiet import import_tensorflow
+
+        import_tensorflow()  # after parsing: --help and argument errors never load TensorFlow
         return int(args.func(args) or 0)
     except TlkitError as e:
         if debug:

@@ -176,12 +176,9 @@ def _check_data(cfg: FinetuneConfig, data: Datasets) -> None:
 
 
 def load_weights_quietly(model: keras.Model, path: str) -> None:
-    """Loads model weights from a checkpoint, ignoring the optimizer state stored with them."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Skipping variable loading for optimizer.*")
-        model.load_weights(path)
+    """Loads model weights from a checkpoint, ignoring the optimizer state stored with them (`resume.load_weights`:
+    a plain Keras weights file, or a checkpoint whose frozen layers are in a file of their own)."""
+    resume.load_weights(model, path)
 
 
 def save_model(model: keras.Model, path: str) -> None:

@@ -199,57 +199,75 @@ _MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", 
           (b"BM", "bmp"))
 
 
-def image_problem(path: str) -> str | None:
-    """Why the image file at `path` cannot be used, or `None` when it decodes.
+_PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "gif": "GIF", "bmp": "BMP"}
+# The last bytes of a complete file: JPEG's end-of-image marker, PNG's IEND chunk, GIF's trailer.
+_END_MARKERS = {"jpeg": b"\xff\xd9", "png": b"IEND\xaeB`\x82", "gif": b"\x3b"}
+_TAIL = 4096  # bytes read from the end (an encoder may pad with zeros after the marker)
 
-    Three checks, cheapest first: the file's first bytes (a JPEG, PNG, GIF or BMP signature; a text file
-    named `.jpg` fails here), the header read by PIL (size; images over `MAX_IMAGE_PIXELS` are refused),
-    then a real decode, by PIL (a truncated file fails; JPEGs are decoded at 1/8 scale, which still reads
-    the whole file) and by TensorFlow, the decoder the pipeline uses.
+
+def image_problem(path: str) -> str | None:
+    """Why the image file at `path` cannot be used, or `None` when it looks complete; reads headers, not pixels.
+
+    The checks, cheapest first: the file's first bytes (a JPEG, PNG, GIF or BMP signature; a text file named
+    `.jpg` fails here); the header read by PIL (size; images over `MAX_IMAGE_PIXELS` are refused); and the
+    file's end (JPEG's end-of-image marker, PNG's IEND chunk, GIF's trailer, then at most padding; BMP's
+    declared size), which a truncated file lacks. Only a file that fails the last check is decoded, by
+    TensorFlow, the decoder of the pipeline: it is usable when that decode succeeds (data appended after the
+    marker, as some cameras do). A file whose
+    compressed data is damaged in the middle passes here; the pipeline then skips it with a warning when it
+    fails to decode (`ignore_errors`). So the scan costs about what reading the headers costs, and every image
+    is decoded once, in the pipeline.
 
     Example:
         >>> image_problem("cats/truncated.jpg")
-        'truncated or corrupt (image file is truncated)'
+        'truncated or corrupt: no end-of-image marker, and TensorFlow cannot decode it (...)'
     """
     import warnings
 
     from PIL import Image
 
     try:
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(16)
+            if not head:
+                return "empty file"
+            kind = next((k for magic, k in _MAGIC if head.startswith(magic)), None)
+            if kind is None:
+                return "not a JPEG, PNG, GIF or BMP image"
+            f.seek(max(0, size - _TAIL))
+            tail = f.read()
     except OSError as e:
         return f"unreadable ({e.strerror or e})"
-    if not head:
-        return "empty file"
-    kind = next((k for magic, k in _MAGIC if head.startswith(magic)), None)
-    if kind is None:
-        return "not a JPEG, PNG, GIF or BMP image"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path, formats=[_PIL_FORMATS[kind]]) as img:  # the header only
                 w, h = img.size
-                if w * h > MAX_IMAGE_PIXELS:
-                    return f"too large ({w}x{h} pixels)"
-                if kind == "jpeg":
-                    img.draft("RGB", (max(1, w // 8), max(1, h // 8)))
-                img.load()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         return f"truncated or corrupt: {str(e).splitlines()[0][:80] if str(e) else type(e).__name__}"
-    try:
+    if w * h > MAX_IMAGE_PIXELS:
+        return f"too large ({w}x{h} pixels)"
+    if kind == "bmp":
+        complete = size >= int.from_bytes(head[2:6], "little")
+    else:
+        complete = tail.rstrip(b"\x00\t\n\r ").endswith(_END_MARKERS[kind])
+    if complete:
+        return None
+    try:  # no end marker: only a real decode can tell
         data = tf.io.read_file(path)
         if kind == "jpeg":
             tf.io.decode_jpeg(data, channels=3, ratio=8)
         else:
             tf.io.decode_image(data, channels=3, expand_animations=False)
     except (tf.errors.OpError, ValueError) as e:
-        return f"TensorFlow cannot decode it: {str(e).strip().splitlines()[-1][:80]}"
+        what = "no end-of-image marker" if kind == "jpeg" else "no end marker"
+        return f"truncated or corrupt: {what}, and TensorFlow cannot decode it ({str(e).strip().splitlines()[-1][:60]})"
     return None
 
 
 def check_images(files: list[str], workers: int | None = None) -> tuple[list[bool], dict[str, str]]:
-    """Checks that each image file decodes (`image_problem`), in parallel, with a progress bar for big folders.
+    """Checks each image file's header and end (`image_problem`), in parallel, with a progress bar for big folders.
 
     Args:
         files: Image file paths.
