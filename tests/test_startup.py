@@ -22,7 +22,7 @@ def test_help_and_import_do_not_load_tensorflow():
              "    tlkit.cli.main(argv)\n"
              "print('LOADED', sorted(m for m in ('tensorflow', 'keras', 'matplotlib', 'sklearn') if m in sys.modules))")
     assert "LOADED []" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "--head-epochs" in r.stdout  # finetune's help was printed in full
+    assert "--head-steps" in r.stdout  # finetune's help was printed in full
 
 
 def test_public_names_resolve_lazily():
