@@ -194,3 +194,21 @@ def test_the_head_starts_at_chance_whatever_the_scale_of_the_features(tmp_path, 
     np.testing.assert_allclose(z[:, z.std(0) > 0].mean(0), 0, atol=1e-4)  # standardised training features
     np.testing.assert_allclose(z.std(0)[z.std(0) > 0], 1, atol=1e-2)
     assert float(np.abs(feats.x_train).max()) > scale * 0.1  # the raw features really were at that scale
+
+
+def test_folding_the_standardisation_into_the_logits_keeps_the_outputs(tiny_backbone):
+    """What the TFLite export converts: feature_norm folded into the Dense (int8 then has no amplifying layer)."""
+    from tlkit.backbones import get_backbone
+    from tlkit.model import build_classifier, fold_feature_norm
+
+    spec = get_backbone(tiny_backbone)
+    rng = np.random.default_rng(0)
+    dim = int(spec.build(32, "none").output_shape[-1])
+    model = build_classifier(spec, 4, ModelConfig(base=tiny_backbone, weights="none"), 32,
+                             feature_stats=(rng.normal(0, 3, dim), rng.uniform(0.01, 20, dim)))
+    logits = model.get_layer("logits")
+    logits.set_weights([rng.normal(0, 1, logits.kernel.shape).astype("float32"), rng.normal(0, 1, 4).astype("float32")])
+    folded = fold_feature_norm(model)
+    assert "feature_norm" not in [layer.name for layer in folded.layers]
+    x = rng.uniform(0, 255, (5, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(np.asarray(folded(x)), np.asarray(model(x)), atol=1e-5)

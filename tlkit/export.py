@@ -210,6 +210,9 @@ def tflite_bytes(model, image_size: int, quantize: str = "none", int8_input: str
     import keras
     import tensorflow as tf
 
+    from tlkit.model import fold_feature_norm
+
+    model = fold_feature_norm(model)  # the head's standardisation inside the Dense: no int8 layer amplifies noise
     with tempfile.TemporaryDirectory() as d:
         archive = keras.export.ExportArchive()  # not tracked: see write_savedmodel
         archive.add_endpoint("serving_default", lambda image: call_model(model, image),

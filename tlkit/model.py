@@ -154,3 +154,30 @@ def set_trainable(model: keras.Model, spec: BackboneSpec, stages: set[int] | Non
     for layer in head_layers(model):
         layer.trainable = True
     return len(model.trainable_weights)
+
+
+def fold_feature_norm(model: keras.Model) -> keras.Model:
+    """The classifier with its `feature_norm` standardisation folded into the `logits` layer (same outputs).
+
+    `(x - mean) / std` followed by `Dense(W, b)` is `Dense(W / std, b - (mean / std) @ W)`: one layer fewer, and
+    for a full-integer (int8) TFLite export no layer that amplifies the quantisation error of low-variance features.
+    A model without `feature_norm` is returned as it is.
+
+    Example:
+        >>> plain = fold_feature_norm(keras.models.load_model("runs/x/model.keras"))
+    """
+    try:
+        norm, dense = model.get_layer("feature_norm"), model.get_layer("logits")
+    except ValueError:
+        return model
+    mean = np.asarray(keras.ops.convert_to_numpy(norm.mean), np.float64).reshape(-1)
+    std = np.maximum(np.sqrt(np.asarray(keras.ops.convert_to_numpy(norm.variance), np.float64).reshape(-1)),
+                     keras.backend.epsilon())
+    kernel, bias = (np.asarray(w, np.float64) for w in dense.get_weights())
+    folded = keras.layers.Dense(kernel.shape[1], name="logits", dtype=dense.dtype_policy)
+    x = norm.input
+    logits = folded(x)
+    folded.set_weights([(kernel / std[:, None]).astype(np.float32),
+                        (bias - (mean / std) @ kernel).astype(np.float32)])
+    probs = keras.layers.Activation("softmax", dtype="float32", name="probs")(logits)
+    return keras.Model(model.inputs, probs, name=model.name)
