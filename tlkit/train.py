@@ -114,9 +114,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
         print(f"[tlkit] --resume: no checkpoint in {out_dir} yet; starting from the first epoch", flush=True)
     callbacks: list = []
     if resolved.train.tensorboard:
-        import keras as _keras
-
-        callbacks.append(_keras.callbacks.TensorBoard(os.path.join(out_dir, "tensorboard")))
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(out_dir, "tensorboard")))
     rt.per_replica_batch(resolved.data.batch_size)  # the batch is global: it must split evenly over the replicas
     with resume.interruptible(out_dir):  # Ctrl-C / SIGTERM -> resume.Interrupted naming the run folder
         try:

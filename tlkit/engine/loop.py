@@ -113,13 +113,6 @@ def compile_model(model: keras.Model, cfg, learning_rate, num_classes: int, jit_
                   metrics=classifier_metrics(num_classes), jit_compile=jit_compile)
 
 
-def nan_message(epoch: int, stage, optimizer, precision: str) -> str:
-    """What to do when the loss became NaN or infinite."""
-    from tlkit import resume
-
-    return resume.nan_message(epoch, stage, optimizer, precision)
-
-
 @dataclasses.dataclass
 class HeadFeatures:
     """Pooled base features of the un-augmented training images (and the validation images), for head stages.
@@ -174,7 +167,7 @@ class _KeepBestHead(keras.callbacks.Callback):
             self.key, self.weights, self.logs, self.epoch = key, self.model.get_weights(), logs, epoch + 1
 
 
-def fit_head_on_features(model: keras.Model, feats: HeadFeatures, cfg, rt, stage, batch_size: int, monitor: str,
+def fit_head_on_features(model: keras.Model, feats: HeadFeatures, cfg, rt, batch_size: int, monitor: str,
                          epochs: int, verbose: int) -> tuple[dict[str, float], NaNGuard]:
     """Trains the head of the compiled `model` on cached features for `epochs` passes; keeps the best pass.
 
@@ -259,7 +252,7 @@ def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, 
     verbose = (1 if sys.stdout.isatty() else 2) if verbose is None else verbose
     num_stages = spec.num_stages(get_base(model)) if spec is not None else 0
     first, last = epoch_range if epoch_range is not None else (0, sum(s.epochs for s in plan))
-    batch = _batch_size(train_ds, cfg)
+    batch = cfg.data.batch_size  # the split's batch (fit_batch_size has capped it to the training split)
     epoch = 0
     for index, stage in enumerate(plan):
         s0, s1 = epoch, epoch + stage.epochs
@@ -323,7 +316,7 @@ def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, 
             cbl = keras.callbacks.CallbackList(stage_cbs, add_history=False, add_progbar=False, model=model)
             cbl.on_train_begin()
             cbl.on_epoch_begin(b - 1)
-            logs, head_guard = fit_head_on_features(model, feats, cfg, rt, stage, batch, monitor, stage.passes,
+            logs, head_guard = fit_head_on_features(model, feats, cfg, rt, batch, monitor, stage.passes,
                                                     verbose)
             if head_guard.bad_epoch is not None and not logs:
                 guard.bad_epoch = s0 + 1
@@ -342,7 +335,7 @@ def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, 
         if guard.bad_epoch is not None:
             if checkpointer is not None and checkpointer.last is not None:  # the last good checkpoint
                 resume.load_weights(model, os.path.join(checkpointer.dir, checkpointer.last.weights))
-            err = TrainingError(nan_message(guard.bad_epoch, stage, fit_model.optimizer, rt.precision))
+            err = TrainingError(resume.nan_message(guard.bad_epoch, stage, fit_model.optimizer, rt.precision))
             err.history = rows  # type: ignore[attr-defined]
             err.stage = stage  # type: ignore[attr-defined]
             err.epoch = guard.bad_epoch  # type: ignore[attr-defined]
@@ -350,13 +343,3 @@ def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, 
     if state is not None and state.next_stage >= len(plan) and checkpointer is not None:
         resume.load_weights(model, os.path.join(checkpointer.dir, state.weights))  # a finished run resumed
     return rows
-
-
-def _batch_size(ds, cfg) -> int:
-    try:
-        spec = ds.element_spec[0]
-        if spec.shape[0] is not None:
-            return int(spec.shape[0])
-    except (AttributeError, TypeError, IndexError):
-        pass
-    return int(getattr(ds, "tl_batch_size", cfg.data.batch_size))
