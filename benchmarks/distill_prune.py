@@ -24,9 +24,9 @@ def main() -> None:
     a = ap.parse_args()
     import tlkit
     from tlkit.testing import make_tiny_backbone
-    from tlkit.config import DataConfig, DistillConfig, FinetuneConfig, ModelConfig, PruneConfig, RuntimeConfig, TrainConfig
-    from tlkit.distill import comparison_table
-    from tlkit.prune import sparsity_table
+    from tlkit.core.config import DataConfig, DistillConfig, FinetuneConfig, ModelConfig, PruneConfig, RuntimeConfig, TrainConfig
+    from tlkit.verbs.distill import comparison_table
+    from tlkit.verbs.prune import sparsity_table
 
     os.makedirs(a.out, exist_ok=True)
     teacher_base = a.teacher_base or make_tiny_backbone(os.path.join(a.out, "tiny32.keras"), a.image_size, width=32)

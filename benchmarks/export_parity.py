@@ -29,8 +29,9 @@ def main() -> int:
     args = ap.parse_args()
 
     import tlkit
-    from tlkit import cli, rundir
-    from tlkit.export import ParityError, human_size
+    from tlkit import cli
+    from tlkit.core import rundir
+    from tlkit.verbs.export import ParityError, human_size
 
     work = tempfile.mkdtemp(prefix="tlkit-export-parity-")
     run = args.run

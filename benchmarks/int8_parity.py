@@ -33,11 +33,11 @@ def main() -> int:
     import keras
     import tensorflow as tf
 
-    from tlkit import config as C
+    from tlkit.core import config as C
     from tlkit.data import load_sources
-    from tlkit.evaluate import load_model_and_labels
-    from tlkit.export import split_images, tflite_bytes
-    from tlkit.predict import TFLitePredictor, call_model, resize_batch
+    from tlkit.models.classifier import load_model_and_labels
+    from tlkit.verbs.export import split_images, tflite_bytes
+    from tlkit.verbs.predict import TFLitePredictor, call_model, resize_batch
 
     model, _, _ = load_model_and_labels(args.run)
     cfg = C.load_config(os.path.join(args.run, "config.yaml"))

@@ -92,7 +92,7 @@ def bench_pipeline(root: str, size: int, batch: int) -> dict:
     import keras
     import tensorflow as tf
 
-    from tlkit.config import DataConfig
+    from tlkit.core.config import DataConfig
     from tlkit.data import load_sources, make_dataset
 
     data = load_sources(DataConfig(image_dir=root, val_split=0.0), size)
@@ -118,7 +118,7 @@ def bench_pipeline(root: str, size: int, batch: int) -> dict:
 
 def bench_feature_cache(root: str, backbone: str, size: int, batch: int, epochs: int) -> dict:
     import tlkit
-    from tlkit.config import DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig, TrainConfig
+    from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig, TrainConfig
 
     out = {}
     for cache in (False, True):
@@ -158,10 +158,10 @@ def bench_overhead(root: str, backbone: str, size: int, batch: int, epochs: int)
     import tensorflow as tf
 
     import tlkit
-    from tlkit.backbones import get_backbone
-    from tlkit.config import DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig, TrainConfig
+    from tlkit.models.backbones import get_backbone
+    from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig, TrainConfig
     from tlkit.data import load_sources, make_dataset
-    from tlkit.model import build_classifier
+    from tlkit.models.classifier import build_classifier
 
     data_cfg = DataConfig(image_dir=root, image_size=size, batch_size=batch, augment="none", val_split=0.0)
     cfg = FinetuneConfig(data=data_cfg, model=ModelConfig(base=backbone, weights="imagenet", dropout=0.2),
@@ -194,10 +194,10 @@ def bench_xla_precision(backbone: str, size: int, batch: int, steps: int, epochs
     import keras
     import tensorflow as tf
 
-    from tlkit import runtime
-    from tlkit.backbones import get_backbone
-    from tlkit.config import ModelConfig, RuntimeConfig
-    from tlkit.model import build_classifier
+    from tlkit.core import runtime
+    from tlkit.models.backbones import get_backbone
+    from tlkit.core.config import ModelConfig, RuntimeConfig
+    from tlkit.models.classifier import build_classifier
 
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (batch * steps, size, size, 3)).astype("float32")
@@ -330,7 +330,7 @@ def bench_b_in_process(photos: str, work: str, size: int, epochs: int, batch: in
     import keras
 
     import tlkit
-    from tlkit.config import DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig, TrainConfig
+    from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig, TrainConfig
 
     sys.path.insert(0, HERE)
     plain = importlib.import_module("plain_keras_frozen")
@@ -362,13 +362,14 @@ def bench_c_prune(photos: str, work: str, size: int = 32, batch: int = 16, epoch
     the polynomial schedule updates the masks every other step over the first 70%), tracing included in both."""
     import keras
 
-    from tlkit import runtime, schedules
-    from tlkit.backbones import get_backbone
-    from tlkit.config import DataConfig, FinetuneConfig, ModelConfig, PruneConfig, RuntimeConfig
+    from tlkit.core import runtime
+    from tlkit.models import schedules
+    from tlkit.models.backbones import get_backbone
+    from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig, PruneConfig, RuntimeConfig
     from tlkit.data import load_sources, make_dataset
-    from tlkit.model import build_classifier
-    import tlkit.prune  # noqa: F401
-    P = sys.modules["tlkit.prune"]
+    from tlkit.models.classifier import build_classifier
+    import tlkit.verbs.prune  # noqa: F401
+    P = sys.modules["tlkit.verbs.prune"]
 
     data = load_sources(DataConfig(image_dir=photos, val_split=0.0), size)
     steps = int(np.ceil(data.train.count / batch))
@@ -413,10 +414,10 @@ def bench_d_gpu(batch: int = 128, size: int = 224, steps: int = 30, epochs: int 
     import keras
     import tensorflow as tf
 
-    from tlkit import runtime
-    from tlkit.backbones import get_backbone
-    from tlkit.config import ModelConfig, RuntimeConfig
-    from tlkit.model import build_classifier
+    from tlkit.core import runtime
+    from tlkit.models.backbones import get_backbone
+    from tlkit.core.config import ModelConfig, RuntimeConfig
+    from tlkit.models.classifier import build_classifier
 
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:
@@ -540,7 +541,7 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="tlkit-bench-")
     parts = [v.strip() for v in args.parts.split(",") if v.strip()]
     sys.path.insert(0, ROOT)
-    from tlkit._quiet import import_tensorflow
+    from tlkit.core.quiet import import_tensorflow
 
     tf = import_tensorflow()
 

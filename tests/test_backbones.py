@@ -3,8 +3,8 @@ import numpy as np
 import keras
 import pytest
 
-from tlkit import backbones
-from tlkit.errors import ConfigError, OfflineError
+from tlkit.models import backbones
+from tlkit.core.errors import ConfigError, OfflineError
 
 
 def test_registry_has_the_required_backbones():

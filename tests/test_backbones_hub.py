@@ -13,11 +13,11 @@ import numpy as np
 import keras
 import pytest
 
-from tlkit import backbones
+from tlkit.models import backbones
 from tlkit.cli import main
-from tlkit.config import ModelConfig
-from tlkit.errors import ConfigError, OfflineError
-from tlkit.model import build_classifier, set_trainable
+from tlkit.core.config import ModelConfig
+from tlkit.core.errors import ConfigError, OfflineError
+from tlkit.models.classifier import build_classifier, set_trainable
 from tlkit.testing import make_tiny_hub_preset
 
 keras_hub = pytest.importorskip("keras_hub", reason="the `hub` extra (pip install 'tlkit[hub]'; part of [dev])")

@@ -10,7 +10,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import write_image_folder
-from tlkit.config import DataConfig
+from tlkit.core.config import DataConfig
 from tlkit.data import load_sources, make_dataset
 from tlkit.data.augment import PRESETS, Preset, _sample_box, batch_geometric, decode_random_crop, resize_uint8
 

@@ -6,9 +6,9 @@ import pytest
 import tensorflow as tf
 
 from conftest import write_image_folder
-from tlkit.config import DataConfig
+from tlkit.core.config import DataConfig
 from tlkit.data import load_sources, make_dataset
-from tlkit.errors import DataError
+from tlkit.core.errors import DataError
 
 
 def test_image_folder_reads_jpeg_png_gray_rgba_and_ignores_the_rest(tmp_path):

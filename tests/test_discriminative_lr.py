@@ -1,4 +1,5 @@
-"""Discriminative learning rates (tlkit/param_groups.py hooked into train.compile_model): per-stage update sizes."""
+"""Discriminative learning rates (tlkit/models/param_groups.py through Classifier.lr_factors, hooked into
+engine.loop.compile_model): per-stage update sizes."""
 from __future__ import annotations
 
 import json
@@ -11,19 +12,22 @@ import pytest
 import keras
 import tensorflow as tf
 
-from tlkit import param_groups
-from tlkit.backbones import get_backbone
-from tlkit.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
-from tlkit.errors import ConfigError
-from tlkit.model import build_classifier, get_base, set_trainable
-from tlkit.train import compile_model
+from tlkit.models import param_groups
+from tlkit.models.backbones import get_backbone
+from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
+from tlkit.core.errors import ConfigError
+from tlkit.models.classifier import Classifier, get_base
+from tlkit.engine.loop import compile_model
 
 
-def _stage_kernels(model, spec) -> dict[str, int]:
+_RECORDS: dict[int, Classifier] = {}  # id(model) -> its Classifier record
+
+
+def _stage_kernels(model, clf: Classifier) -> dict[str, int]:
     """One Conv2D layer name per backbone stage that has one: {layer name: stage}."""
     base = get_base(model)
     out: dict[str, int] = {}
-    for layer, stage in zip(base.layers, spec.stages(base)):
+    for layer, stage in zip(base.layers, clf.stage_of_layer):
         if isinstance(layer, keras.layers.Conv2D) and stage not in out.values():
             out[layer.name] = stage
     return out
@@ -32,14 +36,15 @@ def _stage_kernels(model, spec) -> dict[str, int]:
 def _model(tiny_backbone, seed=0):
     keras.utils.set_random_seed(seed)
     spec = get_backbone(tiny_backbone)
-    model = build_classifier(spec, 3, ModelConfig(base=tiny_backbone, weights="none", dropout=0.0, train_bn=False), 32)
-    set_trainable(model, spec, None, train_bn=False)
+    clf = Classifier.build(spec, 3, ModelConfig(base=tiny_backbone, weights="none", dropout=0.0, train_bn=False), 32)
+    clf.set_trainable(None, train_bn=False)
+    model = clf.model
     # The head starts from zero logits (no gradient reaches the backbone at the first step): give it the trained-
     # head state these per-step update checks need.
     logits = model.get_layer("logits")
     logits.kernel.assign(np.random.default_rng(seed).normal(0, 0.5, logits.kernel.shape).astype("float32"))
-    model.tl_spec = spec
-    return model, spec
+    _RECORDS[id(model)] = clf
+    return model, clf
 
 
 def _batch(n=8, seed=1):
@@ -51,7 +56,7 @@ def _batch(n=8, seed=1):
 
 def _kernels(model):
     base = get_base(model)
-    out = {name: base.get_layer(name).kernel for name in _stage_kernels(model, model.tl_spec)}
+    out = {name: base.get_layer(name).kernel for name in _stage_kernels(model, _RECORDS[id(model)])}
     out["logits"] = model.get_layer("logits").kernel
     return out
 
@@ -67,7 +72,7 @@ def _grads(model, x, y):
 
 def _one_step(model, spec, train_cfg, x, y, jit=False):
     cfg = FinetuneConfig(train=train_cfg)
-    compile_model(model, cfg, train_cfg.lr, 3, jit, spec=spec)
+    compile_model(model, cfg, train_cfg.lr, 3, jit, clf=spec)
     before = {k: np.asarray(v) for k, v in _kernels(model).items()}
     model.train_on_batch(x, y)
     return {k: before[k] - np.asarray(v) for k, v in _kernels(model).items()}
@@ -93,7 +98,7 @@ def test_sgd_update_equals_stage_lr_times_gradient(tiny_backbone):
     lr, mult = 0.1, 0.5
     delta = _one_step(model, spec, TrainConfig(optimizer="sgd", momentum=0.0, lr=lr, lr_mult=mult,
                                                label_smoothing=0.0), x, y)
-    num_stages = spec.num_stages(get_base(model))
+    num_stages = spec.num_stages
     kernels = _stage_kernels(model, spec)
     assert sorted(kernels.values()) == list(range(num_stages)) and num_stages >= 3
     for name, stage in kernels.items():
@@ -113,7 +118,7 @@ def test_adam_step_size_is_the_stage_lr(tiny_backbone):
     lr = 1e-3
     factors = [0.003, 0.01, 0.1, 0.5]
     kernels = _stage_kernels(model, spec)
-    assert len(kernels) == len(factors) == spec.num_stages(get_base(model))
+    assert len(kernels) == len(factors) == spec.num_stages
     delta = _one_step(model, spec, TrainConfig(optimizer="adam", lr=lr, stage_lrs=",".join(map(str, factors)),
                                                label_smoothing=0.0), x, y)
     for name, factor in [(name, factors[stage]) for name, stage in kernels.items()] + [("logits", 1.0)]:
@@ -144,7 +149,7 @@ def test_mixed_precision_and_xla(tiny_backbone, policy, jit):
         assert model.jit_compile is jit
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
-    n = spec.num_stages(get_base(model))
+    n = spec.num_stages
     for name, stage in list(_stage_kernels(model, spec).items()) + [("logits", n)]:
         g = grads[name]
         big = np.abs(g) > 0.05 * np.abs(g).max()

@@ -12,12 +12,12 @@ import keras
 import tensorflow as tf
 
 import tlkit
-from tlkit.distill import distillation_terms, logits_model, with_teacher_logits
-from tlkit.backbones import get_backbone
+from tlkit.verbs.distill import distillation_terms, logits_model, with_teacher_logits
+from tlkit.models.backbones import get_backbone
 from tlkit.cli import main
-from tlkit.config import DataConfig, DistillConfig, FinetuneConfig, ModelConfig, config_to_dict, dump_yaml
-from tlkit.model import build_classifier
-from tlkit.train import save_model
+from tlkit.core.config import DataConfig, DistillConfig, FinetuneConfig, ModelConfig, config_to_dict, dump_yaml
+from tlkit.models.classifier import build_classifier
+from tlkit.models.classifier import save_model
 
 from conftest import make_tiny_backbone
 

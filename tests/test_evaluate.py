@@ -10,9 +10,9 @@ import shutil
 import numpy as np
 import pytest
 
-from tlkit import plots
+from tlkit.engine import plots
 from tlkit.cli import main
-from tlkit.evaluate import compute_metrics, confusion_csv_rows, detect_overfitting, most_confused
+from tlkit.engine.metrics import compute_metrics, confusion_csv_rows, detect_overfitting, most_confused
 from test_plots import png_size, px
 
 # Seven examples, three classes; "fox" (2) is never predicted.

@@ -21,7 +21,7 @@ import sys
 import pytest
 
 from tlkit import cli
-from tlkit import config as C
+from tlkit.core import config as C
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EX = os.path.join(ROOT, "examples")

@@ -12,9 +12,9 @@ import pytest
 
 import tlkit
 from tlkit import cli
-from tlkit.predict import call_model, read_image, resize_batch
+from tlkit.engine.predictors import call_model, read_image, resize_batch
 
-EXPORT = importlib.import_module("tlkit.export")  # the module (tlkit.export is the function)
+EXPORT = importlib.import_module("tlkit.verbs.export")
 
 
 @pytest.fixture(scope="module")
@@ -205,10 +205,10 @@ def test_user_errors_are_one_line_exit_2(run_dir, tmp_path, capsys):
 def test_mixed_precision_model_is_exported_in_float32(tiny_backbone, tmp_path):
     import keras
 
-    from tlkit.backbones import get_backbone
-    from tlkit.config import ModelConfig
-    from tlkit.model import build_classifier
-    from tlkit.predict import TFLitePredictor
+    from tlkit.models.backbones import get_backbone
+    from tlkit.core.config import ModelConfig
+    from tlkit.models.classifier import build_classifier
+    from tlkit.engine.predictors import TFLitePredictor
 
     keras.mixed_precision.set_global_policy("mixed_float16")  # as `--precision auto` trains on a GPU
     try:
@@ -229,7 +229,7 @@ def test_mixed_precision_model_is_exported_in_float32(tiny_backbone, tmp_path):
 def test_tflite_runs_on_litert_where_installed_else_tf_lite(run_dir, keras_model, photos, tmp_path, monkeypatch):
     import warnings
 
-    from tlkit.predict import tflite_interpreter
+    from tlkit.engine.predictors import tflite_interpreter
 
     out = str(tmp_path / "f" / "m.tflite")
     assert cli.main(["export", run_dir, "--format", "tflite", "--output", out]) == 0

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 import tlkit
-from tlkit.strategies import plan
-from tlkit import features
-from tlkit.backbones import get_backbone
-from tlkit.config import DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig, TrainConfig
-from tlkit.model import build_classifier, get_base, set_trainable
+from tlkit.models.strategies import plan
+from tlkit.engine import features
+from tlkit.models.backbones import get_backbone
+from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig, TrainConfig
+from tlkit.models.classifier import build_classifier, get_base, set_trainable
 from conftest import write_image_folder
 
 

@@ -10,14 +10,14 @@ import yaml
 
 import importlib
 
-from tlkit import plots
+from tlkit.engine import plots
 from tlkit.cli import main
-from tlkit.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig, config_from_dict
-from tlkit.errors import ConfigError
+from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig, config_from_dict
+from tlkit.core.errors import ConfigError
 from test_plots import png_size, px
 from conftest import write_image_folder
 
-LF = importlib.import_module("tlkit.lr_find")  # the module (tlkit.lr_find is the function)
+LF = importlib.import_module("tlkit.engine.lr_range")
 
 
 def test_schedule_is_exponential_between_the_ends():
@@ -57,9 +57,9 @@ def tiny_cfg(tiny_backbone, folder, **train) -> FinetuneConfig:
 
 
 def test_find_lr_returns_lr_in_range_and_restores_weights_exactly(tiny_backbone, colour_folder, tmp_path):
-    from tlkit import backbones
+    from tlkit.models import backbones
     from tlkit.data import load_sources, make_dataset
-    from tlkit.model import build_classifier, get_base
+    from tlkit.models.classifier import Classifier, build_classifier, get_base
 
     cfg = tiny_cfg(tiny_backbone, colour_folder)
     spec = backbones.get_backbone(tiny_backbone)
@@ -70,7 +70,7 @@ def test_find_lr_returns_lr_in_range_and_restores_weights_exactly(tiny_backbone,
     before = [w.copy() for w in model.get_weights()]
     flags = [layer.trainable for layer in base.layers]
     ds = make_dataset(data.train, 32, 6, 3, training=True, cache="none")
-    r = LF.find_lr(model, spec, cfg, ds, 3, start_lr=1e-5, end_lr=1.0, num_steps=20, output_dir=str(tmp_path),
+    r = LF.find_lr(Classifier(model, spec), cfg, ds, 3, start_lr=1e-5, end_lr=1.0, num_steps=20, output_dir=str(tmp_path),
                    verbose=0)
     assert 1e-5 <= r.suggestion <= 1.0 and 1e-5 <= r.suggestions["steepest"] <= 1.0
     assert r.suggestion == r.suggestions["valley"] and r.stage == "full"
@@ -87,7 +87,7 @@ def test_find_lr_returns_lr_in_range_and_restores_weights_exactly(tiny_backbone,
 
     # A range far too high: the loss diverges, the run stops early, and the weights still come back.
     sgd = tiny_cfg(tiny_backbone, colour_folder, optimizer="sgd")
-    r = LF.find_lr(model, spec, sgd, ds, 3, start_lr=1e-3, end_lr=1e6, num_steps=30, verbose=0)
+    r = LF.find_lr(Classifier(model, spec), sgd, ds, 3, start_lr=1e-3, end_lr=1e6, num_steps=30, verbose=0)
     assert r.diverged and len(r.lrs) < 30
     assert r.suggestion < r.lrs[-1]
     for a, b in zip(model.get_weights(), before):
@@ -162,6 +162,6 @@ def test_the_suggestion_is_the_first_stage_lr():
     with pytest.raises(ConfigError, match="Its stages: head, unfreeze_1"):
         LF.pick_stage(TrainConfig(strategy="gradual", epochs=2), 4, stage="finetune")
     with pytest.raises(ConfigError, match="must be resolved"):
-        from tlkit import strategies
+        from tlkit.models import strategies
 
         strategies.plan(TrainConfig(lr="auto"), 4)

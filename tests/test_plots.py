@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlkit import plots
+from tlkit.engine import plots
 
 
 def png_size(path) -> tuple[int, int]:

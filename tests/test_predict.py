@@ -1,4 +1,4 @@
-"""tlkit/predict.py: `tlkit predict` and `tlkit.load` on every kind of model, with unreadable files skipped."""
+"""tlkit/verbs/predict.py and tlkit/engine/predictors.py: `tlkit predict` and `tlkit.load` on every kind of model, with unreadable files skipped."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ import pytest
 
 import tlkit
 from tlkit import cli
-from tlkit.errors import ConfigError, DataError
-from tlkit.predict import call_model, read_image, resize_batch
+from tlkit.core.errors import ConfigError, DataError
+from tlkit.engine.predictors import call_model, read_image, resize_batch
 
 
 @pytest.fixture(scope="module")

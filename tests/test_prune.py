@@ -12,12 +12,12 @@ import keras
 
 import tlkit
 from tlkit.cli import main
-from tlkit.backbones import get_backbone
-from tlkit.config import DataConfig, FinetuneConfig, ModelConfig, PruneConfig, RuntimeConfig, config_to_dict, dump_yaml
-from tlkit.model import build_classifier
-from tlkit.train import save_model
-from tlkit.param_groups import scaled_optimizer
-from tlkit.prune import Pruner, magnitude_mask, polynomial_sparsity, prunable_kernels
+from tlkit.models.backbones import get_backbone
+from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig, PruneConfig, RuntimeConfig, config_to_dict, dump_yaml
+from tlkit.models.classifier import build_classifier
+from tlkit.models.classifier import save_model
+from tlkit.models.param_groups import scaled_optimizer
+from tlkit.verbs.prune import Pruner, magnitude_mask, polynomial_sparsity, prunable_kernels
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_prune_constant_with_head_and_bad_input(run_dir, tmp_path):
 def test_magnitude_mask_by_selection_equals_a_stable_sort_with_ties():
     import numpy as np
 
-    from tlkit.prune import magnitude_mask
+    from tlkit.verbs.prune import magnitude_mask
 
     rng = np.random.default_rng(0)
     for _ in range(200):

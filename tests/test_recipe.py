@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import tlkit
-from tlkit.config import DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig, TrainConfig
+from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig, TrainConfig
 
 SIZE = 32
 
@@ -172,9 +172,9 @@ def test_a_few_shot_folder_smaller_than_the_batch_runs(tmp_path, tiny_backbone, 
 @pytest.mark.parametrize("scale", [1.0, 50.0])
 def test_the_head_starts_at_chance_whatever_the_scale_of_the_features(tmp_path, scale):
     """Standardised features and zero logits: the first loss is ln(C) for a backbone whose features are ~1 or ~50."""
-    from tlkit.backbones import get_backbone
+    from tlkit.models.backbones import get_backbone
     from tlkit.engine.setup import build_model
-    from tlkit.runtime import setup
+    from tlkit.core.runtime import setup
     from tlkit.data import load_sources, make_dataset
 
     image = keras.Input((32, 32, 3))
@@ -198,8 +198,8 @@ def test_the_head_starts_at_chance_whatever_the_scale_of_the_features(tmp_path, 
 
 def test_folding_the_standardisation_into_the_logits_keeps_the_outputs(tiny_backbone):
     """What the TFLite export converts: feature_norm folded into the Dense (int8 then has no amplifying layer)."""
-    from tlkit.backbones import get_backbone
-    from tlkit.model import build_classifier, fold_feature_norm
+    from tlkit.models.backbones import get_backbone
+    from tlkit.models.classifier import build_classifier, fold_feature_norm
 
     spec = get_backbone(tiny_backbone)
     rng = np.random.default_rng(0)

@@ -18,9 +18,11 @@ import time
 import pytest
 
 from conftest import write_image_folder
-from tlkit import cli, resume
-from tlkit.config import DataConfig, FinetuneConfig, TrainConfig, config_to_dict, dump_yaml
-from tlkit.errors import ConfigError, OutputExistsError
+from tlkit import cli
+from tlkit.core import rundir
+from tlkit.engine import resume
+from tlkit.core.config import DataConfig, FinetuneConfig, TrainConfig, config_to_dict, dump_yaml
+from tlkit.core.errors import ConfigError, OutputExistsError
 
 # Imported by the child interpreter (PYTHONPATH): once epoch 1's checkpoint is on disk, the child stops
 # inside epoch 2, after its first training batch, and waits there to be killed.
@@ -29,7 +31,7 @@ import os
 _flag = os.environ.get("TLKIT_TEST_PAUSE_FLAG")
 if _flag:
     import time
-    import tlkit.resume as _r
+    import tlkit.engine.resume as _r
 
     def _on_train_batch_end(self, batch, logs=None):
         if self.last is not None and self.last.epoch == 1:
@@ -163,9 +165,9 @@ def test_resume_refuses_a_changed_config(tmp_path):
         resume.prepare_run_dir(str(run), changed)
     # Without --resume or --overwrite the folder is refused, with a hint to resume.
     with pytest.raises(OutputExistsError, match="--resume to continue it"):
-        resume.check_output_dir(str(run), overwrite=False, resume=False)
+        rundir.check_output_dir(str(run), overwrite=False, resume=False)
     with pytest.raises(ConfigError, match="--resume needs --output-dir"):
-        resume.check_output_dir(None, overwrite=False, resume=True)
+        rundir.check_output_dir(None, overwrite=False, resume=True)
 
 
 def test_sigterm_message_and_exit_code():
@@ -177,7 +179,7 @@ def test_sigterm_message_and_exit_code():
 
 
 def test_nan_message_names_the_cause():
-    from tlkit.strategies import Stage
+    from tlkit.models.strategies import Stage
     import keras
 
     opt = keras.optimizers.Adam(0.5)
@@ -228,7 +230,7 @@ def _tiny_compiled_model():
 
     inp = keras.Input((4,))
     model = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(keras.layers.Dense(3)(inp)))
-    from tlkit.schedules import StageSchedule
+    from tlkit.models.schedules import StageSchedule
 
     model.compile(optimizer=keras.optimizers.Adam(StageSchedule("cosine", 0.1, total_steps=10)),
                   loss="categorical_crossentropy")
@@ -262,8 +264,8 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
 
     import numpy as np
 
-    from tlkit.errors import DiskFullError
-    from tlkit.strategies import Stage
+    from tlkit.core.errors import DiskFullError
+    from tlkit.models.strategies import Stage
 
     model, x, y = _tiny_compiled_model()
     model.fit(x, y, batch_size=2, epochs=1, verbose=0)
@@ -285,9 +287,9 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
 
 
 def _tiny_classifier(tiny_backbone):
-    from tlkit.backbones import get_backbone
-    from tlkit.config import ModelConfig
-    from tlkit.model import build_classifier
+    from tlkit.models.backbones import get_backbone
+    from tlkit.core.config import ModelConfig
+    from tlkit.models.classifier import build_classifier
 
     spec = get_backbone(tiny_backbone)
     model = build_classifier(spec, 3, ModelConfig(base=tiny_backbone, weights="none"), 32,
@@ -299,9 +301,9 @@ def test_a_frozen_stage_writes_the_backbone_once_and_its_checkpoints_load_exactl
     import keras
     import numpy as np
 
-    from tlkit.model import set_trainable
-    from tlkit.strategies import Stage
-    from tlkit.errors import TrainingError
+    from tlkit.models.classifier import set_trainable
+    from tlkit.models.strategies import Stage
+    from tlkit.core.errors import TrainingError
 
     spec, model = _tiny_classifier(tiny_backbone)
     rng = np.random.default_rng(0)

@@ -11,9 +11,9 @@ import keras
 import numpy as np
 import pytest
 
-from tlkit import runtime
-from tlkit.config import DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig, TrainConfig
-from tlkit.errors import ConfigError
+from tlkit.core import runtime
+from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig, TrainConfig
+from tlkit.core.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,8 +111,8 @@ _CHILD = textwrap.dedent("""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras, numpy as np
-    from tlkit import runtime
-    from tlkit.config import RuntimeConfig
+    from tlkit.core import runtime
+    from tlkit.core.config import RuntimeConfig
     out = {}
 
     def model_and_data():

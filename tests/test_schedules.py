@@ -5,8 +5,8 @@ import numpy as np
 import keras
 import pytest
 
-from tlkit.config import TrainConfig
-from tlkit.schedules import StageSchedule, make_schedule
+from tlkit.core.config import TrainConfig
+from tlkit.models.schedules import StageSchedule, make_schedule
 
 
 def formula(step, peak, total, warmup, min_ratio=0.01):

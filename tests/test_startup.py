@@ -1,5 +1,5 @@
 """Start-up: `tlkit --help` answers without TensorFlow, the public names load lazily, and TensorFlow's
-start-up notices are filtered (`tlkit/__init__.py`, `tlkit/cli.py`, `tlkit/_quiet.py`)."""
+start-up notices are filtered (`tlkit/__init__.py`, `tlkit/cli.py`, `tlkit/core/quiet.py`)."""
 from __future__ import annotations
 
 import os
@@ -30,11 +30,11 @@ def test_public_names_resolve_lazily():
 
     missing = [n for n in tlkit.__all__ if not hasattr(tlkit, n)]
     assert not missing
-    from tlkit.train import finetune
+    from tlkit.verbs.finetune import finetune
 
     assert tlkit.finetune is finetune
-    import tlkit.evaluate  # noqa: F401  (a submodule of the same name as the function)
-    from tlkit.evaluate import evaluate
+    import tlkit.verbs.evaluate  # noqa: F401  (a submodule of the same name as the function)
+    from tlkit.verbs.evaluate import evaluate
 
     assert tlkit.evaluate is evaluate and callable(tlkit.predict) and callable(tlkit.export)
     assert "finetune" in dir(tlkit)
@@ -47,7 +47,7 @@ def test_public_names_resolve_lazily():
 
 
 def test_tensorflow_start_up_notices_are_filtered_but_errors_are_not():
-    from tlkit._quiet import NOISE
+    from tlkit.core.quiet import NOISE
 
     noise = [
         "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",

@@ -3,10 +3,10 @@ import numpy as np
 import keras
 import pytest
 
-from tlkit import backbones
-from tlkit.config import ModelConfig, TrainConfig
-from tlkit.model import build_classifier, get_base, set_trainable
-from tlkit.strategies import plan
+from tlkit.models import backbones
+from tlkit.core.config import ModelConfig, TrainConfig
+from tlkit.models.classifier import build_classifier, get_base, set_trainable
+from tlkit.models.strategies import plan
 
 
 def _counts(model, spec):

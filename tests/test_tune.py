@@ -15,10 +15,11 @@ import keras
 import keras_tuner as kt
 import tensorflow as tf
 
-from tlkit import cli, schedules
-from tlkit import config as C
-from tlkit.errors import ConfigError
-from tlkit.tune import TlkitHyperModel, TlkitTuner, make_oracle, tune
+from tlkit import cli
+from tlkit.models import schedules
+from tlkit.core import config as C
+from tlkit.core.errors import ConfigError
+from tlkit.verbs.tune import TlkitHyperModel, TlkitTuner, make_oracle, tune
 
 # KerasTuner deep-copies callbacks for every execution: what they see goes to module-level lists.
 FITS: list[dict] = []
@@ -196,7 +197,8 @@ def test_cli_configuration_errors_are_one_line(tiny_backbone, tmp_path, capsys, 
 
 def test_every_tuner_declares_the_space_it_should(tiny_backbone, tmp_path):
     """Oracles and search spaces of all four tuners, without training (the first trial's values)."""
-    from tlkit import backbones, runtime
+    from tlkit.models import backbones
+    from tlkit.core import runtime
     from tlkit.data import load_sources
 
     cfg = _cfg(tiny_backbone, tmp_path, strategy="two_stage", head_steps=2, epochs=3)

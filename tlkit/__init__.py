@@ -13,55 +13,43 @@ Example:
 """
 import importlib as _importlib
 import os as _os
-import sys as _sys
-import types as _types
+
+
 
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Light modules (dataclasses, YAML, exceptions): imported at once.
-from tlkit.config import (  # noqa: E402
+from tlkit.core.config import (  # noqa: E402
     DataConfig, DistillConfig, FinetuneConfig, ModelConfig, PruneConfig, RuntimeConfig, TrainConfig, TuneConfig,
     config_from_dict, load_config,
 )
-from tlkit.errors import ConfigError, DataError, OfflineError, TlkitError  # noqa: E402
+from tlkit.core.errors import ConfigError, DataError, OfflineError, TlkitError  # noqa: E402
 
-__version__ = "0.1.0"
+from tlkit.core import VERSION as __version__  # noqa: E402
 
 # Everything else: name -> module, imported on first use (PEP 562).
 _LAZY = {
-    "get_backbone": "tlkit.backbones", "list_backbones": "tlkit.backbones",
+    "Classifier": "tlkit.models.classifier",
+    "get_backbone": "tlkit.models.backbones", "list_backbones": "tlkit.models.backbones",
     "Datasets": "tlkit.data", "list_datasets": "tlkit.data",
-    "evaluate": "tlkit.evaluate",
-    "ExportResult": "tlkit.export", "export": "tlkit.export",
-    "Predictor": "tlkit.predict", "load": "tlkit.predict", "predict": "tlkit.predict",
-    "LRFindResult": "tlkit.lr_find", "lr_find": "tlkit.lr_find",
-    "RunResult": "tlkit.train", "finetune": "tlkit.train",
-    "distill": "tlkit.distill",
-    "prune": "tlkit.prune",
-    "TuneResult": "tlkit.tune", "tune": "tlkit.tune",
+    "evaluate": "tlkit.verbs.evaluate",
+    "ExportResult": "tlkit.verbs.export", "export": "tlkit.verbs.export",
+    "Predictor": "tlkit.engine.predictors", "load": "tlkit.engine.predictors", "predict": "tlkit.verbs.predict",
+    "LRFindResult": "tlkit.engine.lr_range", "lr_find": "tlkit.verbs.lr_find",
+    "RunResult": "tlkit.engine.setup", "finetune": "tlkit.verbs.finetune",
+    "distill": "tlkit.verbs.distill",
+    "prune": "tlkit.verbs.prune",
+    "TuneResult": "tlkit.verbs.tune", "tune": "tlkit.verbs.tune",
 }
-
-
-class _Package(_types.ModuleType):
-    """`tlkit.evaluate` is the function even after `import tlkit.evaluate` (the import system then sets the
-    package attribute to the module; an eager `from tlkit.evaluate import evaluate` used to win that race)."""
-
-    def __setattr__(self, name, value):
-        if isinstance(value, _types.ModuleType) and _LAZY.get(name) == value.__name__ and hasattr(value, name):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-_sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'tlkit' has no attribute {name!r}")
-    from tlkit._quiet import import_tensorflow
+    from tlkit.core.quiet import import_tensorflow
 
-    import_tensorflow()  # TensorFlow's start-up lines filtered (tlkit._quiet)
+    import_tensorflow()  # TensorFlow's start-up lines filtered (tlkit.core.quiet)
     value = getattr(_importlib.import_module(module), name)
     globals()[name] = value  # the next access is a plain attribute
     return value
@@ -93,5 +81,5 @@ __all__ = [
     "load_dataset", "evaluate", "export", "ExportResult", "load", "predict", "Predictor",
     "lr_find", "LRFindResult", "finetune", "RunResult", "Datasets", "__version__",
     "distill", "DistillConfig", "prune", "PruneConfig",
-    "tune", "TuneConfig", "TuneResult",
+    "tune", "TuneConfig", "TuneResult", "Classifier",
 ]

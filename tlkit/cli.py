@@ -15,8 +15,8 @@ import traceback
 import typing
 from typing import Any, Callable
 
-from tlkit import config as C
-from tlkit.errors import ConfigError, TlkitError
+from tlkit.core import config as C
+from tlkit.core.errors import ConfigError, TlkitError
 
 CHOICES = {
     "augment": C.AUGMENT_PRESETS, "cache": C.CACHE_CHOICES, "strategy": C.STRATEGIES, "optimizer": C.OPTIMIZERS,
@@ -252,14 +252,15 @@ VERB_REGISTRY: list[Callable[[Any], None]] = []
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from tlkit.train import finetune
+    from tlkit.verbs.finetune import finetune
 
     finetune(config_from_args(args))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from tlkit.evaluate import evaluate, per_class_table, summary_table
+    from tlkit.engine.metrics import per_class_table, summary_table
+    from tlkit.verbs.evaluate import evaluate
 
     data = C.DataConfig()
     seed = 42
@@ -275,7 +276,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError("evaluate needs --dataset NAME or --image-dir DIR (or a run folder that names its data).")
     labels = None
     if args.labels:
-        from tlkit.evaluate import read_labels
+        from tlkit.models.classifier import read_labels
 
         if not os.path.isfile(args.labels):
             raise ConfigError(f"--labels {args.labels!r} is not a file.")
@@ -299,7 +300,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from tlkit.lr_find import lr_find
+    from tlkit.verbs.lr_find import lr_find
 
     kwargs = {k: getattr(args, k) for k in ("start_lr", "end_lr", "num_steps", "stage") if getattr(args, k) is not None}
     result = lr_find(config_from_args(args), **kwargs)
@@ -311,7 +312,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tlkit.export import ParityError, export
+    from tlkit.verbs.export import ParityError, export
 
     try:
         r = export(args.model, format=args.format, output=args.output, quantize=args.quantize,
@@ -329,7 +330,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from tlkit.predict import predict
+    from tlkit.verbs.predict import predict
 
     r = predict(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size, progress=not args.json)
     if args.json:
@@ -367,7 +368,7 @@ def add_tune_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from tlkit.tune import load_tune_config, tune, tune_config_from_dict
+    from tlkit.verbs.tune import load_tune_config, tune, tune_config_from_dict
 
     cfg, tc = load_tune_config(args.config) if getattr(args, "config", None) else (C.FinetuneConfig(), C.TuneConfig())
     index = C.field_index()
@@ -406,7 +407,7 @@ def _dataclass_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> A
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from tlkit.distill import distill, teacher_run_config
+    from tlkit.verbs.distill import distill, teacher_run_config
 
     dcfg = _dataclass_from_args(C.DistillConfig, args).validate()
     base = C.load_config(args.config) if getattr(args, "config", None) else teacher_run_config(dcfg.teacher)
@@ -421,7 +422,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from tlkit.prune import prune
+    from tlkit.verbs.prune import prune
 
     prune(_dataclass_from_args(C.PruneConfig, args, run_dir=args.run_dir))
     return 0
@@ -433,7 +434,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import tensorflow as tf
 
     import tlkit
-    from tlkit.backbones import get_backbone, list_backbones
+    from tlkit.models.backbones import get_backbone, list_backbones
     from tlkit.data import list_datasets
 
     versions = {"tlkit": tlkit.__version__, "python": sys.version.split()[0], "tensorflow": tf.__version__,
@@ -448,7 +449,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     devices = [f"{d.device_type}:{d.name}" for d in tf.config.list_physical_devices()]
     backbones = {n: {"input_size": get_backbone(n).default_size, "preprocess": get_backbone(n).preprocess}
                  for n in list_backbones()}
-    from tlkit.backbones import list_hub_families
+    from tlkit.models.backbones import list_hub_families
 
     hub = {"installed": versions["keras-hub"] != "not installed", "families": list_hub_families(),
            "usage": "--base hub:PRESET_NAME or --base hub:PATH_OF_A_PRESET_FOLDER"}
@@ -483,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     debug = bool(getattr(args, "debug", False))
     try:
-        from tlkit._quiet import import_tensorflow
+        from tlkit.core.quiet import import_tensorflow
 
         import_tensorflow()  # after parsing: --help and argument errors never load TensorFlow
         return int(args.func(args) or 0)
@@ -492,8 +493,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"tlkit: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during training (tlkit.resume.Interrupted)
-        from tlkit.resume import interrupt_message
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during training (tlkit.engine.resume.Interrupted)
+        from tlkit.engine.resume import interrupt_message
 
         print(interrupt_message(e, list(sys.argv[1:] if argv is None else argv)), file=sys.stderr)
         return int(getattr(e, "exit_code", 130))

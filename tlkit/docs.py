@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     new = replace_block(text, block)
     if new != text:
-        from tlkit.rundir import write_text
+        from tlkit.core.rundir import write_text
 
         write_text(path, new)
     print(f"{path}: reference of {len(subparsers(_parser()))} verbs written.")

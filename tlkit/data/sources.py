@@ -14,8 +14,8 @@ from typing import Literal
 import numpy as np
 import tensorflow as tf
 
-from tlkit.config import DataConfig
-from tlkit.errors import DataError, OfflineError, suggest
+from tlkit.core.config import DataConfig
+from tlkit.core.errors import DataError, OfflineError, suggest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # Larger images are skipped: decoding one takes gigabytes (PIL's own decompression-bomb limit).

@@ -15,7 +15,7 @@ seconds, so the head is trained to convergence and the best of its passes on the
 the run's callbacks then see the stage as one finished epoch (one history row, one checkpoint).
 
 Example:
-    >>> rows = run_stages(model, spec, plan, train_ds, val_ds, cfg, rt, num_classes=5, steps_per_epoch=4,
+    >>> rows = run_stages(clf, plan, train_ds, val_ds, cfg, rt, num_classes=5, steps_per_epoch=4,
     ...                   features=HeadFeatures.lazy(train_plain_ds, val_ds))
 """
 from __future__ import annotations
@@ -31,10 +31,11 @@ from typing import Any, Callable, Sequence
 import keras
 import numpy as np
 
-from tlkit import features as F
-from tlkit import param_groups, rundir, schedules
-from tlkit.errors import TrainingError
-from tlkit.model import get_base, set_trainable
+from tlkit.engine import features as F
+from tlkit.models import param_groups, schedules
+from tlkit.core import rundir
+from tlkit.core.errors import TrainingError
+from tlkit.models.classifier import Classifier
 
 
 class EpochLog(keras.callbacks.Callback):
@@ -93,22 +94,23 @@ def classifier_metrics(num_classes: int) -> list:
     return metrics
 
 
-def stage_optimizer(model: keras.Model, spec, cfg, learning_rate):
-    """The configured optimizer with the discriminative rates of `cfg.train` (`lr_mult`, `stage_lrs`)."""
+def stage_optimizer(cfg, learning_rate, clf: Classifier | None = None):
+    """The configured optimizer; with `clf`, with the discriminative rates of `cfg.train` (`lr_mult`,
+    `stage_lrs`) over its backbone's stages."""
     optimizer = schedules.make_optimizer(cfg.train, learning_rate)
-    if spec is None:
+    if clf is None:
         return optimizer
-    return param_groups.discriminative_optimizer(optimizer, model, spec, cfg.train)
+    return param_groups.discriminative_optimizer(optimizer, clf.lr_factors(cfg.train))
 
 
 def compile_model(model: keras.Model, cfg, learning_rate, num_classes: int, jit_compile: bool,
-                  spec=None) -> None:
+                  clf: Classifier | None = None) -> None:
     """Compiles with the configured optimizer, label-smoothed cross-entropy, top-1 and top-5 accuracy.
 
-    With `spec`, the optimizer applies the discriminative learning rates of `cfg.train.lr_mult` /
-    `stage_lrs` to the backbone's stages (`param_groups`).
+    With `clf` (the record of `model`), the optimizer applies the discriminative learning rates of
+    `cfg.train.lr_mult` / `stage_lrs` to the backbone's stages (`Classifier.lr_factors`).
     """
-    model.compile(optimizer=stage_optimizer(model, spec, cfg, learning_rate),
+    model.compile(optimizer=stage_optimizer(cfg, learning_rate, clf),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),
                   metrics=classifier_metrics(num_classes), jit_compile=jit_compile)
 
@@ -196,7 +198,7 @@ def fit_head_on_features(model: keras.Model, feats: HeadFeatures, cfg, rt, batch
     return keep.logs, guard
 
 
-def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, rt, *, num_classes: int,
+def run_stages(clf: Classifier, plan: Sequence, train_ds, val_ds, cfg, rt, *, num_classes: int,
                steps_per_epoch: int, features: HeadFeatures | None = None,
                compile_fn: Callable[[keras.optimizers.Optimizer], keras.Model] | None = None,
                callbacks: Sequence[keras.callbacks.Callback] = (), checkpointer=None, history_path: str | None = None,
@@ -205,14 +207,13 @@ def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, 
                describe: bool = True) -> list[dict[str, Any]]:
     """Runs the stages of `plan` in order; returns the history rows (one dict per epoch, with the stage).
 
-    For each stage: set what trains (`model.set_trainable`), build a fresh optimizer with the stage's schedule
+    For each stage: set what trains (`Classifier.set_trainable`), build a fresh optimizer with the stage's schedule
     and learning-rate factors, compile (`compile_fn` or the classifier's cross-entropy), fit. A head stage
     (nothing of the backbone trains) of a classifier fitted by itself runs on `features` when given
     (`HeadFeatures`), else on the images.
 
     Args:
-        model: The classifier (`build_classifier`).
-        spec: Its backbone's `BackboneSpec`, or `None` with `trainable_fn` (no discriminative rates then).
+        clf: The `Classifier` to train (without a `spec` it needs `trainable_fn`; no discriminative rates then).
         plan: The `strategies.Stage`s.
         train_ds, val_ds: Batched training and validation datasets (`val_ds` may be `None`).
         cfg: The `FinetuneConfig`.
@@ -229,14 +230,14 @@ def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, 
         early_stopping_monitor: Metric of `cfg.train.early_stopping`. Defaults to `None` (val_accuracy, or
             accuracy without validation).
         trainable_fn: `trainable_fn(stage)` sets what trains and returns the number of trainable tensors, in
-            place of `model.set_trainable` by the backbone's stages (`prune` trains everything). Defaults to `None`.
+            place of `clf.set_trainable` by the backbone's stages (`prune` trains everything). Defaults to `None`.
         verbose: Keras's fit verbosity. Defaults to `None` (1 on a terminal, else 2).
         describe: Print one line per stage. Defaults to `True`.
 
     Raises:
         TrainingError: The loss became NaN or infinite (`error.history` holds the rows so far).
     """
-    from tlkit import resume
+    from tlkit.engine import resume
 
     rows: list[dict[str, Any]] = []
     monitor = "val_accuracy" if val_ds is not None else "accuracy"
@@ -250,7 +251,8 @@ def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, 
             checkpointer.restore(state)
     base_cbs: list[keras.callbacks.Callback] = [*callbacks, guard, epoch_log]
     verbose = (1 if sys.stdout.isatty() else 2) if verbose is None else verbose
-    num_stages = spec.num_stages(get_base(model)) if spec is not None else 0
+    model, spec = clf.model, clf.spec
+    num_stages = clf.num_stages
     first, last = epoch_range if epoch_range is not None else (0, sum(s.epochs for s in plan))
     batch = cfg.data.batch_size  # the split's batch (fit_batch_size has capped it to the training split)
     epoch = 0
@@ -265,8 +267,7 @@ def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, 
         if trainable_fn is not None:
             n = trainable_fn(stage)
         else:
-            n = set_trainable(model, spec, None if stage.trainable is None else set(stage.trainable),
-                              cfg.model.bn_trains)
+            n = clf.set_trainable(None if stage.trainable is None else set(stage.trainable), cfg.model.bn_trains)
         if describe:
             print(f"[tlkit] stage {stage.describe(num_stages)}; {n} trainable weight tensors", flush=True)
             factors = param_groups.describe_factors(num_stages, cfg.train, stage.lr) if spec is not None else ""
@@ -279,7 +280,7 @@ def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, 
         # a head stage on features: its schedule spans all its passes
         lr = schedules.make_schedule(cfg.train, stage.lr, stage.passes or stage.epochs, steps_per_epoch)
         with rt.scope():
-            optimizer = stage_optimizer(model, spec, cfg, lr)
+            optimizer = stage_optimizer(cfg, lr, clf if spec is not None else None)
             if compile_fn is None:
                 model.compile(optimizer=optimizer,
                               loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),

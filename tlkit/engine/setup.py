@@ -1,23 +1,108 @@
-"""Run setup shared by the verbs: the batch size a small dataset can take, the pipelines, the classifier whose head
-starts from standardised features.
+"""Run setup shared by the verbs: one function from a configuration to a ready run (backbone spec, runtime, image
+size, data, batch size), the pipelines, the classifier whose head starts from standardised features, and the
+result a training verb returns.
 
 Example:
-    >>> cfg = fit_batch_size(cfg, data.train.count)
-    >>> train_ds, val_ds, test_ds, plain_ds = make_pipelines(cfg, data, size, out_dir)
-    >>> model, feats = build_model(spec, base, data.num_classes, cfg, size, rt, plain_ds, val_ds)
+    >>> run = setup_run(cfg)
+    >>> train_ds, val_ds, test_ds, plain_ds = make_pipelines(run.cfg, run.data, run.size, out_dir)
+    >>> clf, feats = build_model(run.spec, run.base, run.data.num_classes, run.cfg, run.size, run.rt, plain_ds, val_ds)
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import keras
 import numpy as np
 
-from tlkit.data import Datasets, make_dataset
+from tlkit.core import runtime
+from tlkit.core.errors import DataError
+from tlkit.data import Datasets, load_sources, make_dataset
 from tlkit.engine.loop import HeadFeatures
-from tlkit.errors import DataError
-from tlkit.model import build_classifier
+from tlkit.models import backbones
+from tlkit.models.classifier import Classifier
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a training verb (`finetune`, `distill`, `prune`) returns.
+
+    Attributes:
+        model: The trained classifier (best validation checkpoint).
+        history: Per-epoch metrics, one dict per epoch, with the stage name.
+        metrics: Metrics per split (`val`, `test`), as in `metrics.json`.
+        run_dir: The run folder.
+        class_names: Class names, index = label.
+        config: The resolved configuration.
+    """
+
+    model: keras.Model
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    run_dir: str
+    class_names: list[str]
+    config: Any
+
+
+@dataclasses.dataclass
+class Run:
+    """A run set up by `setup_run`.
+
+    Attributes:
+        cfg: The configuration with the batch size capped to the training split (`fit_batch_size`).
+        spec: The backbone's `BackboneSpec`.
+        rt: The `Runtime` (precision, XLA, distribution strategy).
+        base: The backbone, built in the runtime's scope.
+        size: The input side in pixels (`backbones.resolve_image_size`).
+        data: The `Datasets` (splits, class names).
+    """
+
+    cfg: Any
+    spec: backbones.BackboneSpec
+    rt: runtime.Runtime
+    base: keras.Model | None
+    size: int
+    data: Datasets
+
+
+def setup_run(cfg, *, default_size: int | None = None, cap_batch: bool = True, build_base: bool = True) -> Run:
+    """Spec, seed, runtime, backbone, image size and data of a run, in the order that fails before anything is
+    written: the backbone first (a user's `.keras` fixes its own input size, ImageNet weights may need a download),
+    then the data.
+
+    Args:
+        cfg: A `FinetuneConfig` (validated by the caller).
+        default_size: The size to use when the configuration names none and the backbone has no fixed size (the
+            teacher's, for `distill`). Defaults to `None` (the backbone's default size).
+        cap_batch: Cap the batch size to the training split (`fit_batch_size`). Defaults to `True`.
+        build_base: Build the backbone (always done for a user's `.keras`, whose file fixes the size). Defaults to
+            `True`; `False` leaves `Run.base` `None` (the caller has its model).
+
+    Raises:
+        ConfigError: a size the backbone cannot take. DataError: an empty training split.
+    """
+    spec = backbones.get_backbone(cfg.model.base)
+    keras.utils.set_random_seed(cfg.seed)
+    rt = runtime.setup(cfg.runtime)
+    base = None
+    if build_base or spec.path:
+        with rt.scope():
+            base = spec.build(cfg.data.image_size if spec.path else (cfg.data.image_size or default_size),
+                              cfg.model.weights)
+    size = backbones.resolve_image_size(spec, cfg.data.image_size or (None if spec.path else default_size), base)
+    data = load_sources(cfg.data, size, cfg.seed)
+    check_data(data)
+    if cap_batch:
+        cfg = fit_batch_size(cfg, data.train.count)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size))
+    return Run(cfg, spec, rt, base, size, data)
+
+
+def check_data(data: Datasets) -> None:
+    """Refuses data without training images."""
+    if data.train is None or data.train.count < 1:
+        raise DataError("The training split is empty.")
 
 
 def fit_batch_size(cfg, train_count: int, log: bool = True):
@@ -64,7 +149,8 @@ def feature_stats(feats: HeadFeatures) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(axis=0), x.var(axis=0)
 
 
-def build_model(spec, base: keras.Model, num_classes: int, cfg, size: int, rt, plain_ds, val_ds):
+def build_model(spec, base: keras.Model, num_classes: int, cfg, size: int, rt, plain_ds, val_ds,
+                class_names: list[str] | None = None) -> tuple[Classifier, HeadFeatures]:
     """The classifier with its head standardising the backbone's features, and those features.
 
     The features of the un-augmented training images (and of the validation images) are computed once through
@@ -72,12 +158,13 @@ def build_model(spec, base: keras.Model, num_classes: int, cfg, size: int, rt, p
     the same features train the head stage (`HeadFeatures`, passed to `loop.run_stages`).
 
     Returns:
-        `(model, features)`.
+        `(classifier, features)`: a `Classifier` record and the `HeadFeatures`.
     """
     with rt.scope():
-        probe = build_classifier(spec, num_classes, cfg.model, size, base=base)
-    feats = HeadFeatures.lazy(plain_ds, val_ds).get(probe, rt.jit_compile)
+        probe = Classifier.build(spec, num_classes, cfg.model, size, base=base)
+    feats = HeadFeatures.lazy(plain_ds, val_ds).get(probe.model, rt.jit_compile)
     with rt.scope():
-        model = build_classifier(spec, num_classes, cfg.model, size, base=base, feature_stats=feature_stats(feats))
+        clf = Classifier.build(spec, num_classes, cfg.model, size, base=base, feature_stats=feature_stats(feats),
+                               class_names=class_names)
     del probe
-    return model, feats
+    return clf, feats

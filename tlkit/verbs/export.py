@@ -29,9 +29,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from tlkit import rundir
-from tlkit.errors import ConfigError, DataError, OutputExistsError, TlkitError
-from tlkit.predict import call_model
+from tlkit.core import rundir
+from tlkit.core.errors import ConfigError, DataError, TlkitError
+from tlkit.engine.predictors import call_model
 
 FORMATS = ("keras", "savedmodel", "tflite", "onnx")
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
@@ -144,7 +144,7 @@ def as_float32(model):
 
 def write_keras(model, path: str) -> None:
     """Saves the classifier as a plain `.keras` file (no optimizer state), atomically."""
-    from tlkit.train import save_model
+    from tlkit.models.classifier import save_model
 
     save_model(model, path)
 
@@ -210,7 +210,7 @@ def tflite_bytes(model, image_size: int, quantize: str = "none", int8_input: str
     import keras
     import tensorflow as tf
 
-    from tlkit.model import fold_feature_norm
+    from tlkit.models.classifier import fold_feature_norm
 
     model = fold_feature_norm(model)  # the head's standardisation inside the Dense: no int8 layer amplifies noise
     with tempfile.TemporaryDirectory() as d:
@@ -242,7 +242,7 @@ def tflite_bytes(model, image_size: int, quantize: str = "none", int8_input: str
 
 def write_onnx(model, path: str) -> None:
     """Writes ONNX through Keras's own `model.export(format="onnx")` (tf2onnx), atomically."""
-    from tlkit.predict import require_onnx
+    from tlkit.engine.predictors import require_onnx
 
     require_onnx()
     if not getattr(model, "_called", True):  # a freshly loaded model must have run once for Keras's exporter
@@ -285,7 +285,7 @@ def split_images(split, n: int) -> tuple[list[np.ndarray], list[int]]:
 
 def samples_from_files(paths: Sequence[str], n: int) -> Samples:
     """Up to `n` images from files and folders (unreadable ones skipped with a note)."""
-    from tlkit.predict import list_images, read_image
+    from tlkit.engine.predictors import list_images, read_image
 
     files, missing = list_images(list(paths))
     if missing:
@@ -305,7 +305,7 @@ def samples_from_files(paths: Sequence[str], n: int) -> Samples:
 
 def representative_fn(datasets, steps: int, size: int) -> Callable[[], Iterator[list[np.ndarray]]]:
     """A representative-dataset generator of `steps` training images (then validation), resized like the pipeline."""
-    from tlkit.predict import resize_batch
+    from tlkit.engine.predictors import resize_batch
 
     imgs, _ = split_images(datasets.train, steps)
     if len(imgs) < steps and datasets.val is not None:
@@ -359,7 +359,7 @@ def check_export(model, predictor, samples: Samples, min_agreement: float, max_a
     """
     import tensorflow as tf
 
-    from tlkit.predict import SavedModelPredictor, resize_batch
+    from tlkit.engine.predictors import SavedModelPredictor, resize_batch
 
     size = int(model.input_shape[1])
     ref = np.concatenate([np.asarray(call_model(model, resize_batch(samples.images[i:i + 32], size)))
@@ -406,23 +406,6 @@ def resolve_output(fmt: str, quantize: str, output: str | None, default_root: st
     if other:
         raise ConfigError(f"--output {output!r} ends with {other[0]} but --format is {fmt} (expected {ext} or a folder).")
     return output, os.path.join(output, "model" + ext)
-
-
-def _refuse_existing(export_dir: str, artifact: str, fmt: str, overwrite: bool) -> None:
-    if overwrite:
-        return
-    taken = []
-    if fmt == "savedmodel":
-        if os.path.isdir(export_dir) and os.listdir(export_dir):
-            taken.append(export_dir)
-        elif os.path.exists(export_dir) and not os.path.isdir(export_dir):
-            taken.append(export_dir)
-    else:
-        taken += [p for p in (artifact, os.path.join(export_dir, "export.json"),
-                              os.path.join(export_dir, "model_card.md")) if os.path.exists(p)]
-    if taken:
-        raise OutputExistsError(f"Export output {taken[0]!r} already exists; pass --overwrite to replace it or "
-                                "choose another --output.")
 
 
 def disk_size(path: str) -> int:
@@ -591,15 +574,15 @@ def export(model: str, format: str = "savedmodel", output: str | None = None, *,
     import keras
     import tensorflow as tf
 
-    import tlkit
-    from tlkit import config as C
+    from tlkit.core import VERSION
+    from tlkit.core import config as C
     from tlkit.data import load_sources
-    from tlkit.evaluate import load_model_and_labels
-    from tlkit.predict import load
+    from tlkit.models.classifier import load_model_and_labels
+    from tlkit.engine.predictors import load
 
     say = (lambda *a: print(*a, flush=True)) if verbose else (lambda *a: None)
     if format not in FORMATS:
-        from tlkit.errors import suggest
+        from tlkit.core.errors import suggest
         raise ConfigError(f"Unknown export format {format!r}. Choose one of: {', '.join(FORMATS)}."
                           f"{suggest(str(format), FORMATS)}")
     if quantize not in QUANTIZATIONS:
@@ -619,7 +602,7 @@ def export(model: str, format: str = "savedmodel", output: str | None = None, *,
     if dataset and image_dir:
         raise ConfigError("Give either --dataset or --image-dir, not both.")
     if format == "onnx":
-        from tlkit.predict import require_onnx
+        from tlkit.engine.predictors import require_onnx
         require_onnx()  # before any work: one line saying what to install
 
     model_path = os.fspath(model)
@@ -636,7 +619,9 @@ def export(model: str, format: str = "savedmodel", output: str | None = None, *,
             metrics = json.load(f)
     export_dir, artifact = resolve_output(format, quantize, output,
                                           run_dir or os.path.dirname(os.path.abspath(model_path)))
-    _refuse_existing(export_dir, artifact, format, overwrite)
+    rundir.refuse_existing([export_dir] if format == "savedmodel" else
+                           [artifact, os.path.join(export_dir, "export.json"), os.path.join(export_dir, "model_card.md")],
+                           overwrite)
 
     # The data: given flags, else the run's own (for the check and int8 calibration).
     data_cfg, seed = None, 42
@@ -721,7 +706,7 @@ def export(model: str, format: str = "savedmodel", output: str | None = None, *,
         "input": input_description(format, quantize, int8_input, size),
         "source": model_path, "source_precision": "mixed" if mixed else "float32",
         "export_precision": "mixed" if mixed and format == "keras" else "float32", "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "versions": {"tlkit": tlkit.__version__, "tensorflow": tf.__version__, "keras": keras.__version__},
+        "versions": {"tlkit": VERSION, "tensorflow": tf.__version__, "keras": keras.__version__},
         "load_path": export_dir, "check": check,
     }
     if format == "tflite" and quantize == "int8":

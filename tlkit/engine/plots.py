@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tlkit import rundir
+from tlkit.core import rundir
 
 DPI = 100
 CURVES_SIZE = (12.0, 4.5)  # inches: 1200 x 450 px

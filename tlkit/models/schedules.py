@@ -10,7 +10,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from tlkit.config import TrainConfig
+from tlkit.core.config import TrainConfig
 
 
 @keras.saving.register_keras_serializable(package="tlkit")

@@ -23,9 +23,9 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from tlkit.backbones import BackboneSpec
-from tlkit.config import TrainConfig, parse_stage_lrs
-from tlkit.errors import ConfigError
+
+from tlkit.core.config import TrainConfig, parse_stage_lrs
+from tlkit.core.errors import ConfigError
 
 
 class _ScaledUpdates:
@@ -135,37 +135,34 @@ def stage_factors(num_stages: int, cfg: TrainConfig) -> list[float] | None:
     return [float(cfg.lr_mult ** (num_stages - s)) for s in range(num_stages)]
 
 
-def stage_multipliers(model: keras.Model, spec: BackboneSpec, cfg: TrainConfig) -> dict[int, float]:
-    """`{id(variable): factor}` for every backbone variable of a `build_classifier` model (head: 1).
+def stage_multipliers(layers, assignment, cfg: TrainConfig) -> dict[int, float]:
+    """`{id(variable): factor}` for every variable of the backbone `layers`, whose stages are `assignment`.
+
+    Empty when the discriminative rates are off. `Classifier.lr_factors` calls this with its backbone.
 
     Example:
-        >>> mults = stage_multipliers(model, get_backbone("resnet50"), TrainConfig(lr_mult=0.1))
+        >>> mults = stage_multipliers(clf.backbone.layers, clf.stage_of_layer, TrainConfig(lr_mult=0.1))
     """
-    from tlkit.model import get_base
-
-    base = get_base(model)
-    assignment = spec.stages(base)
     factors = stage_factors(max(assignment) + 1, cfg)
     if factors is None:
         return {}
     out: dict[int, float] = {}
-    for layer, stage in zip(base.layers, assignment):
+    for layer, stage in zip(layers, assignment):
         for v in layer.weights:
             out[id(v)] = factors[stage]
     return out
 
 
-def discriminative_optimizer(optimizer: keras.optimizers.Optimizer, model: keras.Model, spec: BackboneSpec,
-                             cfg: TrainConfig) -> keras.optimizers.Optimizer:
-    """`optimizer` with discriminative learning rates per backbone stage, or itself when they are off.
+def discriminative_optimizer(optimizer: keras.optimizers.Optimizer,
+                             multipliers: dict[int, float]) -> keras.optimizers.Optimizer:
+    """`optimizer` with a learning-rate factor per variable (`Classifier.lr_factors`), or itself when empty.
 
     Example:
-        >>> opt = discriminative_optimizer(make_optimizer(cfg.train, 1e-3), model, spec, cfg.train)
+        >>> opt = discriminative_optimizer(make_optimizer(cfg.train, 1e-3), clf.lr_factors(cfg.train))
     """
-    mults = stage_multipliers(model, spec, cfg)
-    if not mults:
+    if not multipliers:
         return optimizer
-    return scaled_optimizer(optimizer, multipliers=mults)
+    return scaled_optimizer(optimizer, multipliers=multipliers)
 
 
 def describe_factors(num_stages: int, cfg: TrainConfig, lr: float) -> str:

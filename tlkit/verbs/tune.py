@@ -46,16 +46,19 @@ from keras_tuner.src import config as kt_config
 from keras_tuner.src.engine import tuner_utils as kt_tuner_utils
 from keras_tuner.src.engine.trial import TrialStatus
 
-from tlkit import backbones, rundir, runtime, strategies
-from tlkit import config as C
-from tlkit.config import FinetuneConfig, TuneConfig, absolute_paths, config_to_dict, dump_yaml
-from tlkit import features as F
+from tlkit.models import backbones, strategies
+from tlkit.core import rundir, runtime
+from tlkit.core import config as C
+from tlkit.core.config import FinetuneConfig, TuneConfig, absolute_paths, config_to_dict, dump_yaml
+from tlkit.engine import features as F
 from tlkit.engine import setup as engine_setup
 from tlkit.engine.loop import HeadFeatures, run_stages
 from tlkit.data import Datasets, load_sources, make_dataset
-from tlkit.errors import (BackboneError, ConfigError, DataError, OfflineError, OutputExistsError, TlkitError,
+from tlkit.core.errors import (BackboneError, ConfigError, DataError, OfflineError, OutputExistsError, TlkitError,
                           TrainingError, suggest)
-from tlkit.model import build_classifier, get_base
+from tlkit.engine.resume import load_weights
+from tlkit.engine.run import finetune_run
+from tlkit.models.classifier import Classifier, build_classifier
 
 SEARCH_DIR = "search"  # KerasTuner's project folder inside the run folder
 SETTINGS_FILE = "tune.yaml"
@@ -346,8 +349,8 @@ class TlkitHyperModel(kt.HyperModel):
         train_ds = make_dataset(d.train, training=True, augment=cfg.data.augment, cache=cfg.data.cache, **common)
         val_ds = make_dataset(d.val, cache=cfg.data.cache, **common)
         steps = math.ceil(d.train.count / bs)
-        num_stages = self.spec.num_stages(get_base(model))
-        plan = self.plan(cfg, values, num_stages)
+        clf = Classifier(model, self.spec)
+        plan = self.plan(cfg, values, clf.num_stages)
         total = sum(s.epochs for s in plan)
         end = total if epochs is None else min(int(epochs), total)
         callbacks = [c for c in (callbacks or [])
@@ -357,7 +360,7 @@ class TlkitHyperModel(kt.HyperModel):
         if self.head_features is not None:  # the trial's own copy: the arrays are shared, the state is not
             feats = dataclasses.replace(self.head_features, fresh=True)
         try:
-            rows = run_stages(model, self.spec, plan, train_ds, val_ds, cfg, self.rt, num_classes=n,
+            rows = run_stages(clf, plan, train_ds, val_ds, cfg, self.rt, num_classes=n,
                               steps_per_epoch=steps, features=feats, callbacks=callbacks,
                               epoch_range=(int(initial_epoch), end), early_stopping_monitor=objective,
                               verbose=self.verbose, describe=False)
@@ -451,9 +454,7 @@ class TlkitTuner(kt.Tuner):
     def _build_hypermodel(self, hp):
         model = super()._build_hypermodel(hp)
         if self.hyperband and "tuner/trial_id" in hp.values:
-            from tlkit.train import load_weights_quietly
-
-            load_weights_quietly(model, self._get_checkpoint_fname(hp.values["tuner/trial_id"]))
+            load_weights(model, self._get_checkpoint_fname(hp.values["tuner/trial_id"]))
         return model
 
     def on_trial_end(self, trial):
@@ -585,19 +586,11 @@ def tune(cfg: FinetuneConfig, tune_cfg: TuneConfig | None = None,
     if "unfreeze_stages" in tc.dimensions and cfg.train.strategy not in ("two_stage", "top_k"):
         raise ConfigError(f"--search unfreeze_stages needs --strategy two_stage or top_k, got "
                           f"{cfg.train.strategy!r}.")
-    keras.utils.set_random_seed(cfg.seed)
-    rt = runtime.setup(cfg.runtime)
-    from tlkit.train import resolve_image_size
-
-    user_base = spec.build(cfg.data.image_size, cfg.model.weights) if spec.path else None
-    size = resolve_image_size(cfg, spec, user_base)
-    if size < spec.min_size:
-        raise ConfigError(f"image_size {size} is too small for {spec.name}: it needs at least {spec.min_size} px.")
-    with rt.scope():  # the pretrained backbone once: its stages, and the features of the training images
-        base = user_base if user_base is not None else spec.build(size, cfg.model.weights)
+    # the pretrained backbone once: its stages, and the features of the training images
+    run = engine_setup.setup_run(cfg, cap_batch=False)  # the batch sizes are searched: _check_data refuses big ones
+    rt, base, size, data = run.rt, run.base, run.size, run.data
     num_stages = spec.num_stages(base)
-    del user_base
-    data = load_sources(cfg.data, size, cfg.seed)
+    del run
     _check_data(data, tc)
     out = cfg.output_dir or os.path.join("runs", _safe(f"tune-{spec.name}-{data.name}"))
     _prepare(out, cfg, tc, role)
@@ -682,13 +675,11 @@ def tune(cfg: FinetuneConfig, tune_cfg: TuneConfig | None = None,
           f"(trial {best_row['trial']}); best configuration: {best_path}", flush=True)
     result = TuneResult(best_cfg, float(best_row[tc.objective]), rows, out, seconds)
     if tc.then_finetune:
-        from tlkit.train import finetune
-
         final = C.load_config(best_path)  # the very file `tlkit finetune --config` reads
         final = dataclasses.replace(final, output_dir=os.path.abspath(os.path.join(out, "finetune")), overwrite=True)
         print(f"[tlkit] then-finetune: the best configuration for {final.train.epochs} epoch(s) into "
               f"{final.output_dir}", flush=True)
-        result.finetune = finetune(final)
+        result.finetune = finetune_run(final)
     return result
 
 
@@ -706,8 +697,7 @@ def _check_data(data: Datasets, tc: TuneConfig) -> None:
 
 def _prepare(out: str, cfg: FinetuneConfig, tc: TuneConfig, role: str) -> None:
     """Creates the run folder; resumes only a search with the same settings; refuses foreign folders."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise OutputExistsError(f"Output path {out!r} exists and is not a folder.")
+    rundir.check_output_dir(out, overwrite=True)  # a file there is refused; a folder is judged below
     if role == "worker":  # the chief owns the folder and its settings; workers only add trials
         os.makedirs(out, exist_ok=True)
         return

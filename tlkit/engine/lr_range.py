@@ -10,10 +10,11 @@ fastest against log LR).
 Written here because no library does it for Keras 3: Keras has no LR range test, and KerasTuner searches
 by full trials, not within one run (checked for this release; replace it if Keras gains one).
 
+The verb `tlkit lr-find` (`verbs/lr_find.py`) and `finetune --lr auto` (`resolve_auto_lr`) both run `find_lr`.
+
 Example:
-    >>> result = tlkit.lr_find(FinetuneConfig(data=DataConfig(dataset="shapes", image_size=32),
-    ...                                       model=ModelConfig(weights="none")), num_steps=50)
-    >>> result.suggestion
+    >>> r = find_lr(clf, cfg, train_ds, num_classes=5, num_steps=50)
+    >>> r.suggestion
 """
 from __future__ import annotations
 
@@ -27,10 +28,12 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from tlkit import backbones, rundir, runtime, strategies
-from tlkit.config import AUTO_LR, FinetuneConfig, TrainConfig
-from tlkit.errors import ConfigError, TrainingError
-from tlkit.model import get_base, set_trainable
+from tlkit.core import rundir, runtime
+from tlkit.core.config import AUTO_LR, FinetuneConfig, TrainConfig
+from tlkit.core.errors import ConfigError, TrainingError
+from tlkit.engine.loop import compile_model
+from tlkit.models import strategies
+from tlkit.models.classifier import Classifier
 
 SUGGESTIONS = ("valley", "steepest")
 
@@ -152,7 +155,7 @@ def suggestions_for(lrs: list[float], smoothed: list[float] | np.ndarray) -> dic
     return {"valley": float(lrs_a[suggest_valley(lrs_a, sm)]), "steepest": float(lrs_a[suggest_steepest(lrs_a, sm)])}
 
 
-def _check_range(start_lr: float, end_lr: float, num_steps: int) -> None:
+def check_range(start_lr: float, end_lr: float, num_steps: int) -> None:
     if not (isinstance(start_lr, (int, float)) and start_lr > 0 and math.isfinite(start_lr)):
         raise ConfigError(f"start_lr must be a positive number, got {start_lr!r}.")
     if not (isinstance(end_lr, (int, float)) and math.isfinite(end_lr) and end_lr > start_lr):
@@ -212,7 +215,7 @@ class _Finder(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def find_lr(model: keras.Model, spec: backbones.BackboneSpec, cfg: FinetuneConfig, train_ds: tf.data.Dataset,
+def find_lr(clf: Classifier, cfg: FinetuneConfig, train_ds: tf.data.Dataset,
             num_classes: int, *, start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: int = 100,
             stage: str | None = None, diverge_factor: float = 4.0, jit_compile: bool = False,
             scope: Callable[[], Any] | None = None, output_dir: str | None = None,
@@ -226,8 +229,7 @@ def find_lr(model: keras.Model, spec: backbones.BackboneSpec, cfg: FinetuneConfi
     compile it again before training (`run_stages` does).
 
     Args:
-        model: A classifier from `build_classifier`.
-        spec: Its backbone spec (stages of the base).
+        clf: The `Classifier` (its model is searched on and restored).
         cfg: The run's `FinetuneConfig` (strategy, optimizer, label smoothing, train_bn, seed).
         train_ds: Batched training dataset of `(images, one-hot labels)`; repeated as needed.
         num_classes: Number of classes.
@@ -245,15 +247,13 @@ def find_lr(model: keras.Model, spec: backbones.BackboneSpec, cfg: FinetuneConfi
         An `LRFindResult`.
 
     Example:
-        >>> r = find_lr(model, spec, cfg, train_ds, 5, num_steps=50)
+        >>> r = find_lr(clf, cfg, train_ds, 5, num_steps=50)
     """
-    from tlkit.train import compile_model
-
-    _check_range(start_lr, end_lr, num_steps)
+    check_range(start_lr, end_lr, num_steps)
     if not diverge_factor > 1:
         raise ConfigError(f"diverge_factor must be > 1, got {diverge_factor!r}.")
-    base = get_base(model)
-    chosen, _ = pick_stage(cfg.train, spec.num_stages(base), stage)
+    model = clf.model
+    chosen, _ = pick_stage(cfg.train, clf.num_stages, stage)
     lrs = lr_schedule(float(start_lr), float(end_lr), num_steps)
     verbose = (1 if sys.stdout.isatty() else 2) if verbose is None else verbose
     train_cfg = dataclasses.replace(cfg.train, lr=float(start_lr)) if cfg.train.lr == AUTO_LR else cfg.train
@@ -263,12 +263,12 @@ def find_lr(model: keras.Model, spec: backbones.BackboneSpec, cfg: FinetuneConfi
     saved = [np.array(v.numpy(), copy=True) for v in model.variables]
     finder = _Finder(lrs, smoothing_beta(num_steps), diverge_factor, verbose)
     try:
-        set_trainable(model, spec, None if chosen.trainable is None else set(chosen.trainable), cfg.model.bn_trains)
+        clf.set_trainable(None if chosen.trainable is None else set(chosen.trainable), cfg.model.bn_trains)
         if verbose:
             print(f"[tlkit] lr-find on stage {chosen.name!r}: lr {start_lr:.0e} -> {end_lr:.0e} over at most "
                   f"{num_steps} batches", flush=True)
         with (scope() if scope is not None else _nullcontext()):
-            compile_model(model, run_cfg, float(start_lr), num_classes, jit_compile, spec=spec)
+            compile_model(model, run_cfg, float(start_lr), num_classes, jit_compile, clf=clf)
         model.fit(train_ds.repeat(), epochs=num_steps, steps_per_epoch=1, callbacks=[finder], verbose=0,
                   shuffle=False)
     finally:
@@ -291,7 +291,7 @@ def find_lr(model: keras.Model, spec: backbones.BackboneSpec, cfg: FinetuneConfi
 
 def write_outputs(result: LRFindResult, output_dir: str) -> None:
     """Writes `lr_find.png` and `lr_find.json` into `output_dir`."""
-    from tlkit import plots
+    from tlkit.engine import plots
 
     os.makedirs(output_dir, exist_ok=True)
     plots.plot_lr_find(result.lrs, result.losses, result.smoothed, result.suggestions,
@@ -316,7 +316,7 @@ class _nullcontext:
         return False
 
 
-def resolve_auto_lr(cfg: FinetuneConfig, model: keras.Model, spec: backbones.BackboneSpec, data, image_size: int,
+def resolve_auto_lr(cfg: FinetuneConfig, clf: Classifier, data, image_size: int,
                     rt: runtime.Runtime, output_dir: str, features: Any = None, **kwargs: Any) -> FinetuneConfig:
     """`--lr auto`: runs the finder on the first stage and returns `cfg` with the suggested learning rate.
 
@@ -325,7 +325,7 @@ def resolve_auto_lr(cfg: FinetuneConfig, model: keras.Model, spec: backbones.Bac
     `finetune_lr_scale` times it). `lr_find.png` and `lr_find.json` go into `output_dir`.
 
     Example:
-        >>> cfg = resolve_auto_lr(cfg, model, spec, data, 224, rt, "runs/x")
+        >>> cfg = resolve_auto_lr(cfg, clf, data, 224, rt, "runs/x")
     """
     from tlkit.data import make_dataset
 
@@ -333,78 +333,11 @@ def resolve_auto_lr(cfg: FinetuneConfig, model: keras.Model, spec: backbones.Bac
         return cfg
     ds = make_dataset(data.train, image_size, cfg.data.batch_size, data.num_classes, training=True,
                       augment=cfg.data.augment, cache="none", seed=cfg.seed)
-    _, factor = pick_stage(cfg.train, spec.num_stages(get_base(model)))
-    result = find_lr(model, spec, cfg, ds, data.num_classes, jit_compile=rt.jit_compile, scope=rt.scope,
+    _, factor = pick_stage(cfg.train, clf.num_stages)
+    result = find_lr(clf, cfg, ds, data.num_classes, jit_compile=rt.jit_compile, scope=rt.scope,
                      output_dir=output_dir, **kwargs)
     lr = float(f"{result.suggestion / factor:.3g}")
     print(f"[tlkit] --lr auto: {result.describe()}; using lr {lr:g}", flush=True)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=lr))
 
 
-def lr_find(cfg: FinetuneConfig, *, model: keras.Model | None = None, start_lr: float = 1e-7, end_lr: float = 10.0,
-            num_steps: int = 100, stage: str | None = None, output_dir: str | None = None,
-            diverge_factor: float = 4.0, verbose: int | None = None) -> LRFindResult:
-    """Finds a learning rate for the stage you are about to train (fastai's `lr_find`).
-
-    Loads the data and builds the classifier exactly as `finetune` does (or takes your `model`), runs the range
-    test (see `find_lr`), restores the model's weights, writes `lr_find.png` and `lr_find.json`, and prints
-    the suggestion. `tlkit finetune --lr auto` does this first and trains with the suggestion.
-
-    Args:
-        cfg: A `FinetuneConfig` (its `train.lr` is ignored; it may be `"auto"`).
-        model: A classifier from `build_classifier` to search on as it is now (e.g. after its head was
-            trained). Defaults to `None` (a fresh one from `cfg`).
-        start_lr: First learning rate. Defaults to `1e-7`.
-        end_lr: Last learning rate. Defaults to `10.0`.
-        num_steps: Batches to run at most. Defaults to `100`.
-        stage: Stage of the plan to search, by name (`head`, `finetune`, ...). Defaults to `None` (the first).
-        output_dir: Where to write `lr_find.png` and `lr_find.json`. Defaults to `None`: `cfg.output_dir`, else
-            `runs/<base>-<dataset>-<timestamp>-lr-find`.
-        diverge_factor: Stop when the smoothed loss exceeds this times its lowest value. Defaults to `4.0`.
-        verbose: 1 progress bar, 2 one line, 0 silent. Defaults to `None` (1 on a terminal, else 2).
-
-    Returns:
-        An `LRFindResult`; `result.suggestion` is the learning rate to pass as that stage's peak (`--lr` for
-        the first stage).
-
-    Example:
-        >>> r = lr_find(FinetuneConfig(data=DataConfig(dataset="shapes", image_size=32),
-        ...                            model=ModelConfig(weights="none")), num_steps=50)
-        >>> r.suggestion
-    """
-    from tlkit.data import load_sources, make_dataset
-    from tlkit.engine import setup as engine_setup
-    from tlkit.train import _check_data, resolve_image_size
-
-    cfg.validate()
-    _check_range(start_lr, end_lr, num_steps)
-    spec = backbones.get_backbone(cfg.model.base)
-    keras.utils.set_random_seed(cfg.seed)
-    rt = runtime.setup(cfg.runtime)
-    if model is None:
-        user_base = spec.build(cfg.data.image_size, cfg.model.weights) if spec.path else None
-        size = resolve_image_size(cfg, spec, user_base)
-        if size < spec.min_size:
-            raise ConfigError(f"image_size {size} is too small for {spec.name}: it needs at least {spec.min_size} px.")
-    else:
-        user_base, size = None, int(model.input_shape[1])
-    data = load_sources(cfg.data, size, cfg.seed)
-    cfg = engine_setup.fit_batch_size(cfg, data.train.count)
-    _check_data(cfg, data)
-    if model is None:  # as finetune builds it: the head standardises the features of the training images
-        if user_base is None:
-            with rt.scope():
-                user_base = spec.build(size, cfg.model.weights)
-        plain = make_dataset(data.train, size, cfg.data.batch_size, data.num_classes, cache="none", seed=cfg.seed)
-        model, _ = engine_setup.build_model(spec, user_base, data.num_classes, cfg, size, rt, plain, None)
-    elif model.output_shape[-1] != data.num_classes:
-        raise ConfigError(f"The model predicts {model.output_shape[-1]} classes but the data has {data.num_classes}.")
-    out = output_dir or cfg.output_dir or (rundir.default_run_dir(spec.name, data.name) + "-lr-find")
-    ds = make_dataset(data.train, size, cfg.data.batch_size, data.num_classes, training=True,
-                      augment=cfg.data.augment, cache="none", seed=cfg.seed)
-    result = find_lr(model, spec, cfg, ds, data.num_classes, start_lr=start_lr, end_lr=end_lr, num_steps=num_steps,
-                     stage=stage, diverge_factor=diverge_factor, jit_compile=rt.jit_compile, scope=rt.scope,
-                     output_dir=out, verbose=verbose)
-    print(f"[tlkit] {result.describe()}", flush=True)
-    print(f"[tlkit] wrote {os.path.join(out, 'lr_find.png')} and lr_find.json", flush=True)
-    return result

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from tlkit.errors import ConfigError, suggest
+from tlkit.core.errors import ConfigError, suggest
 
 AUGMENT_PRESETS = ("none", "light", "standard", "strong")
 CACHE_CHOICES = ("memory", "disk", "none")
@@ -28,7 +28,7 @@ SCHEDULES = ("constant", "cosine", "step", "exponential")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 XLA_CHOICES = ("auto", "on", "off")
 DISTRIBUTE_CHOICES = ("auto", "none", "mirrored", "multiworker", "tpu")
-AUTO_LR = "auto"  # TrainConfig.lr: run the learning-rate finder first (tlkit.lr_find)
+AUTO_LR = "auto"  # TrainConfig.lr: run the learning-rate finder first (tlkit.verbs.lr_find)
 
 
 @dataclasses.dataclass(frozen=True)

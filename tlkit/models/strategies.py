@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from tlkit.config import TrainConfig
-from tlkit.errors import ConfigError
+from tlkit.core.config import TrainConfig
+from tlkit.core.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +81,7 @@ def plan(cfg: TrainConfig, num_stages: int, steps_per_epoch: int = 1, head_on_fe
         ['head', 'finetune']
     """
     s, lr = cfg.strategy, cfg.lr
-    if isinstance(lr, str):  # "auto" is resolved by tlkit.lr_find.resolve_auto_lr before any plan is made
+    if isinstance(lr, str):  # "auto" is resolved by tlkit.verbs.lr_find.resolve_auto_lr before any plan is made
         raise ConfigError(f"lr {lr!r} must be resolved to a number before planning (finetune does it with lr_find).")
     head = head_epochs(cfg, steps_per_epoch)
     scale = cfg.finetune_lr_scale

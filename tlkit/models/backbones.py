@@ -19,7 +19,7 @@ from typing import Callable
 
 import keras
 
-from tlkit.errors import BackboneError, ConfigError, OfflineError, TlkitError, suggest
+from tlkit.core.errors import BackboneError, ConfigError, OfflineError, TlkitError, suggest
 
 # How raw 0-255 RGB is turned into what the backbone expects (keras.applications' preprocess_input modes, and
 # `scale_offset`: x * scale + offset per channel, what a keras-hub ImageConverter does after its resize).
@@ -505,3 +505,33 @@ def _build_hub_backbone(spec: BackboneSpec, size: int, weights: str | None) -> k
     # A plain keras.Model over the same layers: the classifier then saves as built-in layers (no keras-hub
     # class in model.keras), and the feature cache and exports see an ordinary functional backbone.
     return keras.Model(hub.inputs, hub.outputs[0], name=spec.name.replace("-", "_"))
+
+
+def resolve_image_size(spec: BackboneSpec, requested: int | None, base: keras.Model | None = None) -> int:
+    """The input size of a run, checked against what the backbone accepts: the one home of that rule.
+
+    Args:
+        spec: The backbone's spec.
+        requested: The configured size (`--image-size`), or `None`.
+        base: The built backbone, whose fixed input size (a user's `.keras`) is used when none was requested.
+            Defaults to `None`.
+
+    Returns:
+        `requested`, else the backbone's own input size, else `spec.default_size`.
+
+    Raises:
+        ConfigError: the size is below `spec.min_size`.
+
+    Example:
+        >>> resolve_image_size(get_backbone("resnet50"), None)
+        224
+    """
+    if requested:
+        size = int(requested)
+    elif base is not None and base.input_shape[1]:
+        size = int(base.input_shape[1])
+    else:
+        size = spec.default_size
+    if size < spec.min_size:
+        raise ConfigError(f"image_size {size} is too small for {spec.name}: it needs at least {spec.min_size} px.")
+    return size

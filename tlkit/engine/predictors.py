@@ -1,4 +1,5 @@
-"""`predict` and `load`: one way to run any tlkit model or export on images, whatever its format.
+"""`load`: one way to run any tlkit model or export on images, whatever its format (`tlkit predict` and the
+parity checks of `tlkit export` both use it).
 
 `load(path)` opens a run folder, a `.keras` file, a SavedModel folder written by `tlkit export`, a
 `.tflite` file or an `.onnx` file (or an export folder holding one of them) and returns a `Predictor`
@@ -14,16 +15,15 @@ Example:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
-import sys
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from tlkit.errors import ConfigError, DataError
+from tlkit.core.errors import ConfigError, DataError
+from tlkit.models.classifier import load_model_and_labels
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 FORMAT_FILES = {"keras": "model.keras", "tflite": "model.tflite", "onnx": "model.onnx"}
@@ -397,8 +397,6 @@ def load(path: str) -> Predictor:
     labels = _read_labels(os.path.join(os.path.dirname(os.path.abspath(path)), "labels.txt"))
     low = path.lower()
     if low.endswith(".keras"):
-        from tlkit.evaluate import load_model_and_labels
-
         model, labels, _ = load_model_and_labels(path)
         return KerasPredictor(path, model, labels)
     if low.endswith(".tflite"):
@@ -406,53 +404,6 @@ def load(path: str) -> Predictor:
     if low.endswith(".onnx"):
         return OnnxPredictor(path, labels)
     raise ConfigError(f"Unknown model file {path!r}: expected .keras, .tflite, .onnx, a SavedModel or a run folder.")
-
-
-# ---------------------------------------------------------------- predict
-
-@dataclasses.dataclass
-class Prediction:
-    """The top classes of one image.
-
-    Attributes:
-        file: The image file.
-        top: `(class name, probability)` pairs, most probable first.
-    """
-
-    file: str
-    top: list[tuple[str, float]]
-
-
-@dataclasses.dataclass
-class PredictResult:
-    """What `predict` returns.
-
-    Attributes:
-        predictions: One `Prediction` per readable image, in input order.
-        skipped: `(file, reason)` of every input that could not be read.
-        model: The model path.
-        format: The model's format.
-    """
-
-    predictions: list[Prediction]
-    skipped: list[tuple[str, str]]
-    model: str
-    format: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "format": self.format,
-                "predictions": [{"file": p.file, "top": [{"class": c, "probability": pr} for c, pr in p.top]}
-                                for p in self.predictions],
-                "skipped": [{"file": f, "error": e} for f, e in self.skipped]}
-
-    def table(self) -> str:
-        """A plain-text table: file, class, probability (top-k rows per file)."""
-        rows = [("file", "class", "probability")]
-        for p in self.predictions:
-            for i, (c, pr) in enumerate(p.top):
-                rows.append((p.file if i == 0 else "", c, f"{pr:.4f}"))
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        return "\n".join(f"{r[0]:{widths[0]}s}  {r[1]:{widths[1]}s}  {r[2]:>{widths[2]}s}".rstrip() for r in rows)
 
 
 def list_images(inputs: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -473,68 +424,3 @@ def list_images(inputs: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]
         else:
             missing.append((item, "no such file or folder"))
     return files, missing
-
-
-def predict(model: str | Predictor, inputs: str | Sequence[str], top_k: int = 5, batch_size: int = 32,
-            progress: bool = False) -> PredictResult:
-    """Predicts the top classes of image files and folders; unreadable files are skipped and reported.
-
-    Args:
-        model: A path `load` understands, or a loaded `Predictor`.
-        inputs: Image files and/or folders (searched recursively for .jpg .jpeg .png .bmp .gif).
-        top_k: Classes per image (capped at the number of classes). Defaults to `5`.
-        batch_size: Images per model call. Defaults to `32`.
-        progress: Show a progress bar on stderr. Defaults to `False`.
-
-    Returns:
-        A `PredictResult` (`.table()`, `.to_dict()`).
-
-    Raises:
-        DataError: no input image could be read.
-
-    Example:
-        >>> print(tlkit.predict("runs/x", ["photos/"], top_k=3).table())
-    """
-    if top_k < 1:
-        raise ConfigError(f"top_k must be >= 1, got {top_k}.")
-    clf = model if isinstance(model, Predictor) else load(model)
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [os.fspath(inputs)]
-    files, skipped = list_images(list(inputs))
-    k = min(top_k, clf.num_classes)
-    preds: list[Prediction] = []
-    bar = None
-    if progress and len(files) > batch_size:
-        import keras
-
-        bar = keras.utils.Progbar(len(files), unit_name="image")
-    done = 0
-    for start in range(0, len(files), batch_size):
-        chunk, imgs = [], []
-        for f in files[start:start + batch_size]:
-            try:
-                imgs.append(read_image(f))
-                chunk.append(f)
-            except DataError as e:
-                skipped.append((f, str(e).split(": ", 1)[-1]))
-        if imgs:
-            probs = clf.predict_uint8(imgs)
-            for f, p in zip(chunk, probs):
-                order = np.argsort(-p)[:k]
-                preds.append(Prediction(f, [(clf.class_names[i], float(p[i])) for i in order]))
-        done += len(files[start:start + batch_size])
-        if bar is not None:
-            _stdout, sys.stdout = sys.stdout, sys.stderr
-            try:
-                bar.update(done)
-            finally:
-                sys.stdout = _stdout
-    if not preds:
-        names = ", ".join(f for f, _ in skipped[:3]) or ", ".join(inputs)
-        raise DataError(f"No readable image among the inputs ({names}); "
-                        f"expected image files ({', '.join(IMAGE_EXTENSIONS)}) or folders of them.")
-    return PredictResult(preds, skipped, clf.path, clf.format)
-
-
-__all__ = ["Predictor", "load", "predict", "read_image", "PredictResult", "Prediction", "list_images",
-           "require_onnx"]

@@ -28,15 +28,16 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from tlkit import backbones, rundir, runtime, strategies
-from tlkit.config import DistillConfig, FinetuneConfig, config_to_dict, dump_yaml, load_config
-from tlkit.data import load_sources, make_dataset
-from tlkit.errors import ConfigError, DataError, TrainingError
-from tlkit.evaluate import compute_metrics, load_model_and_labels, predict_split
-from tlkit.model import get_base
+from tlkit.core import rundir
+from tlkit.core.config import DistillConfig, FinetuneConfig, config_to_dict, dump_yaml, load_config
+from tlkit.core.errors import ConfigError, DataError, TrainingError
+from tlkit.data import make_dataset
 from tlkit.engine import setup as engine_setup
 from tlkit.engine.loop import run_stages
-from tlkit.train import RunResult, _check_data, save_model
+from tlkit.engine.metrics import compute_metrics, predict_split
+from tlkit.engine.setup import RunResult
+from tlkit.models import strategies
+from tlkit.models.classifier import load_model_and_labels
 
 
 class _LogOf(keras.layers.Layer):
@@ -299,18 +300,9 @@ def distill(cfg: FinetuneConfig, dcfg: DistillConfig) -> RunResult:
     if cached and cfg.data.augment != "none":
         raise ConfigError(f"--cache-teacher needs a training split without augmentation (--augment none), got "
                           f"--augment {cfg.data.augment}: the teacher must see the augmented images.")
-    spec = backbones.get_backbone(cfg.model.base)
-    keras.utils.set_random_seed(cfg.seed)
-    rt = runtime.setup(cfg.runtime)
     teacher, teacher_labels, _ = load_model_and_labels(dcfg.teacher)
-    user_base = spec.build(cfg.data.image_size, cfg.model.weights) if spec.path else None
-    size = cfg.data.image_size or (int(user_base.input_shape[1]) if user_base is not None and user_base.input_shape[1]
-                                   else int(teacher.input_shape[1]))
-    if size < spec.min_size:
-        raise ConfigError(f"image_size {size} is too small for {spec.name}: it needs at least {spec.min_size} px.")
-    data = load_sources(cfg.data, size, cfg.seed)
-    cfg = engine_setup.fit_batch_size(cfg, data.train.count)
-    _check_data(cfg, data)
+    run = engine_setup.setup_run(cfg, default_size=int(teacher.input_shape[1]))
+    cfg, spec, rt, size, data = run.cfg, run.spec, run.rt, run.size, run.data
     if int(teacher.output_shape[-1]) != data.num_classes:
         raise DataError(f"The teacher {dcfg.teacher!r} predicts {teacher.output_shape[-1]} classes but the data has "
                         f"{data.num_classes}.")
@@ -342,15 +334,16 @@ def distill(cfg: FinetuneConfig, dcfg: DistillConfig) -> RunResult:
     val_ds = make_dataset(data.val, cache=d.cache, **common) if data.val else None
     test_ds = make_dataset(data.test, cache="none", **common) if data.test else None
 
-    with rt.scope():
-        base = user_base if user_base is not None else spec.build(size, cfg.model.weights)
     plain = make_dataset(data.train, cache="none", **common)
     # The student's head standardises its backbone's features of the training images, as finetune's does.
-    student, _ = engine_setup.build_model(spec, base, data.num_classes, cfg, size, rt, plain, None)
+    clf, _ = engine_setup.build_model(spec, run.base, data.num_classes, cfg, size, rt, plain, None,
+                                      class_names=data.class_names)
+    student = clf.model
+    del run
     with rt.scope():
         distiller = Distiller(logits_model(student), None if cached else t_logits, data.num_classes,
                               dcfg.temperature, dcfg.alpha, cfg.train.label_smoothing, name="distiller")
-    num_stages = spec.num_stages(get_base(student))
+    num_stages = clf.num_stages
     steps = math.ceil(data.train.count / d.batch_size)
     # The head stage trains on the images here (the distillation loss needs the teacher's view of each one).
     plan = strategies.plan(cfg.train, num_stages, steps, head_on_features=False)
@@ -367,7 +360,7 @@ def distill(cfg: FinetuneConfig, dcfg: DistillConfig) -> RunResult:
         return distiller
 
     try:
-        rows = run_stages(student, spec, plan, train_ds, val_fit, cfg, rt, num_classes=data.num_classes,
+        rows = run_stages(clf, plan, train_ds, val_fit, cfg, rt, num_classes=data.num_classes,
                           steps_per_epoch=steps, compile_fn=compile_fn, callbacks=[keep],
                           history_path=os.path.join(out_dir, "history.csv"))
     except TrainingError as e:
@@ -379,7 +372,7 @@ def distill(cfg: FinetuneConfig, dcfg: DistillConfig) -> RunResult:
         student.set_weights(keep.weights)
 
     student_path = os.path.join(out_dir, "model.keras")
-    save_model(student, student_path)
+    clf.save(student_path)
     teacher_eval = probs_at_size(teacher, size)
     metrics: dict[str, Any] = {}
     compare = {"teacher": {}, "student": {}}

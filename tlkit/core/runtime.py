@@ -43,8 +43,8 @@ import os
 import keras
 import tensorflow as tf
 
-from tlkit.config import DISTRIBUTE_CHOICES, PRECISIONS, XLA_CHOICES, RuntimeConfig
-from tlkit.errors import ConfigError
+from tlkit.core.config import DISTRIBUTE_CHOICES, PRECISIONS, XLA_CHOICES, RuntimeConfig
+from tlkit.core.errors import ConfigError
 
 log = logging.getLogger("tlkit")
 

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from typing import Any, Iterable, Iterator, Mapping
 
-from tlkit.errors import DiskFullError, OutputExistsError
+from tlkit.core.errors import DiskFullError, OutputExistsError
 
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
@@ -112,16 +112,56 @@ def default_run_dir(base: str, dataset: str, root: str = "runs") -> str:
     return os.path.join(root, f"{safe(base)}-{safe(dataset)}-{stamp}")
 
 
+# ---------------------------------------------------------------- output-folder rules: the only home
+# Every verb that writes a folder or a file goes through these: a run folder (`finetune`, `distill`, `prune`,
+# `lr-find`), a search folder (`tune`), an export (`export`). Nothing is overwritten without `--overwrite`.
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "state.json"  # in CHECKPOINTS: what `--resume` continues from
+
+
+def check_output_dir(output_dir: str | None, overwrite: bool, resume: bool = False) -> None:
+    """Fails early (before any data is read) on an output folder that would be refused later.
+
+    Raises:
+        ConfigError: `resume` without a folder.
+        OutputExistsError: the path is a file, or a non-empty folder without `overwrite` or `resume`.
+    """
+    if resume and not output_dir:
+        from tlkit.core.errors import ConfigError
+
+        raise ConfigError("--resume needs --output-dir DIR: the folder of the run to continue.")
+    if not output_dir:
+        return
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise OutputExistsError(f"Output path {output_dir!r} exists and is not a folder.")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not (overwrite or resume):
+        hint = " or --resume to continue it" if os.path.isfile(os.path.join(output_dir, CHECKPOINTS,
+                                                                             STATE_FILE)) else ""
+        raise OutputExistsError(f"Output folder {output_dir!r} exists and is not empty; pass --overwrite to "
+                                f"start over in it{hint}, or choose another --output-dir.")
+
+
 def prepare_run_dir(path: str, overwrite: bool) -> str:
     """Creates the run folder; refuses an existing non-empty one unless `overwrite`.
 
     Raises:
         OutputExistsError: the folder exists, is not empty, and `overwrite` is False.
     """
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise OutputExistsError(f"Output path {path!r} exists and is not a folder.")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise OutputExistsError(f"Output folder {path!r} exists and is not empty; pass --overwrite to reuse it "
-                                "or choose another --output-dir.")
+    check_output_dir(path, overwrite)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def refuse_existing(paths: list[str], overwrite: bool, flag: str = "--output") -> None:
+    """Refuses to replace any of `paths` (files, or non-empty folders) unless `overwrite`.
+
+    Raises:
+        OutputExistsError: naming the first path that exists.
+    """
+    if overwrite:
+        return
+    for p in paths:
+        if (os.path.isdir(p) and os.listdir(p)) or (os.path.exists(p) and not os.path.isdir(p)):
+            raise OutputExistsError(f"Output {p!r} already exists; pass --overwrite to replace it or choose another "
+                                    f"{flag}.")

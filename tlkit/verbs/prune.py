@@ -30,14 +30,16 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from tlkit import param_groups, rundir, runtime
-from tlkit.config import FinetuneConfig, PruneConfig, config_to_dict, dump_yaml, load_config, parse_sparsities
+from tlkit.models import param_groups
+from tlkit.core import rundir, runtime
+from tlkit.core.config import FinetuneConfig, PruneConfig, config_to_dict, dump_yaml, load_config, parse_sparsities
 from tlkit.data import load_sources, make_dataset
-from tlkit.errors import ConfigError, DataError, TrainingError
-from tlkit.evaluate import compute_metrics, load_model_and_labels
+from tlkit.core.errors import ConfigError, DataError, TrainingError
 from tlkit.engine.loop import run_stages
-from tlkit.strategies import Stage
-from tlkit.train import RunResult, save_model
+from tlkit.engine.metrics import compute_metrics
+from tlkit.engine.setup import RunResult
+from tlkit.models.classifier import Classifier
+from tlkit.models.strategies import Stage
 
 _PRUNABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.DepthwiseConv2D,
              keras.layers.Conv2DTranspose, keras.layers.Dense)
@@ -223,7 +225,7 @@ class _Evaluator:
 
 def _row(label: str, model: keras.Model, pruner: Pruner, evaluator: _Evaluator, tmp_dir: str) -> dict[str, Any]:
     path = os.path.join(tmp_dir, "probe.keras")
-    save_model(model, path)
+    Classifier(model).save(path)
     size, zipped = compressed_size(path)
     return {"model": label, "sparsity": round(pruner.report()["sparsity"], 4), **evaluator.accuracies(),
             "size_bytes": size, "zipped_bytes": zipped}
@@ -267,7 +269,8 @@ def prune(cfg: PruneConfig) -> RunResult:
     keras.utils.set_random_seed(run_cfg.seed)
     rt = runtime.setup(run_cfg.runtime)
     with rt.scope():
-        model, labels, _ = load_model_and_labels(cfg.run_dir)
+        loaded = Classifier.from_run(cfg.run_dir)
+    model, labels = loaded.model, loaded.class_names
     size = int(model.input_shape[1])
     data = load_sources(dataclasses.replace(run_cfg.data, image_size=size), size, run_cfg.seed)
     if labels is not None and list(labels) != list(data.class_names):
@@ -317,7 +320,7 @@ def prune(cfg: PruneConfig) -> RunResult:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
     model_path = os.path.join(out_dir, "model.keras")
-    save_model(model, model_path)
+    Classifier(model).save(model_path)
     metrics: dict[str, Any] = {}
     for name, ds in splits:
         y, p = evaluator.predict(ds)
@@ -369,7 +372,7 @@ def _finetune(model, pruner: Pruner, cfg: PruneConfig, run_cfg: FinetuneConfig, 
 
     stage = Stage(f"prune_{cfg.schedule}", cfg.epochs, lr, None)
     try:
-        return run_stages(model, None, [stage], train_ds, val_ds, fcfg, rt, num_classes=num_classes,
+        return run_stages(Classifier(model), [stage], train_ds, val_ds, fcfg, rt, num_classes=num_classes,
                           steps_per_epoch=steps_per_epoch, compile_fn=compile_fn,
                           callbacks=[PruningSchedule(pruner, target, frequency, end)],
                           history_path=os.path.join(out_dir, "history.csv"), trainable_fn=trainable)

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tlkit.model import get_base, head_layers
+from tlkit.models.classifier import get_base, head_layers, split_model  # noqa: F401  (split_model: public here too)
 
 
 def head_on_features(cfg: Any) -> bool:
@@ -38,42 +38,6 @@ def head_on_features(cfg: Any) -> bool:
 def _base_index(model: keras.Model) -> int:
     base = get_base(model)
     return [layer.name for layer in model.layers].index(base.name)
-
-
-def split_model(model: keras.Model) -> tuple[keras.Model, keras.Model]:
-    """Splits a classifier into a feature extractor and a head model that share the classifier's layers.
-
-    The cut is after the last weightless layer that follows the backbone (the global pooling of
-    `build_classifier`), so the cached features are pooled vectors, not feature maps.
-
-    Returns:
-        `(extractor, head)`: `extractor` maps images to features; `head` maps features to probabilities with
-        the classifier's own head layers (training the head trains the classifier).
-
-    Example:
-        >>> extractor, head = split_model(model)
-        >>> [l.name for l in head.layers]
-        ['features', 'feature_norm', 'head_dropout', 'logits', 'probs']
-    """
-    layers = head_layers(model)
-    for layer in layers:
-        node_inputs = layer._inbound_nodes[0].input_tensors if layer._inbound_nodes else []
-        if len(node_inputs) != 1:
-            raise ValueError(f"Layer {layer.name!r} of the head does not take exactly one input; the head of a "
-                             "build_classifier model is a chain of single-input layers.")
-    cut = 0
-    while cut < len(layers) - 1 and not layers[cut].weights and isinstance(
-            layers[cut], (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D, keras.layers.Flatten)):
-        cut += 1
-    # The input of the first head layer as the classifier calls it (its first node): the cached features.
-    feat_tensor = layers[cut]._inbound_nodes[0].input_tensors[0]
-    extractor = keras.Model(model.inputs, feat_tensor, name=f"{model.name}_features")
-    inputs = keras.Input(tuple(feat_tensor.shape[1:]), dtype="float32", name="features")
-    x = inputs
-    for layer in layers[cut:]:
-        x = layer(x)
-    head = keras.Model(inputs, x, name=f"{model.name}_head")
-    return extractor, head
 
 
 def _compiled_forward(extractor: keras.Model, jit_compile: bool):

@@ -37,10 +37,10 @@ from typing import Any, Iterator
 import numpy as np
 import keras
 
-from tlkit import rundir
-from tlkit.errors import ConfigError, OutputExistsError, TrainingError
+from tlkit.core import rundir
+from tlkit.core.errors import ConfigError, TrainingError
 
-STATE_FILE = "state.json"
+STATE_FILE = rundir.STATE_FILE
 STATE_VERSION = 1
 # Fields that may differ between an interrupted run and its resumption.
 RESUME_FREE_FIELDS = ("output_dir", "overwrite", "resume", "cache", "tensorboard", "cache_features", "deterministic")
@@ -113,7 +113,7 @@ class RunState:
 
 
 def checkpoint_dir(run_dir: str) -> str:
-    return os.path.join(run_dir, "checkpoints")
+    return os.path.join(run_dir, rundir.CHECKPOINTS)
 
 
 def load_state(run_dir: str) -> RunState | None:
@@ -605,7 +605,7 @@ def check_plan(state: RunState, plan: list, run_dir: str) -> None:
 
 def nan_message(epoch: int, stage, optimizer: keras.optimizers.Optimizer, precision: str) -> str:
     """The one line for a NaN/inf loss: the epoch, the stage, the learning rate at the time and the likely cause."""
-    from tlkit.schedules import current_lr
+    from tlkit.models.schedules import current_lr
 
     try:
         lr = f"{current_lr(optimizer):.3g}"
@@ -621,22 +621,7 @@ def nan_message(epoch: int, stage, optimizer: keras.optimizers.Optimizer, precis
 # ---------------------------------------------------------------- the run folder
 
 
-def check_output_dir(output_dir: str | None, overwrite: bool, resume: bool) -> None:
-    """Fails early (before any data is read) on an output folder that would be refused later."""
-    if resume and not output_dir:
-        raise ConfigError("--resume needs --output-dir DIR: the folder of the run to continue.")
-    if not output_dir:
-        return
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise OutputExistsError(f"Output path {output_dir!r} exists and is not a folder.")
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not (overwrite or resume):
-        hint = " or --resume to continue it" if os.path.isfile(os.path.join(checkpoint_dir(output_dir),
-                                                                             STATE_FILE)) else ""
-        raise OutputExistsError(f"Output folder {output_dir!r} exists and is not empty; pass --overwrite to "
-                                f"start over in it{hint}, or choose another --output-dir.")
-
-
-def prepare_run_dir(out_dir: str, cfg):
+def prepare_run_dir(out_dir: str, cfg):  # the resumable run folder of finetune
     """Creates the run folder; with `resume` checks that the interrupted run had the same configuration.
 
     Without `resume`, an `--overwrite` of an earlier run removes its checkpoints so that a later
@@ -650,7 +635,7 @@ def prepare_run_dir(out_dir: str, cfg):
         OutputExistsError: the folder is not empty and neither `overwrite` nor `resume` is set.
         ConfigError: `resume` with a configuration that differs from the interrupted run's.
     """
-    check_output_dir(out_dir, cfg.overwrite, cfg.resume)
+    rundir.check_output_dir(out_dir, cfg.overwrite, cfg.resume)
     if cfg.resume:
         saved = os.path.join(out_dir, "config.yaml")
         if os.path.isfile(os.path.join(checkpoint_dir(out_dir), STATE_FILE)) and os.path.isfile(saved):
@@ -680,7 +665,7 @@ def prepare_run_dir(out_dir: str, cfg):
 
 
 def _saved_config(path: str):
-    from tlkit.config import config_from_dict, load_yaml
+    from tlkit.core.config import config_from_dict, load_yaml
 
     try:
         return config_from_dict(load_yaml(path))
@@ -691,7 +676,7 @@ def _saved_config(path: str):
 def config_differences(saved, cfg) -> list[str]:
     """`key: saved -> now` for every setting that differs from a run's saved config (a `config.yaml` path or a
     `FinetuneConfig`), paths compared as absolute paths."""
-    from tlkit.config import absolute_paths, config_to_dict
+    from tlkit.core.config import absolute_paths, config_to_dict
 
     if isinstance(saved, (str, os.PathLike)):
         saved = _saved_config(os.fspath(saved))

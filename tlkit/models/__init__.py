@@ -1,0 +1,1 @@
+"""Models: backbones (registry), the classifier record, stage plans, learning-rate schedules, parameter groups."""

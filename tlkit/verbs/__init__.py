@@ -1,0 +1,1 @@
+"""Verbs: one thin module per command (finetune, evaluate, lr_find, tune, export, predict, distill, prune)."""

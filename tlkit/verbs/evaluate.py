@@ -1,0 +1,99 @@
+"""`tlkit evaluate`: metrics of a trained classifier on a split (loss, top-1, top-5, mean per-class accuracy,
+per-class report, confusion matrix, worst errors), written next to the run (`engine/metrics.py`)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import keras
+
+from tlkit.core import rundir
+from tlkit.core.config import DataConfig
+from tlkit.core.errors import ConfigError, DataError
+from tlkit.data import load_sources, make_dataset
+from tlkit.engine import plots
+from tlkit.engine.metrics import compute_metrics, confusion_csv_rows, most_confused, predict_with_errors
+from tlkit.models.classifier import load_model_and_labels
+
+
+def evaluate(model: str | keras.Model, data: DataConfig, split: str = "test", batch_size: int | None = None,
+             output_dir: str | None = None, class_names: list[str] | None = None, seed: int = 42,
+             num_misclassified: int = 16) -> dict[str, Any]:
+    """Evaluates a model (run folder, `.keras` file or a model object) on a split of a dataset.
+
+    Args:
+        model: A run folder, a `.keras` path, or a `keras.Model`.
+        data: A `DataConfig` naming the data (`dataset` or `image_dir`).
+        split: `train`, `val` or `test`. Defaults to `"test"` (falls back to `val` when there is no test split).
+        batch_size: Defaults to `None` (`data.batch_size`).
+        output_dir: Where to write `metrics.json`, `confusion_matrix.png`, `confusion_matrix.csv` and
+            `misclassified.png`. Defaults to `None`: the run folder's `eval-<split>/` for a run folder, nothing
+            written for a `.keras` file or a model object.
+        class_names: Overrides the labels stored with the model. Defaults to `None`.
+        seed: Seed of the train/val split (use the run's seed). Defaults to `42`.
+        num_misclassified: How many of the worst errors to draw in `misclassified.png` and list in the metrics.
+            Defaults to `16`.
+
+    Returns:
+        The metrics dict (as in `metrics.json`), with `split`, `class_names`, `most_confused` (the most frequent
+        true/predicted pairs) and `misclassified` (the worst errors: index, file when known, true, predicted,
+        probabilities), and `output_dir` when files were written.
+
+    Example:
+        >>> m = evaluate("runs/resnet50-shapes-1", DataConfig(dataset="shapes"), split="val")
+    """
+    if not isinstance(num_misclassified, int) or num_misclassified < 0:
+        raise ConfigError(f"num_misclassified must be an integer >= 0, got {num_misclassified!r}.")
+    run_dir = None
+    if isinstance(model, keras.Model):
+        labels = None
+    else:
+        model, labels, run_dir = load_model_and_labels(model)
+    labels = class_names or labels
+    size = int(model.input_shape[1])
+    data = dataclasses.replace(data, image_size=size)
+    sources = load_sources(data, size, seed)
+    if labels is not None and len(labels) != sources.num_classes:
+        raise DataError(f"The model was trained on {len(labels)} classes but the data has {sources.num_classes}.")
+    if model.output_shape[-1] != sources.num_classes:
+        raise DataError(f"The model predicts {model.output_shape[-1]} classes but the data has {sources.num_classes}.")
+    if labels is not None and list(labels) != list(sources.class_names):
+        raise DataError("The data's class names differ from the model's labels.txt: "
+                        f"{sources.class_names[:5]}... vs {list(labels)[:5]}...")
+    chosen = {"train": sources.train, "val": sources.val, "validation": sources.val, "test": sources.test}
+    if split not in chosen:
+        raise ConfigError(f"Unknown split {split!r}. Choose one of: train, val, test.")
+    s = chosen[split]
+    if s is None and split == "test" and sources.val is not None:
+        split, s = "val", sources.val
+    if s is None:
+        raise DataError(f"The data has no {split!r} split.")
+    ds = make_dataset(s, size, batch_size or data.batch_size, sources.num_classes, cache="none")
+    names = list(sources.class_names)
+    y, p, worst = predict_with_errors(model, ds, keep=num_misclassified)
+    metrics = compute_metrics(y, p, names)
+    metrics["split"] = split
+    metrics["class_names"] = names
+    if "confusion_matrix" in metrics:
+        metrics["most_confused"] = most_confused(metrics["confusion_matrix"], names)
+    # File names are reported only when no unreadable file was skipped (then positions match the split's list).
+    files = s.files if s.files is not None and len(s.files) == len(y) else None
+    metrics["misclassified"] = [
+        {"index": e["index"], **({"file": files[e["index"]]} if files else {}), "true": names[e["true"]],
+         "predicted": names[e["pred"]], "prob": round(e["prob"], 4), "prob_true": round(e["prob_true"], 4)}
+        for e in worst]
+    if output_dir is None and run_dir is not None:
+        output_dir = os.path.join(run_dir, f"eval-{split}")
+    if output_dir is not None:
+        os.makedirs(output_dir, exist_ok=True)
+        if "confusion_matrix" in metrics:
+            cm = metrics["confusion_matrix"]
+            rundir.write_csv(os.path.join(output_dir, "confusion_matrix.csv"), confusion_csv_rows(cm, names))
+            plots.plot_confusion_matrix(cm, names, os.path.join(output_dir, "confusion_matrix.png"),
+                                        title=f"Confusion matrix ({split})")
+            plots.plot_misclassified(worst, names, os.path.join(output_dir, "misclassified.png"),
+                                     title=f"Worst errors ({split})")
+        rundir.write_json(os.path.join(output_dir, "metrics.json"), metrics)
+        metrics["output_dir"] = output_dir
+    return metrics
