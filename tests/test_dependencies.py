@@ -54,6 +54,7 @@ def test_floors_are_not_below_what_the_code_uses():
     assert floor("keras") >= Version("3.9")  # keras.layers.CutMix (tlkit/data/augment.py)
     assert floor("keras-tuner") >= Version("1.4.6")  # the first KerasTuner on Keras 3
     assert any(s.operator == "<" for s in reqs["keras-tuner"].specifier)  # private modules: a ceiling
+    assert any(s.operator == "<" for s in reqs["keras"].specifier)  # private optimizer and saving internals
     import keras
 
     for name in ("CutMix", "MixUp", "RandAugment"):
@@ -64,8 +65,28 @@ def test_keras_tuner_private_modules_tlkit_imports_exist():
     from keras_tuner.src import config  # noqa: F401
     from keras_tuner.src.distribute import oracle_chief, utils  # noqa: F401
     from keras_tuner.src.engine import tuner_utils
-    from keras_tuner.src.engine.trial import TrialStatus  # noqa: F401
+    from keras_tuner.engine.trial import TrialStatus  # noqa: F401  (public)
     import keras_tuner
 
     assert hasattr(tuner_utils, "SaveBestEpoch")
     assert hasattr(keras_tuner.Tuner, "_configure_tensorboard_dir")
+    assert hasattr(keras_tuner.Tuner, "_build_hypermodel")
+
+
+def test_keras_private_internals_tlkit_uses_exist():
+    """What the ceiling on keras protects (setup.cfg's comment): the optimizer hooks of models/param_groups.py and
+    the saving internals of engine/resume.py."""
+    import keras
+    from keras.src.saving import saving_lib
+
+    assert callable(getattr(saving_lib, "_save_state", None))
+    for opt in (keras.optimizers.SGD, keras.optimizers.AdamW):
+        assert callable(getattr(opt, "update_step", None)) and callable(getattr(opt, "_apply_weight_decay", None))
+
+
+def test_package_version_matches_setup_cfg():
+    from tlkit.core import VERSION
+
+    parser = configparser.ConfigParser()
+    parser.read(os.path.join(ROOT, "setup.cfg"))
+    assert parser["metadata"]["version"] == VERSION

@@ -183,8 +183,9 @@ def test_evaluate_a_keras_file_with_labels(overfit_run, tmp_path, capsys):
                os.path.join(out, "labels.txt"), "--output-dir", str(dest), "--json"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert json.loads(printed[printed.index("{"):])["accuracy"] >= 0.0  # --json prints the metrics
+    shown = json.loads(printed[printed.index("{"):])  # --json prints the metrics
     m = json.load(open(dest / "metrics.json"))
+    assert shown["accuracy"] == m["accuracy"] == pytest.approx(1 - len(m["misclassified"]) / 12)
     assert m["split"] == "train" and m["num_examples"] == 12 and m["class_names"] == ["a", "b", "c"]
     assert (dest / "misclassified.png").is_file() and (dest / "confusion_matrix.csv").is_file()
     # Labels that do not fit the model: one line, exit code 2.

@@ -102,6 +102,7 @@ def test_random_search_writes_outputs_and_each_trial_trains_with_its_values(tiny
     # Inside every trial (the fine-tuning stage of two_stage): the optimizer runs at the trial's learning
     # rate, on batches of the trial's size (the data really is re-batched).
     assert len(FITS) == 3
+    assert len({row["finetune_lr"] for row in rows}) == 3  # each trial drew its own rate (not the default thrice)
     for row, fit in zip(rows, FITS):
         bs, lr = int(row["batch_size"]), float(row["finetune_lr"])
         assert 1e-4 <= lr <= 1e-1

@@ -4,12 +4,12 @@ The public names are imported lazily: `import tlkit` (and `tlkit --help`) loads 
 the first use of a name that needs them (`tlkit.finetune`, `tlkit.evaluate`, ...) imports its module then.
 
 Example:
-    >>> import tlkit
-    >>> from tlkit import FinetuneConfig, DataConfig, ModelConfig, TrainConfig
-    >>> result = tlkit.finetune(FinetuneConfig(data=DataConfig(dataset="shapes", image_size=64),
-    ...                                        model=ModelConfig(base="resnet50", weights="none"),
-    ...                                        train=TrainConfig(epochs=2)))
-    >>> result.metrics["val"]["accuracy"]
+    import tlkit
+    from tlkit import FinetuneConfig, DataConfig, ModelConfig, TrainConfig
+    result = tlkit.finetune(FinetuneConfig(data=DataConfig(dataset="shapes", image_size=64),
+                                           model=ModelConfig(base="resnet50", weights="none"),
+                                           train=TrainConfig(epochs=2)))
+    result.metrics["val"]["accuracy"]
 """
 import importlib as _importlib
 import os as _os

@@ -5,9 +5,9 @@ real run (a `.keras` backbone through `--base PATH`, a folder of encoded images 
 runs in seconds on a CPU, without downloading anything.
 
 Example:
-    >>> from tlkit.testing import make_tiny_backbone, write_image_folder
-    >>> base = make_tiny_backbone("/tmp/tiny.keras")          # use as ModelConfig(base=base, weights="none")
-    >>> root = write_image_folder("/tmp/pets", ("cat", "dog"))  # use as DataConfig(image_dir=root)
+    from tlkit.testing import make_tiny_backbone, write_image_folder
+    base = make_tiny_backbone("/tmp/tiny.keras")          # use as ModelConfig(base=base, weights="none")
+    root = write_image_folder("/tmp/pets", ("cat", "dog"))  # use as DataConfig(image_dir=root)
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ def is_smoke() -> bool:
     """Whether smoke mode is asked for: the environment variable `TLKIT_SMOKE` is `1`, `true` or `yes`.
 
     Example:
-        >>> os.environ["TLKIT_SMOKE"] = "1"; is_smoke()
-        True
+        os.environ["TLKIT_SMOKE"] = "1"; is_smoke()
+        # -> True
     """
     return os.environ.get("TLKIT_SMOKE", "").strip().lower() in ("1", "true", "yes")
 
@@ -47,8 +47,8 @@ def make_tiny_backbone(path: str, size: int = 32, width: int = 16, seed: int | N
         `path`.
 
     Example:
-        >>> make_tiny_backbone("/tmp/tiny.keras")
-        '/tmp/tiny.keras'
+        make_tiny_backbone("/tmp/tiny.keras")
+        # -> '/tmp/tiny.keras'
     """
     import keras
     from keras import layers
@@ -82,8 +82,8 @@ def write_image_folder(root: str, classes: Sequence[str] = ("red", "green", "blu
         `root`, ready for `DataConfig(image_dir=root)`.
 
     Example:
-        >>> write_image_folder("/tmp/pets", ("cat", "dog"), per_class=4)
-        '/tmp/pets'
+        write_image_folder("/tmp/pets", ("cat", "dog"), per_class=4)
+        # -> '/tmp/pets'
     """
     from PIL import Image
 
@@ -118,8 +118,8 @@ def make_tiny_hub_preset(folder: str, size: int = 32, seed: int | None = 0) -> s
         `folder`.
 
     Example:
-        >>> make_tiny_hub_preset("/tmp/tiny-hub")     # then ModelConfig(base="hub:/tmp/tiny-hub")
-        '/tmp/tiny-hub'
+        make_tiny_hub_preset("/tmp/tiny-hub")     # then ModelConfig(base="hub:/tmp/tiny-hub")
+        # -> '/tmp/tiny-hub'
     """
     import keras
     import keras_hub

@@ -5,8 +5,8 @@ flags; the resolved configuration is written as `config.yaml` next to the output
 repeated exactly with `tlkit finetune --config RUN/config.yaml`.
 
 Example:
-    >>> cfg = FinetuneConfig(data=DataConfig(dataset="shapes", image_size=32))
-    >>> cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=3))
+    cfg = FinetuneConfig(data=DataConfig(dataset="shapes", image_size=32))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=3))
 """
 from __future__ import annotations
 

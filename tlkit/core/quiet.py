@@ -8,8 +8,8 @@ listed, then writes back every line that is not one of these known notices, so a
 `TLKIT_TF_LOGS=1` turns the filter off.
 
 Example:
-    >>> from tlkit.core.quiet import import_tensorflow
-    >>> tf = import_tensorflow()
+    from tlkit.core.quiet import import_tensorflow
+    tf = import_tensorflow()
 """
 from __future__ import annotations
 

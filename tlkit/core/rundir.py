@@ -23,8 +23,8 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     A full disk (ENOSPC, EDQUOT) raises `DiskFullError` naming the file; the previous `path` is left intact.
 
     Example:
-        >>> with atomic_path("out/model.keras", suffix=".keras") as tmp:
-        ...     model.save(tmp)
+        with atomic_path("out/model.keras", suffix=".keras") as tmp:
+            model.save(tmp)
     """
     folder = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(folder, exist_ok=True)

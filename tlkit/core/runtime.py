@@ -28,9 +28,9 @@ Refused combinations (each raises `ConfigError` with the reason):
 - a global batch that does not divide evenly over the replicas (`Runtime.per_replica_batch`).
 
 Example:
-    >>> rt = setup(RuntimeConfig(precision="float32", xla="off"))
-    >>> with rt.scope():
-    ...     model = build_classifier(...)
+    rt = setup(RuntimeConfig(precision="float32", xla="off"))
+    with rt.scope():
+        model = build_classifier(...)
 """
 from __future__ import annotations
 
@@ -83,8 +83,8 @@ class Runtime:
         """The batch each replica gets from a global batch; raises `ConfigError` if it does not divide evenly.
 
         Example:
-            >>> rt.per_replica_batch(64)   # with 2 replicas
-            32
+            rt.per_replica_batch(64)   # with 2 replicas
+            # -> 32
         """
         if global_batch % self.replicas:
             raise ConfigError(f"batch_size {global_batch} is the global batch and must divide evenly over the "
@@ -188,9 +188,9 @@ def setup(cfg: RuntimeConfig) -> Runtime:
             `TF_CONFIG`, or `tpu` without a TPU.
 
     Example:
-        >>> rt = setup(RuntimeConfig(precision="mixed_float16", xla="on", distribute="none"))
-        >>> rt.describe()
-        'device=cpu distribute=none replicas=1 precision=mixed_float16 xla=on'
+        rt = setup(RuntimeConfig(precision="mixed_float16", xla="on", distribute="none"))
+        rt.describe()
+        # -> 'device=cpu distribute=none replicas=1 precision=mixed_float16 xla=on'
     """
     for name, value, choices in (("precision", cfg.precision, PRECISIONS), ("xla", cfg.xla, XLA_CHOICES),
                                  ("distribute", cfg.distribute, DISTRIBUTE_CHOICES)):

@@ -78,7 +78,7 @@ def decode_random_crop(data: tf.Tensor, size: int, scale: tuple[float, float], s
         uint8 [size, size, 3].
 
     Example:
-        >>> img = decode_random_crop(tf.io.read_file("a.jpg"), 224, (0.35, 1.0), tf.constant([1, 2]))
+        img = decode_random_crop(tf.io.read_file("a.jpg"), 224, (0.35, 1.0), tf.constant([1, 2]))
     """
     def jpeg():
         begin, extent = _sample_box(tf.image.extract_jpeg_shape(data), scale, seed)
@@ -116,7 +116,7 @@ def batch_geometric(images: tf.Tensor, preset: "Preset", seed: tf.Tensor, crop: 
         float32 [B, S, S, 3] in 0..255.
 
     Example:
-        >>> out = batch_geometric(tf.zeros([8, 64, 64, 3]), PRESETS["standard"], tf.constant([0, 1]))
+        out = batch_geometric(tf.zeros([8, 64, 64, 3]), PRESETS["standard"], tf.constant([0, 1]))
     """
     images = tf.cast(images, tf.float32)
     shape = tf.shape(images)

@@ -73,7 +73,7 @@ def make_dataset(split: Split, image_size: int, batch_size: int, num_classes: in
         A `tf.data.Dataset` of `(images float32 [B, S, S, 3] in 0..255, labels one-hot float32 [B, C])`.
 
     Example:
-        >>> ds = make_dataset(data.train, 224, 32, data.num_classes, training=True, augment="standard")
+        ds = make_dataset(data.train, 224, 32, data.num_classes, training=True, augment="standard")
     """
     if augment not in PRESETS:
         raise ValueError(f"Unknown augmentation preset {augment!r}. Choose one of: {', '.join(PRESETS)}.")

@@ -219,8 +219,8 @@ def image_problem(path: str) -> str | None:
     is decoded once, in the pipeline.
 
     Example:
-        >>> image_problem("cats/truncated.jpg")
-        'truncated or corrupt: no end-of-image marker, and TensorFlow cannot decode it (...)'
+        image_problem("cats/truncated.jpg")
+        # -> 'truncated or corrupt: no end-of-image marker, and TensorFlow cannot decode it (...)'
     """
     import warnings
 

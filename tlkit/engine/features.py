@@ -11,8 +11,8 @@ seconds, on 50 images or 50,000. Features are computed in inference mode (`train
 runs anyway. `cache_features: false` (`head_on_features`) trains the head stage on the images instead.
 
 Example:
-    >>> extractor, head = split_model(model)
-    >>> x_train, y_train, x_val, y_val = extract_splits(extractor, plain_train_ds, val_ds)
+    extractor, head = split_model(model)
+    x_train, y_train, x_val, y_val = extract_splits(extractor, plain_train_ds, val_ds)
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ def head_on_features(cfg: Any) -> bool:
     """Whether head stages train on cached features (`RuntimeConfig.cache_features` not `False`).
 
     Example:
+        >>> from tlkit.core.config import FinetuneConfig, RuntimeConfig
         >>> head_on_features(FinetuneConfig(runtime=RuntimeConfig(cache_features=False)))
         False
     """
@@ -63,7 +64,7 @@ def extract_features(extractor: keras.Model, ds: tf.data.Dataset, jit_compile: b
         `(features float32 [N, ...], labels float32 [N, C])`.
 
     Example:
-        >>> f, y = extract_features(extractor, val_ds, what="val")
+        f, y = extract_features(extractor, val_ds, what="val")
     """
     forward = forward or _compiled_forward(extractor, jit_compile)
     steps = int(ds.cardinality())

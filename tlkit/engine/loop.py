@@ -15,8 +15,8 @@ seconds, so the head is trained to convergence and the best of its passes on the
 the run's callbacks then see the stage as one finished epoch (one history row, one checkpoint).
 
 Example:
-    >>> rows = run_stages(clf, plan, train_ds, val_ds, cfg, rt, num_classes=5, steps_per_epoch=4,
-    ...                   features=HeadFeatures.lazy(train_plain_ds, val_ds))
+    rows = run_stages(clf, plan, train_ds, val_ds, cfg, rt, num_classes=5, steps_per_epoch=4,
+                      features=HeadFeatures.lazy(train_plain_ds, val_ds))
 """
 from __future__ import annotations
 

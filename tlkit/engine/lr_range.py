@@ -13,8 +13,8 @@ by full trials, not within one run (checked for this release; replace it if Kera
 The verb `tlkit lr-find` (`verbs/lr_find.py`) and `finetune --lr auto` (`resolve_auto_lr`) both run `find_lr`.
 
 Example:
-    >>> r = find_lr(clf, cfg, train_ds, num_classes=5, num_steps=50)
-    >>> r.suggestion
+    r = find_lr(clf, cfg, train_ds, num_classes=5, num_steps=50)
+    r.suggestion
 """
 from __future__ import annotations
 
@@ -118,8 +118,8 @@ def suggest_valley(lrs: np.ndarray, losses: np.ndarray) -> int:
     """Index of fastai's `valley`: the longest descending stretch of the curve, a bit past its middle.
 
     Example:
-        >>> suggest_valley(np.logspace(-5, 0, 6), np.array([3.0, 2.5, 2.0, 1.5, 1.0, 4.0]))
-        2
+        suggest_valley(np.logspace(-5, 0, 6), np.array([3.0, 2.5, 2.0, 1.5, 1.0, 4.0]))
+        # -> 2
     """
     losses = np.asarray(losses, np.float64)
     n = len(losses)
@@ -247,7 +247,7 @@ def find_lr(clf: Classifier, cfg: FinetuneConfig, train_ds: tf.data.Dataset,
         An `LRFindResult`.
 
     Example:
-        >>> r = find_lr(clf, cfg, train_ds, 5, num_steps=50)
+        r = find_lr(clf, cfg, train_ds, 5, num_steps=50)
     """
     check_range(start_lr, end_lr, num_steps)
     if not diverge_factor > 1:
@@ -325,7 +325,7 @@ def resolve_auto_lr(cfg: FinetuneConfig, clf: Classifier, data, image_size: int,
     `finetune_lr_scale` times it). `lr_find.png` and `lr_find.json` go into `output_dir`.
 
     Example:
-        >>> cfg = resolve_auto_lr(cfg, clf, data, 224, rt, "runs/x")
+        cfg = resolve_auto_lr(cfg, clf, data, 224, rt, "runs/x")
     """
     from tlkit.data import make_dataset
 

@@ -40,7 +40,7 @@ def predict_with_errors(model: keras.Model, ds: tf.data.Dataset,
         the split), `image` (uint8 [H, W, 3]), `true`, `pred`, `prob` (of the prediction), `prob_true`, `loss`.
 
     Example:
-        >>> y, p, worst = predict_with_errors(model, make_dataset(split, 224, 32, n))
+        y, p, worst = predict_with_errors(model, make_dataset(split, 224, 32, n))
     """
     ys, ps = [], []
     worst: list[dict[str, Any]] = []
@@ -162,8 +162,8 @@ def most_confused(cm: np.ndarray | list, class_names: list[str], k: int = 10) ->
     """The `k` most frequent (true, predicted) confusions, as fastai's `most_confused`.
 
     Example:
-        >>> most_confused([[3, 1], [0, 2]], ["cat", "dog"])
-        [{'true': 'cat', 'predicted': 'dog', 'count': 1, 'fraction_of_true': 0.25}]
+        most_confused([[3, 1], [0, 2]], ["cat", "dog"])
+        # -> [{'true': 'cat', 'predicted': 'dog', 'count': 1, 'fraction_of_true': 0.25}]
     """
     cm = np.asarray(cm, np.int64)
     off = cm - np.diag(np.diag(cm))
@@ -279,7 +279,7 @@ def training_report(history: list[dict[str, Any]], metrics: dict[str, Any], clas
         The overfitting note of `detect_overfitting`, or `None`.
 
     Example:
-        >>> note = training_report(result.history, result.metrics, result.class_names, result.run_dir)
+        note = training_report(result.history, result.metrics, result.class_names, result.run_dir)
     """
     note = detect_overfitting(history)
     try:  # the pictures must never cost a finished run its model and metrics

@@ -6,8 +6,8 @@ the figure (a notebook shows it by displaying the returned object). Image sizes 
 constants below (inches times `DPI`), so a picture's pixel size does not depend on its labels.
 
 Example:
-    >>> from tlkit import plots
-    >>> fig = plots.plot_curves(result.history, "runs/x/curves.png")
+    from tlkit import plots
+    fig = plots.plot_curves(result.history, "runs/x/curves.png")
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]] | np.ndarray, class_names:
         The figure.
 
     Example:
-        >>> plot_confusion_matrix(metrics["confusion_matrix"], metrics["class_names"], "cm.png")
+        plot_confusion_matrix(metrics["confusion_matrix"], metrics["class_names"], "cm.png")
     """
     cm = np.asarray(cm, np.int64)
     order, subtitle = confusion_order(cm, max_classes)
@@ -146,7 +146,7 @@ def plot_misclassified(examples: Sequence[dict[str, Any]], class_names: Sequence
         The figure (with a single "no errors" message when `examples` is empty).
 
     Example:
-        >>> plot_misclassified(worst, class_names, "misclassified.png")
+        plot_misclassified(worst, class_names, "misclassified.png")
     """
     count = len(examples)
     cols = max(1, min(cols, count or 1))
@@ -212,7 +212,7 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | None = None,
         The figure.
 
     Example:
-        >>> plot_curves(result.history, "curves.png")
+        plot_curves(result.history, "curves.png")
     """
     fig = _figure(CURVES_SIZE)
     axes = fig.subplots(1, 2)
@@ -264,7 +264,7 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequen
         The figure.
 
     Example:
-        >>> plot_lr_find(r.lrs, r.losses, r.smoothed, r.suggestions, "lr_find.png")
+        plot_lr_find(r.lrs, r.losses, r.smoothed, r.suggestions, "lr_find.png")
     """
     lrs = np.asarray(lrs, np.float64)
     losses = np.asarray(losses, np.float64)

@@ -9,9 +9,9 @@ training pipeline decodes them (grayscale and RGBA become RGB) and resized with 
 The SavedModel does that resize itself, inside its serving signature.
 
 Example:
-    >>> clf = tlkit.load("runs/resnet50-shapes-1/export/tflite-int8")
-    >>> probs = clf.predict(["cat.jpg", "dog.png"])
-    >>> clf.class_names[probs[0].argmax()]
+    clf = tlkit.load("runs/resnet50-shapes-1/export/tflite-int8")
+    probs = clf.predict(["cat.jpg", "dog.png"])
+    clf.class_names[probs[0].argmax()]
 """
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ def read_image(path: str) -> np.ndarray:
         DataError: the file is missing or cannot be decoded (the message names the file).
 
     Example:
-        >>> read_image("cat.jpg").shape
-        (375, 500, 3)
+        read_image("cat.jpg").shape
+        # -> (375, 500, 3)
     """
     import tensorflow as tf
 
@@ -143,8 +143,8 @@ class Predictor:
             float32 [N, num_classes].
 
         Example:
-            >>> tlkit.load("runs/x").predict(np.zeros((2, 64, 48, 3), np.uint8)).shape
-            (2, 4)
+            tlkit.load("runs/x").predict(np.zeros((2, 64, 48, 3), np.uint8)).shape
+            # -> (2, 4)
         """
         imgs = as_uint8_images(images)
         if not imgs:
@@ -236,9 +236,9 @@ def tflite_interpreter() -> tuple[Any, str]:
     warning silenced (the user has nothing to act on). The conversion stays `tf.lite.TFLiteConverter`.
 
     Example:
-        >>> cls, runtime = tflite_interpreter()
-        >>> runtime
-        'LiteRT (ai-edge-litert 2.3.0)'
+        cls, runtime = tflite_interpreter()
+        runtime
+        # -> 'LiteRT (ai-edge-litert 2.3.0)'
     """
     try:
         from ai_edge_litert.interpreter import Interpreter
@@ -379,9 +379,9 @@ def load(path: str) -> Predictor:
         ConfigError: nothing loadable at `path`. DataError: labels and model disagree on the class count.
 
     Example:
-        >>> clf = tlkit.load("runs/resnet50-shapes-1")
-        >>> clf.class_names
-        ['circle', 'square', 'triangle', 'cross']
+        clf = tlkit.load("runs/resnet50-shapes-1")
+        clf.class_names
+        # -> ['circle', 'square', 'triangle', 'cross']
     """
     path = os.fspath(path)
     if not os.path.exists(path):

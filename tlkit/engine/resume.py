@@ -1,4 +1,5 @@
-"""Resume after interruption: per-epoch checkpoints, the run's state, signals, and output-folder rules.
+"""Resume after interruption: per-epoch checkpoints, the run's state, signals, and the resumable run folder (the
+folder rules themselves are `core.rundir`'s).
 
 After every finished epoch `Checkpointer` writes, each file atomically (temporary file, then rename):
 
@@ -17,9 +18,9 @@ files. `--resume` (re-running on the same `--output-dir`) reads it and continues
 epoch of the right stage.
 
 Example:
-    >>> state = load_state("runs/try")          # None when the run folder has no checkpoint
-    >>> state.next_stage, state.next_stage_epoch
-    (1, 2)
+    state = load_state("runs/try")          # None when the run folder has no checkpoint
+    state.next_stage, state.next_stage_epoch
+    # -> (1, 2)
 """
 from __future__ import annotations
 
@@ -317,9 +318,9 @@ def frozen_subtrees(model: keras.Model, layout: list[_Entry] | None = None) -> d
     own walk (`weights_layout`, recorded again unless `layout` is given).
 
     Example:
-        >>> set_trainable(model, spec, set())      # the head warm-up: the whole backbone is frozen
-        >>> list(frozen_subtrees(model))
-        ['layers/functional']
+        set_trainable(model, spec, set())      # the head warm-up: the whole backbone is frozen
+        list(frozen_subtrees(model))
+        # -> ['layers/functional']
     """
     layout = weights_layout(model) if layout is None else layout
     frozen_ids: set[int] = set()
@@ -445,8 +446,8 @@ class Checkpointer(keras.callbacks.Callback):
         bad_epoch: A callable returning the epoch number of a NaN/inf loss, or `None`. Defaults to `None`.
 
     Example:
-        >>> ckpt = Checkpointer("runs/try", "val_accuracy", rows)
-        >>> ckpt.begin_stage(0, stage, start_epoch=0, callbacks=cbs)
+        ckpt = Checkpointer("runs/try", "val_accuracy", rows)
+        ckpt.begin_stage(0, stage, start_epoch=0, callbacks=cbs)
     """
 
     def __init__(self, run_dir: str, monitor: str = "val_accuracy", history: list[dict[str, Any]] | None = None,
@@ -742,8 +743,8 @@ def interruptible(run_dir: str) -> Iterator[None]:
     thread; the previous ones are put back afterwards.
 
     Example:
-        >>> with interruptible("runs/try"):
-        ...     run_stages(...)
+        with interruptible("runs/try"):
+            run_stages(...)
     """
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():

@@ -39,8 +39,8 @@ def finetune_run(cfg: FinetuneConfig) -> RunResult:
         A `RunResult`.
 
     Example:
-        >>> result = finetune_run(FinetuneConfig(data=DataConfig(dataset="shapes", image_size=32),
-        ...                                  model=ModelConfig(weights="none"), train=TrainConfig(epochs=2)))
+        result = finetune_run(FinetuneConfig(data=DataConfig(dataset="shapes", image_size=32),
+                                         model=ModelConfig(weights="none"), train=TrainConfig(epochs=2)))
     """
     cfg.validate()
     rundir.check_output_dir(cfg.output_dir, cfg.overwrite, cfg.resume)  # fail before reading any data

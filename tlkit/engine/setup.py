@@ -3,9 +3,9 @@ size, data, batch size), the pipelines, the classifier whose head starts from st
 result a training verb returns.
 
 Example:
-    >>> run = setup_run(cfg)
-    >>> train_ds, val_ds, test_ds, plain_ds = make_pipelines(run.cfg, run.data, run.size, out_dir)
-    >>> clf, feats = build_model(run.spec, run.base, run.data.num_classes, run.cfg, run.size, run.rt, plain_ds, val_ds)
+    run = setup_run(cfg)
+    train_ds, val_ds, test_ds, plain_ds = make_pipelines(run.cfg, run.data, run.size, out_dir)
+    clf, feats = build_model(run.spec, run.base, run.data.num_classes, run.cfg, run.size, run.rt, plain_ds, val_ds)
 """
 from __future__ import annotations
 
@@ -111,7 +111,8 @@ def fit_batch_size(cfg, train_count: int, log: bool = True):
     A few-shot folder (5 images x 10 classes) then runs with the default batch of 32 instead of failing.
 
     Example:
-        >>> fit_batch_size(FinetuneConfig(data=DataConfig(batch_size=32)), 20).data.batch_size
+        >>> from tlkit.core.config import DataConfig, FinetuneConfig
+        >>> fit_batch_size(FinetuneConfig(data=DataConfig(batch_size=32)), 20, log=False).data.batch_size
         20
     """
     if train_count < 1:

@@ -6,8 +6,8 @@ unfreeze the top stages. A user's own `.keras` backbone gets its stages from whe
 resolution drops.
 
 Example:
-    >>> spec = get_backbone("resnet50")
-    >>> base = spec.build(image_size=64, weights="none")
+    spec = get_backbone("resnet50")
+    base = spec.build(image_size=64, weights="none")
 """
 from __future__ import annotations
 
@@ -335,8 +335,8 @@ def list_hub_families() -> dict[str, str]:
     """The keras-hub backbone classes tlkit builds classifiers from, with example preset names.
 
     Example:
-        >>> "ResNetBackbone" in list_hub_families()
-        True
+        "ResNetBackbone" in list_hub_families()
+        # -> True
     """
     return dict(HUB_FAMILIES)
 
@@ -436,9 +436,9 @@ def hub_stage_map(backbone: keras.Model) -> tuple[tuple[str, ...], dict[str, int
     pyramid outputs is cut where the resolution drops (`stages_by_resolution`).
 
     Example:
-        >>> names, stage_of = hub_stage_map(keras_hub.models.Backbone.from_preset("hub_folder"))
-        >>> names
-        ('P2', 'P3', 'P4', 'P5')
+        names, stage_of = hub_stage_map(keras_hub.models.Backbone.from_preset("hub_folder"))
+        names
+        # -> ('P2', 'P3', 'P4', 'P5')
     """
     layers = backbone.layers
     pyramid = getattr(backbone, "pyramid_outputs", None) or {}
@@ -467,9 +467,9 @@ def hub_backbone(preset: str) -> BackboneSpec:
     then, and an offline machine fails here, before any data is read).
 
     Example:
-        >>> spec = get_backbone("hub:/path/to/preset")   # or hub:resnet_50_imagenet
-        >>> spec.preprocess, spec.stage_names
-        ('scale_offset', ('P2', 'P3', 'P4', 'P5'))
+        spec = get_backbone("hub:/path/to/preset")   # or hub:resnet_50_imagenet
+        spec.preprocess, spec.stage_names
+        # -> ('scale_offset', ('P2', 'P3', 'P4', 'P5'))
     """
     preset = _hub_preset_arg(preset)
     if preset in _HUB_SPECS:

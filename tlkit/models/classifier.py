@@ -81,7 +81,7 @@ def build_classifier(spec: BackboneSpec, num_classes: int, cfg: ModelConfig, ima
         probabilities. Its layer `"backbone"` is the base, `"logits"` the pre-softmax outputs.
 
     Example:
-        >>> m = build_classifier(get_backbone("resnet50"), 5, ModelConfig(weights="none"), 32)
+        m = build_classifier(get_backbone("resnet50"), 5, ModelConfig(weights="none"), 32)
     """
     if base is None:
         base = spec.build(image_size, cfg.weights)
@@ -177,7 +177,7 @@ def fold_feature_norm(model: keras.Model) -> keras.Model:
     A model without `feature_norm` is returned as it is.
 
     Example:
-        >>> plain = fold_feature_norm(keras.models.load_model("runs/x/model.keras"))
+        plain = fold_feature_norm(keras.models.load_model("runs/x/model.keras"))
     """
     try:
         norm, dense = model.get_layer("feature_norm"), model.get_layer("logits")
@@ -207,9 +207,9 @@ def split_model(model: keras.Model) -> tuple[keras.Model, keras.Model]:
         the classifier's own head layers (training the head trains the classifier).
 
     Example:
-        >>> extractor, head = split_model(model)
-        >>> [l.name for l in head.layers]
-        ['features', 'feature_norm', 'head_dropout', 'logits', 'probs']
+        extractor, head = split_model(model)
+        [l.name for l in head.layers]
+        # -> ['features', 'feature_norm', 'head_dropout', 'logits', 'probs']
     """
     layers = head_layers(model)
     for layer in layers:
@@ -290,9 +290,9 @@ class Classifier:
         num_stages: Number of backbone stages (0 without `spec`).
 
     Example:
-        >>> clf = Classifier.build(get_backbone("resnet50"), 5, ModelConfig(weights="none"), 64)
-        >>> clf.set_trainable({clf.num_stages - 1})   # the top stage and the head
-        >>> clf = Classifier.from_run("runs/resnet50-shapes-1")
+        clf = Classifier.build(get_backbone("resnet50"), 5, ModelConfig(weights="none"), 64)
+        clf.set_trainable({clf.num_stages - 1})   # the top stage and the head
+        clf = Classifier.from_run("runs/resnet50-shapes-1")
     """
 
     model: keras.Model

@@ -12,8 +12,8 @@ Decoupled weight decay is scaled by the same factor. The optimizer is never save
 (`train.save_model` stores the model without its optimizer), so plain `keras.models.load_model` reads it.
 
 Example:
-    >>> opt = scaled_optimizer(keras.optimizers.SGD(0.1), multipliers={id(v): 0.1 for v in base.weights})
-    >>> model.compile(optimizer=opt, loss="categorical_crossentropy")
+    opt = scaled_optimizer(keras.optimizers.SGD(0.1), multipliers={id(v): 0.1 for v in base.weights})
+    model.compile(optimizer=opt, loss="categorical_crossentropy")
 """
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def scaled_optimizer(optimizer: keras.optimizers.Optimizer, multipliers: dict[in
         An optimizer of a subclass of `type(optimizer)`.
 
     Example:
-        >>> opt = scaled_optimizer(keras.optimizers.Adam(1e-3), {id(model.layers[1].kernel): 0.1})
+        opt = scaled_optimizer(keras.optimizers.Adam(1e-3), {id(model.layers[1].kernel): 0.1})
     """
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         raise ValueError("Pass the inner optimizer; compile() adds the LossScaleOptimizer itself.")
@@ -121,8 +121,8 @@ def stage_factors(num_stages: int, cfg: TrainConfig) -> list[float] | None:
     `stage_lrs` lists the factors.
 
     Example:
-        >>> stage_factors(3, TrainConfig(lr_mult=0.1))
-        [0.001, 0.01, 0.1]
+        >>> stage_factors(3, TrainConfig(lr_mult=0.5))
+        [0.125, 0.25, 0.5]
     """
     if cfg.stage_lrs:
         factors = parse_stage_lrs(cfg.stage_lrs)
@@ -141,7 +141,7 @@ def stage_multipliers(layers, assignment, cfg: TrainConfig) -> dict[int, float]:
     Empty when the discriminative rates are off. `Classifier.lr_factors` calls this with its backbone.
 
     Example:
-        >>> mults = stage_multipliers(clf.backbone.layers, clf.stage_of_layer, TrainConfig(lr_mult=0.1))
+        mults = stage_multipliers(clf.backbone.layers, clf.stage_of_layer, TrainConfig(lr_mult=0.1))
     """
     factors = stage_factors(max(assignment) + 1, cfg)
     if factors is None:
@@ -158,7 +158,7 @@ def discriminative_optimizer(optimizer: keras.optimizers.Optimizer,
     """`optimizer` with a learning-rate factor per variable (`Classifier.lr_factors`), or itself when empty.
 
     Example:
-        >>> opt = discriminative_optimizer(make_optimizer(cfg.train, 1e-3), clf.lr_factors(cfg.train))
+        opt = discriminative_optimizer(make_optimizer(cfg.train, 1e-3), clf.lr_factors(cfg.train))
     """
     if not multipliers:
         return optimizer

@@ -27,9 +27,9 @@ class StageSchedule(keras.optimizers.schedules.LearningRateSchedule):
         min_ratio: Final learning rate of `cosine` as a fraction of the peak. Defaults to `0.01`.
 
     Example:
-        >>> s = StageSchedule("cosine", 1e-3, total_steps=100, warmup_steps=10)
-        >>> float(s(10))
-        0.001
+        s = StageSchedule("cosine", 1e-3, total_steps=100, warmup_steps=10)
+        float(s(10))
+        # -> 0.001
     """
 
     def __init__(self, kind: str, peak_lr: float, total_steps: int, warmup_steps: int = 0,
@@ -94,7 +94,7 @@ def make_optimizer(cfg: TrainConfig, learning_rate) -> keras.optimizers.Optimize
     """The optimizer named by `cfg.optimizer` with decoupled weight decay where asked.
 
     Example:
-        >>> opt = make_optimizer(TrainConfig(optimizer="sgd"), 0.01)
+        opt = make_optimizer(TrainConfig(optimizer="sgd"), 0.01)
     """
     wd = cfg.weight_decay or None
     if cfg.optimizer == "adam":

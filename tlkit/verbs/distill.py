@@ -10,10 +10,10 @@ run folder (`model.keras`, `labels.txt`, `config.yaml`, `metrics.json`, `history
 student: accuracy, parameters, size on disk and CPU latency per image.
 
 Example:
-    >>> from tlkit import DataConfig, DistillConfig, FinetuneConfig, ModelConfig
-    >>> result = distill(FinetuneConfig(data=DataConfig(dataset="shapes", image_size=64),
-    ...                                 model=ModelConfig(base="mobilenetv2", weights="none")),
-    ...                  DistillConfig(teacher="runs/resnet50-shapes-1", temperature=4.0, alpha=0.5))
+    from tlkit import DataConfig, DistillConfig, FinetuneConfig, ModelConfig
+    result = distill(FinetuneConfig(data=DataConfig(dataset="shapes", image_size=64),
+                                    model=ModelConfig(base="mobilenetv2", weights="none")),
+                     DistillConfig(teacher="runs/resnet50-shapes-1", temperature=4.0, alpha=0.5))
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def logits_model(classifier: keras.Model, image_size: int | None = None) -> kera
         A `keras.Model` sharing the classifier's layers.
 
     Example:
-        >>> teacher_logits = logits_model(keras.models.load_model("run/model.keras"), 64)
+        teacher_logits = logits_model(keras.models.load_model("run/model.keras"), 64)
     """
     try:
         out = classifier.get_layer("logits").output
@@ -95,7 +95,7 @@ def distillation_terms(y_true, student_logits, teacher_logits, temperature: floa
     """Per-example hard-label cross-entropy and `T^2 * KL(softmax(teacher/T) || softmax(student/T))`.
 
     Example:
-        >>> ce, kl = distillation_terms(y, s, t, temperature=4.0)
+        ce, kl = distillation_terms(y, s, t, temperature=4.0)
     """
     s = ops.cast(student_logits, "float32")
     t = ops.cast(teacher_logits, "float32")
@@ -188,8 +188,8 @@ def teacher_run_config(teacher: str | None) -> FinetuneConfig:
     student trains on the teacher's data unless told otherwise; the defaults when the teacher has none.
 
     Example:
-        >>> teacher_run_config("runs/resnet50-shapes-1").data.dataset
-        'shapes'
+        teacher_run_config("runs/resnet50-shapes-1").data.dataset
+        # -> 'shapes'
     """
     if teacher and os.path.isfile(os.path.join(teacher, "config.yaml")):
         tc = load_config(os.path.join(teacher, "config.yaml"))
@@ -209,7 +209,7 @@ def cpu_latency_ms(path: str, image_size: int | None = None, runs: int = 30) -> 
     `tf.function`, warmed up, then timed `runs` times.
 
     Example:
-        >>> cpu_latency_ms("runs/x/model.keras", runs=20)
+        cpu_latency_ms("runs/x/model.keras", runs=20)
     """
     with tf.device("/CPU:0"):
         model = keras.models.load_model(path, compile=False, safe_mode=True)
@@ -287,9 +287,9 @@ def distill(cfg: FinetuneConfig, dcfg: DistillConfig) -> RunResult:
         DataError: the teacher's classes differ from the data's.
 
     Example:
-        >>> r = distill(FinetuneConfig(data=DataConfig(dataset="shapes"), model=ModelConfig(base="mobilenetv2")),
-        ...             DistillConfig(teacher="runs/resnet50-shapes-1"))
-        >>> r.metrics["distillation"]["student"]["test_accuracy"]
+        r = distill(FinetuneConfig(data=DataConfig(dataset="shapes"), model=ModelConfig(base="mobilenetv2")),
+                    DistillConfig(teacher="runs/resnet50-shapes-1"))
+        r.metrics["distillation"]["student"]["test_accuracy"]
     """
     cfg.validate()
     dcfg.validate()

@@ -41,7 +41,7 @@ def evaluate(model: str | keras.Model, data: DataConfig, split: str = "test", ba
         probabilities), and `output_dir` when files were written.
 
     Example:
-        >>> m = evaluate("runs/resnet50-shapes-1", DataConfig(dataset="shapes"), split="val")
+        m = evaluate("runs/resnet50-shapes-1", DataConfig(dataset="shapes"), split="val")
     """
     if not isinstance(num_misclassified, int) or num_misclassified < 0:
         raise ConfigError(f"num_misclassified must be an integer >= 0, got {num_misclassified!r}.")

@@ -15,8 +15,8 @@ Layout of an export folder (`--output DIR`; default `RUN/export/<format>[-<quant
     model_card.md                                base, weights, data, strategy, metrics, input, size
 
 Example:
-    >>> r = export("runs/resnet50-shapes-1", format="tflite", quantize="int8")
-    >>> r.check["top1_agreement"], r.size_bytes
+    r = export("runs/resnet50-shapes-1", format="tflite", quantize="int8")
+    r.check["top1_agreement"], r.size_bytes
 """
 from __future__ import annotations
 
@@ -568,8 +568,8 @@ def export(model: str, format: str = "savedmodel", output: str | None = None, *,
             records the figures). ConfigError, DataError, OutputExistsError: bad input.
 
     Example:
-        >>> export("runs/resnet50-shapes-1", format="savedmodel")
-        >>> export("runs/resnet50-shapes-1", format="tflite", quantize="int8", calibration_steps=200)
+        export("runs/resnet50-shapes-1", format="savedmodel")
+        export("runs/resnet50-shapes-1", format="tflite", quantize="int8", calibration_steps=200)
     """
     import keras
     import tensorflow as tf

@@ -26,8 +26,8 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
         TrainingError: the loss became NaN or infinite (the best model before it is saved).
 
     Example:
-        >>> result = finetune(FinetuneConfig(data=DataConfig(dataset="shapes", image_size=32),
-        ...                                  model=ModelConfig(weights="none"), train=TrainConfig(epochs=2)))
-        >>> result.metrics["val"]["accuracy"]
+        result = finetune(FinetuneConfig(data=DataConfig(dataset="shapes", image_size=32),
+                                         model=ModelConfig(weights="none"), train=TrainConfig(epochs=2)))
+        result.metrics["val"]["accuracy"]
     """
     return finetune_run(cfg)

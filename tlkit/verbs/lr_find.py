@@ -1,9 +1,9 @@
 """`tlkit lr-find`: the learning-rate range test on the stage you are about to train (`engine/lr_range.py`).
 
 Example:
-    >>> result = tlkit.lr_find(FinetuneConfig(data=DataConfig(dataset="shapes", image_size=32),
-    ...                                       model=ModelConfig(weights="none")), num_steps=50)
-    >>> result.suggestion
+    result = tlkit.lr_find(FinetuneConfig(data=DataConfig(dataset="shapes", image_size=32),
+                                          model=ModelConfig(weights="none")), num_steps=50)
+    result.suggestion
 """
 from __future__ import annotations
 
@@ -49,9 +49,9 @@ def lr_find(cfg: FinetuneConfig, *, model: keras.Model | None = None, start_lr: 
         the first stage).
 
     Example:
-        >>> r = lr_find(FinetuneConfig(data=DataConfig(dataset="shapes", image_size=32),
-        ...                            model=ModelConfig(weights="none")), num_steps=50)
-        >>> r.suggestion
+        r = lr_find(FinetuneConfig(data=DataConfig(dataset="shapes", image_size=32),
+                                   model=ModelConfig(weights="none")), num_steps=50)
+        r.suggestion
     """
     cfg.validate()
     check_range(start_lr, end_lr, num_steps)

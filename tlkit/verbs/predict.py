@@ -1,8 +1,8 @@
 """`tlkit predict`: the top classes of image files, through any tlkit model or export (`engine/predictors.py`).
 
 Example:
-    >>> result = tlkit.predict("runs/resnet50-shapes-1", ["cat.jpg", "photos/"], top_k=3)
-    >>> print(result.table())
+    result = tlkit.predict("runs/resnet50-shapes-1", ["cat.jpg", "photos/"], top_k=3)
+    print(result.table())
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def predict(model: str | Predictor, inputs: str | Sequence[str], top_k: int = 5,
         DataError: no input image could be read.
 
     Example:
-        >>> print(tlkit.predict("runs/x", ["photos/"], top_k=3).table())
+        print(tlkit.predict("runs/x", ["photos/"], top_k=3).table())
     """
     if top_k < 1:
         raise ConfigError(f"top_k must be >= 1, got {top_k}.")

@@ -11,8 +11,8 @@ ends with exactly `round(sparsity * size)` zeros. The output is a normal run fol
 with plain Keras), and `metrics.json` reports accuracy against sparsity and the compressed size.
 
 Example:
-    >>> result = prune(PruneConfig(run_dir="runs/resnet50-shapes-1", sparsity=0.5, epochs=2))
-    >>> result.metrics["pruning"]["table"]
+    result = prune(PruneConfig(run_dir="runs/resnet50-shapes-1", sparsity=0.5, epochs=2))
+    result.metrics["pruning"]["table"]
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def prunable_kernels(model: keras.Model, prune_head: bool = False) -> dict[str, 
         `{variable path: kernel variable}` of Conv/Dense-like layers, except `preprocess` (frozen).
 
     Example:
-        >>> sorted(prunable_kernels(model))[:2]
+        sorted(prunable_kernels(model))[:2]
     """
     out: dict[str, keras.Variable] = {}
     for layer in _all_layers(model):
@@ -256,7 +256,7 @@ def prune(cfg: PruneConfig) -> RunResult:
         ConfigError: bad settings, or a run folder without model.keras / config.yaml.
 
     Example:
-        >>> r = prune(PruneConfig(run_dir="runs/resnet50-shapes-1", sparsity=0.5, schedule="polynomial", epochs=2))
+        r = prune(PruneConfig(run_dir="runs/resnet50-shapes-1", sparsity=0.5, schedule="polynomial", epochs=2))
     """
     cfg.validate()
     run_cfg_path = os.path.join(cfg.run_dir, "config.yaml")

@@ -18,12 +18,12 @@ stops it at once. Between trials the Keras session is cleared (and the dtype pol
 `clear_session` resets, set again).
 
 Example:
-    >>> from tlkit import FinetuneConfig, DataConfig, ModelConfig, TrainConfig, TuneConfig, tune
-    >>> result = tune(FinetuneConfig(data=DataConfig(dataset="shapes", image_size=32),
-    ...                              model=ModelConfig(base="resnet50", weights="none"),
-    ...                              train=TrainConfig(strategy="feature_extraction", epochs=2)),
-    ...               TuneConfig(tuner="random", max_trials=4, batch_sizes=(16, 32)))
-    >>> result.best_config.train.lr
+    from tlkit import FinetuneConfig, DataConfig, ModelConfig, TrainConfig, TuneConfig, tune
+    result = tune(FinetuneConfig(data=DataConfig(dataset="shapes", image_size=32),
+                                 model=ModelConfig(base="resnet50", weights="none"),
+                                 train=TrainConfig(strategy="feature_extraction", epochs=2)),
+                  TuneConfig(tuner="random", max_trials=4, batch_sizes=(16, 32)))
+    result.best_config.train.lr
 """
 from __future__ import annotations
 
@@ -42,9 +42,12 @@ import numpy as np
 import keras
 import keras_tuner as kt
 import tensorflow as tf
+from keras_tuner.engine.trial import TrialStatus  # public
+# Private KerasTuner modules, with no public equivalent in 1.4.x (pinned <1.5 in setup.cfg, tested with 1.4.8):
+# config.DEBUG (a failed trial prints one line, not its traceback) and tuner_utils.SaveBestEpoch (the per-trial
+# checkpoint callback, dropped unless Hyperband needs it).
 from keras_tuner.src import config as kt_config
 from keras_tuner.src.engine import tuner_utils as kt_tuner_utils
-from keras_tuner.src.engine.trial import TrialStatus
 
 from tlkit.models import backbones, strategies
 from tlkit.core import rundir, runtime
@@ -573,8 +576,8 @@ def tune(cfg: FinetuneConfig, tune_cfg: TuneConfig | None = None,
         TrainingError: every trial failed, or `max_consecutive_failures` failed in a row.
 
     Example:
-        >>> r = tune(FinetuneConfig(data=DataConfig(dataset="shapes", image_size=32), model=ModelConfig(
-        ...     weights="none")), TuneConfig(tuner="random", max_trials=3, batch_sizes=(16, 32)))
+        r = tune(FinetuneConfig(data=DataConfig(dataset="shapes", image_size=32), model=ModelConfig(
+            weights="none")), TuneConfig(tuner="random", max_trials=3, batch_sizes=(16, 32)))
     """
     tc = (tune_cfg or TuneConfig()).validate()
     cfg = absolute_paths(cfg.validate())
