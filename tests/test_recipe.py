@@ -187,7 +187,8 @@ def test_the_head_starts_at_chance_whatever_the_scale_of_the_features(tmp_path, 
     spec, rt = get_backbone(path), setup(RuntimeConfig(precision="float32", xla="off"))
     data = load_sources(cfg.data, 32, 0)
     plain = make_dataset(data.train, 32, 4, 3)
-    model, feats = build_model(spec, spec.build(32, "imagenet"), 3, cfg, 32, rt, plain, None)
+    clf, feats = build_model(spec, spec.build(32, "imagenet"), 3, cfg, 32, rt, plain, None)
+    model = clf.model
     probs = np.concatenate([np.asarray(model(x)) for x, _ in plain])
     np.testing.assert_allclose(probs, 1 / 3, atol=1e-6)  # zero logits: every class equally likely, loss ln 3
     z = np.asarray(model.get_layer("feature_norm")(feats.x_train))
