@@ -1,5 +1,9 @@
-"""The engine: run setup shared by the verbs (`setup`) and the ONE stage loop (`loop`).
+"""The engine: everything that runs a model, shared by the verbs.
 
-`finetune`, each `tune` trial, the `distill` student, `prune` and `lr-find` all train through
-`loop.run_stages`, passing only what differs (a compile function, extra callbacks, a checkpointer or none).
+`setup` (one run setup for every verb), `loop` (the ONE stage loop), `run` (a whole fine-tuning run), `features`
+(the frozen backbone's features, computed once), `resume` (checkpoints and `--resume`), `lr_range` (the learning-rate
+finder), `metrics` and `plots` (what a run reports), `predictors` (`tlkit.load` for every export format).
+
+`finetune`, each `tune` trial, the `distill` student, `prune` and `lr-find` all train through `loop.run_stages`,
+passing only what differs (a compile function, extra callbacks, a checkpointer or none).
 """
