@@ -37,7 +37,7 @@ def main() -> int:
     from tlkit.data import load_sources
     from tlkit.models.classifier import load_model_and_labels
     from tlkit.verbs.export import split_images, tflite_bytes
-    from tlkit.verbs.predict import TFLitePredictor, call_model, resize_batch
+    from tlkit.engine.predictors import TFLitePredictor, call_model, resize_batch
 
     model, _, _ = load_model_and_labels(args.run)
     cfg = C.load_config(os.path.join(args.run, "config.yaml"))
