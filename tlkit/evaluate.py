@@ -29,14 +29,16 @@ def predict_split(model: keras.Model, ds: tf.data.Dataset) -> tuple[np.ndarray, 
     return np.concatenate(ys), np.concatenate(ps)
 
 
-def predict_with_errors(model: keras.Model, ds: tf.data.Dataset,
-                        keep: int = 16) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+def predict_with_errors(model: keras.Model, ds: tf.data.Dataset, keep: int = 16,
+                        forward=None) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """`predict_split` that also keeps the images of the `keep` worst errors (highest loss among the misclassified).
 
     Args:
         model: The classifier.
         ds: A batched dataset of `(images float32 0..255, one-hot labels)`, in a fixed order.
         keep: How many errors to keep. Defaults to `16`.
+        forward: Images -> probabilities in place of `model(x, training=False)` (test-time augmentation,
+            `engine.tta.averaged`). Defaults to `None`.
 
     Returns:
         `(y_true [N], probs [N, C], worst)`; `worst` is sorted worst first, each a dict with `index` (position in
@@ -47,7 +49,7 @@ def predict_with_errors(model: keras.Model, ds: tf.data.Dataset,
     """
     ys, ps = [], []
     worst: list[dict[str, Any]] = []
-    predict = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    predict = tf.function(forward or (lambda x: model(x, training=False)), reduce_retracing=True)
     offset = 0
     for x, y in ds:
         p = np.asarray(predict(x), np.float32)
@@ -335,7 +337,7 @@ def load_model_and_labels(path: str) -> tuple[keras.Model, list[str] | None, str
 
 def evaluate(model: str | keras.Model, data: "DataConfig", split: str = "test", batch_size: int | None = None,
              output_dir: str | None = None, class_names: list[str] | None = None, seed: int = 42,
-             num_misclassified: int = 16) -> dict[str, Any]:
+             num_misclassified: int = 16, tta: int = 0) -> dict[str, Any]:
     """Evaluates a model (run folder, `.keras` file or a model object) on a split of a dataset.
 
     Args:
@@ -350,6 +352,9 @@ def evaluate(model: str | keras.Model, data: "DataConfig", split: str = "test", 
         seed: Seed of the train/val split (use the run's seed). Defaults to `42`.
         num_misclassified: How many of the worst errors to draw in `misclassified.png` and list in the metrics.
             Defaults to `16`.
+        tta: Test-time augmentation: average the probabilities of each image and its first `tta` deterministic
+            views (flip, centre crop, its flip, corner crops, ...; crops at the scale the run was trained on,
+            `engine.tta`); `metrics["tta"]` records it. Defaults to `0` (off).
 
     Returns:
         The metrics dict (as in `metrics.json`), with `split`, `class_names`, `most_confused` (the most frequent
@@ -365,6 +370,10 @@ def evaluate(model: str | keras.Model, data: "DataConfig", split: str = "test", 
 
     if not isinstance(num_misclassified, int) or num_misclassified < 0:
         raise ConfigError(f"num_misclassified must be an integer >= 0, got {num_misclassified!r}.")
+    from tlkit.engine import tta as tta_views
+
+    tta = tta_views.check_n(tta)
+    side = tta_views.crop_side(tta_views.run_augment(None if isinstance(model, keras.Model) else model))
     run_dir = None
     if isinstance(model, keras.Model):
         labels = None
@@ -391,8 +400,11 @@ def evaluate(model: str | keras.Model, data: "DataConfig", split: str = "test", 
         raise DataError(f"The data has no {split!r} split.")
     ds = make_dataset(s, size, batch_size or data.batch_size, sources.num_classes, cache="none")
     names = list(sources.class_names)
-    y, p, worst = predict_with_errors(model, ds, keep=num_misclassified)
+    forward = tta_views.averaged(lambda x: model(x, training=False), tta, side) if tta else None
+    y, p, worst = predict_with_errors(model, ds, keep=num_misclassified, forward=forward)
     metrics = compute_metrics(y, p, names)
+    if tta:
+        metrics["tta"] = tta_views.describe(tta, side)
     metrics["split"] = split
     metrics["class_names"] = names
     if "confusion_matrix" in metrics:

@@ -13,10 +13,11 @@ import keras
 from tlkit import backbones, features, resume, rundir, runtime, strategies
 from tlkit.config import AUTO_LR, FinetuneConfig, absolute_paths, config_to_dict, dump_yaml
 from tlkit.data import Datasets, load_sources
+from tlkit.engine import class_weights
 from tlkit.engine import setup as engine_setup
 from tlkit.engine.loop import EpochLog, NaNGuard, compile_model, run_stages  # noqa: F401  (public names)
 from tlkit.errors import ConfigError, DataError, TrainingError
-from tlkit.evaluate import compute_metrics, predict_split, summary_table, training_report
+from tlkit.evaluate import compute_metrics, per_class_table, predict_split, summary_table, training_report
 from tlkit.model import get_base
 
 log = logging.getLogger("tlkit")
@@ -82,6 +83,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
     data = load_sources(cfg.data, size, cfg.seed)
     cfg = engine_setup.fit_batch_size(cfg, data.train.count)
     _check_data(cfg, data)
+    cfg, imbalance = class_weights.resolve(cfg, data)  # --class-weight balanced -> numbers, before config.yaml
     out_dir = cfg.output_dir or rundir.default_run_dir(spec.name, data.name)
     resolved = absolute_paths(
         dataclasses.replace(cfg, output_dir=out_dir, data=dataclasses.replace(cfg.data, image_size=size)))
@@ -152,6 +154,9 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
     save_model(model, os.path.join(out_dir, "model.keras"))
     rundir.write_json(os.path.join(out_dir, "metrics.json"), out_metrics)
     print(summary_table(summary), flush=True)
+    if imbalance and metrics:  # imbalanced data: the per-class table (worst first) next to the mean per-class accuracy
+        split = "test" if "test" in metrics else next(iter(metrics))
+        print(f"\nper class ({split}, worst F1 first):\n{per_class_table(metrics[split], limit=10)}", flush=True)
     if overfitting:
         print(f"[tlkit] {overfitting['message']}", flush=True)
     if data.skipped:

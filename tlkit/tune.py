@@ -51,6 +51,7 @@ from tlkit import config as C
 from tlkit.config import FinetuneConfig, TuneConfig, absolute_paths, config_to_dict, dump_yaml
 from tlkit import features as F
 from tlkit.engine import setup as engine_setup
+from tlkit.engine import class_weights
 from tlkit.engine.loop import HeadFeatures, run_stages
 from tlkit.data import Datasets, load_sources, make_dataset
 from tlkit.errors import (BackboneError, ConfigError, DataError, OfflineError, OutputExistsError, TlkitError,
@@ -599,6 +600,7 @@ def tune(cfg: FinetuneConfig, tune_cfg: TuneConfig | None = None,
     del user_base
     data = load_sources(cfg.data, size, cfg.seed)
     _check_data(data, tc)
+    cfg, _ = class_weights.resolve(cfg, data)  # --class-weight balanced -> numbers (tune.yaml, best_config.yaml)
     out = cfg.output_dir or os.path.join("runs", _safe(f"tune-{spec.name}-{data.name}"))
     _prepare(out, cfg, tc, role)
     tuner_id = os.environ.get("KERASTUNER_TUNER_ID", "tuner0")

@@ -33,6 +33,7 @@ import numpy as np
 
 from tlkit import features as F
 from tlkit import param_groups, rundir, schedules
+from tlkit.engine import class_weights, ema
 from tlkit.errors import TrainingError
 from tlkit.model import get_base, set_trainable
 
@@ -93,9 +94,12 @@ def classifier_metrics(num_classes: int) -> list:
     return metrics
 
 
-def stage_optimizer(model: keras.Model, spec, cfg, learning_rate):
-    """The configured optimizer with the discriminative rates of `cfg.train` (`lr_mult`, `stage_lrs`)."""
+def stage_optimizer(model: keras.Model, spec, cfg, learning_rate, ema_steps: int | None = None):
+    """The configured optimizer with the discriminative rates of `cfg.train` (`lr_mult`, `stage_lrs`), keeping a
+    moving average of the weights with `ema_steps` (`engine.ema`)."""
     optimizer = schedules.make_optimizer(cfg.train, learning_rate)
+    if ema_steps:
+        optimizer = ema.with_ema(optimizer, ema_steps)
     if spec is None:
         return optimizer
     return param_groups.discriminative_optimizer(optimizer, model, spec, cfg.train)
@@ -177,6 +181,7 @@ def fit_head_on_features(model: keras.Model, feats: HeadFeatures, cfg, rt, batch
     _, head = F.split_model(model)
     jit = bool(model.jit_compile)
     train = F.features_dataset(feats.x_train, feats.y_train, batch_size, training=True, seed=cfg.seed)
+    train = class_weights.weighted_dataset(train, class_weights.weight_vector(cfg, feats.y_train.shape[-1]))
     val = None
     if feats.x_val is not None:
         val = F.features_dataset(feats.x_val, feats.y_val, batch_size, training=False)
@@ -253,6 +258,10 @@ def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, 
     num_stages = spec.num_stages(get_base(model)) if spec is not None else 0
     first, last = epoch_range if epoch_range is not None else (0, sum(s.epochs for s in plan))
     batch = cfg.data.batch_size  # the split's batch (fit_batch_size has capped it to the training split)
+    if compile_fn is None:  # --class-weight: per-example weights in the training batches (engine.class_weights)
+        train_ds = class_weights.weighted_dataset(train_ds, class_weights.weight_vector(cfg, num_classes))
+    elif cfg.train.ema or class_weights.parse_class_weight(cfg.train.class_weight) != "none":
+        print("[tlkit] ema and class_weight apply to finetune and tune; this training runs without them", flush=True)
     epoch = 0
     for index, stage in enumerate(plan):
         s0, s1 = epoch, epoch + stage.epochs
@@ -278,8 +287,9 @@ def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, 
                              "own compile, a frozen backbone and the run's HeadFeatures.")
         # a head stage on features: its schedule spans all its passes
         lr = schedules.make_schedule(cfg.train, stage.lr, stage.passes or stage.epochs, steps_per_epoch)
+        averaging = bool(cfg.train.ema and compile_fn is None and not on_features)  # engine.ema: image stages
         with rt.scope():
-            optimizer = stage_optimizer(model, spec, cfg, lr)
+            optimizer = stage_optimizer(model, spec, cfg, lr, cfg.train.ema_steps if averaging else None)
             if compile_fn is None:
                 model.compile(optimizer=optimizer,
                               loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),
@@ -306,6 +316,9 @@ def run_stages(model: keras.Model, spec, plan: Sequence, train_ds, val_ds, cfg, 
                     resume.restore_optimizer(model, os.path.join(checkpointer.dir, state.optimizer))
         elif start > s0:  # Hyperband continues inside a stage: the schedule goes on where it was
             fit_model.optimizer.iterations.assign((start - s0) * steps_per_epoch)
+        if averaging:  # before the checkpointer: it saves the average; a resumed epoch's model holds the average
+            resumed = bool(state is not None and index == state.next_stage and state.next_stage_epoch)
+            stage_cbs.insert(len(stage_cbs) - (checkpointer is not None), ema.EMAWeights(resumed=resumed))
         if checkpointer is not None:
             es_state = state.early_stopping if state is not None and index == state.next_stage and start > s0 else None
             checkpointer.begin_stage(index, stage, s0, stage_cbs, es_state)
