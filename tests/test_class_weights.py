@@ -99,16 +99,18 @@ def test_cli_rejects_a_bad_class_weight_in_one_line(capsys):
     assert err.startswith("tlkit: error: class_weight must be none, balanced") and "\n" not in err
 
 
-def test_tune_trials_train_with_the_resolved_weights(tmp_path, tiny_backbone):
+def test_tune_trials_train_with_the_resolved_weights_and_ema(tmp_path, tiny_backbone):
     from tlkit.tune import tune
 
     images = _imbalanced_folder(tmp_path / "images")
     cfg = C.FinetuneConfig(
         data=C.DataConfig(image_dir=images, image_size=32, augment="none", batch_size=4, val_split=0.25),
         model=C.ModelConfig(base=tiny_backbone, weights="none"),
-        train=C.TrainConfig(strategy="feature_extraction", epochs=1, head_steps=2, class_weight="balanced"),
+        train=C.TrainConfig(strategy="two_stage", epochs=1, head_steps=2, unfreeze_stages=1, class_weight="balanced",
+                            ema=True, ema_steps=10),  # the weighted head on features, then an averaged image stage
         runtime=C.RuntimeConfig(precision="float32", xla="off"), output_dir=str(tmp_path / "tune"), seed=1)
     result = tune(cfg, C.TuneConfig(tuner="random", max_trials=1, batch_sizes=(4,)))
+    assert result.best_config.train.ema and result.best_value is not None
     assert result.best_config.train.class_weight == [round(19 / 27, 4), round(19 / 27, 4), round(19 / 3, 4)]
     with open(tmp_path / "tune" / "best_config.yaml") as f:
         assert yaml.safe_load(f)["train"]["class_weight"][2] == round(19 / 3, 4)
