@@ -16,7 +16,9 @@ default plus:
 - `ema`: `--ema` (default `--ema-steps`);
 - `class_weight`: `--class-weight balanced` (imbalanced tasks only: on a balanced split every weight is 1);
 - `tta2`, `tta6`: no training, `tlkit evaluate RUN --tta N` of the `default` run's model (N = 2: flip and centre
-  crop; N = 6: flip, centre crop and its flip, three corner crops).
+  crop; N = 6: flip, centre crop and its flip, three corner crops);
+- not run unless asked (`--variants constant,constant_ema`): `--schedule constant` without and with `--ema`, where
+  the last weights are not already an average of a decaying learning rate.
 
 Prints test accuracy and mean per-class accuracy (mean ± standard deviation over the seeds, and the mean change
 against `default` of the same seeds) and writes JSON after every run. A benchmark, not a test: about 25 minutes
@@ -55,9 +57,12 @@ TASKS = {
     "textures-imb": ("textures-20", (20, 5)),
     "letters-imb": ("letters-20", (20, 5)),
 }
-VARIANTS = ("default", "ema", "class_weight", "tta2", "tta6")
-TRAIN_FLAGS = {"default": {}, "ema": {"ema": True}, "class_weight": {"class_weight": "balanced"}}
+VARIANTS = ("default", "ema", "class_weight", "tta2", "tta6", "constant", "constant_ema")
+DEFAULT_VARIANTS = VARIANTS[:5]
+TRAIN_FLAGS = {"default": {}, "ema": {"ema": True}, "class_weight": {"class_weight": "balanced"},
+               "constant": {"schedule": "constant"}, "constant_ema": {"schedule": "constant", "ema": True}}
 TTA = {"tta2": 2, "tta6": 6}
+BASELINE = {"constant_ema": "constant"}  # what a variant's change is measured against (else `default`)
 
 
 def imbalanced_copy(src: str, dst: str, keep: tuple[int, int]) -> str:
@@ -113,9 +118,10 @@ def summary(results, task, variant, key):
 
 
 def delta(results, task, variant, key):
-    """Mean over the seeds of (variant - default), on the seeds that have both."""
+    """Mean over the seeds of (variant - its baseline), on the seeds that have both."""
+    base = BASELINE.get(variant, "default")
     by = {(r["variant"], r["seed"]): r[key] for r in results if r["task"] == task}
-    d = [by[(variant, s)] - by[("default", s)] for (v, s) in by if v == variant and ("default", s) in by]
+    d = [by[(variant, s)] - by[(base, s)] for (v, s) in by if v == variant and (base, s) in by]
     return float(np.mean(d)) if d else None
 
 
@@ -129,7 +135,7 @@ def table(results, tasks) -> str:
                 continue
             pc = summary(results, task, variant, "mean_per_class_accuracy")
             da, dp = delta(results, task, variant, "accuracy"), delta(results, task, variant, "mean_per_class_accuracy")
-            fmt = lambda d: "" if d is None or variant == "default" else f"{d:+.3f}"  # noqa: E731
+            fmt = lambda d: "" if d is None or variant in ("default", "constant") else f"{d:+.3f}"  # noqa: E731
             lines.append(f"| {task} | {variant} | {acc[0]:.3f} ± {acc[1]:.3f} | {pc[0]:.3f} ± {pc[1]:.3f} | "
                          f"{fmt(da)} | {fmt(dp)} | {acc[2]} |")
     return "\n".join(lines)
@@ -150,7 +156,8 @@ def main() -> None:
     p.add_argument("--work-dir", default=os.path.join(CACHE, "tlkit-practice"),
                    help="Where the imbalanced task folders and the runs go. Default: ~/.cache/tlkit-practice.")
     p.add_argument("--tasks", default=",".join(TASKS), help="Comma-separated tasks. Default: all.")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated variants. Default: all.")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"Comma-separated variants of {', '.join(VARIANTS)}. Default: {', '.join(DEFAULT_VARIANTS)}.")
     p.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds. Default: 0,1,2.")
     p.add_argument("--out", default="benchmarks/results/practice.json", help="JSON output.")
     p.add_argument("--keep", action="store_true", help="Keep the results already in --out; run the missing rows.")
