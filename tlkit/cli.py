@@ -24,7 +24,7 @@ CHOICES = {
 }
 METAVARS = {"dataset": "NAME", "image_dir": "DIR", "data_dir": "DIR", "base": "NAME|PATH.keras",
             "weights": "imagenet|none|PATH", "output_dir": "DIR", "early_stopping": "PATIENCE",
-            "lr": "LR|auto"}
+            "lr": "LR|auto", "class_weight": "none|balanced|W1,W2,..."}
 
 
 def _attribute_docs(cls: type) -> dict[str, str]:
@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "data's class names).")
     p.add_argument("--num-misclassified", type=int, default=None, metavar="N",
                    help="Worst errors drawn in misclassified.png and listed in metrics.json (default: 16).")
+    p.add_argument("--tta", type=int, default=None, metavar="N",
+                   help="Test-time augmentation: average the probabilities of each image and N deterministic views "
+                   "(flip, centre crop, its flip, corner crops, ...; crops at the scale the run was trained on), 0-11; "
+                   "metrics.json records it (default: 0, off).")
     p.add_argument("--json", action="store_true", help="Print the metrics as JSON instead of a table.")
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
@@ -190,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="Image files and/or folders (searched recursively).")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="Classes shown per image. Default: 5.")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="Images per model call. Default: 32.")
+    p.add_argument("--tta", type=int, default=None, metavar="N",
+                   help="Test-time augmentation: average each image's probabilities over it and N deterministic views "
+                   "(flip, centre crop, its flip, corner crops, ...), 0-11 (default: 0, off).")
     p.add_argument("--json", action="store_true", help="Print JSON (predictions and skipped files) for scripts.")
     _add_common(p)
     p.set_defaults(func=cmd_predict)
@@ -282,11 +289,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--labels {args.labels!r} is not a file.")
         labels = read_labels(args.labels)
     extra = {} if args.num_misclassified is None else {"num_misclassified": args.num_misclassified}
+    if args.tta is not None:
+        extra["tta"] = args.tta
     m = evaluate(args.model, data, split=args.split, batch_size=args.batch_size, output_dir=args.output_dir, seed=seed,
                  class_names=labels, **extra)
     if args.json:
         print(json.dumps({k: v for k, v in m.items() if k != "confusion_matrix"}, indent=2))
     else:
+        if m.get("tta"):
+            print(f"[tlkit] test-time augmentation: mean of {m['tta']['n'] + 1} views ({', '.join(m['tta']['views'])})")
         print(summary_table({m["split"]: m}))
         print()
         print(per_class_table(m))
@@ -332,7 +343,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from tlkit.verbs.predict import predict
 
-    r = predict(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size, progress=not args.json)
+    extra = {} if args.tta is None else {"tta": args.tta}
+    r = predict(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size, progress=not args.json, **extra)
     if args.json:
         print(json.dumps(r.to_dict(), indent=2))
     else:

@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -28,7 +29,8 @@ SCHEDULES = ("constant", "cosine", "step", "exponential")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 XLA_CHOICES = ("auto", "on", "off")
 DISTRIBUTE_CHOICES = ("auto", "none", "mirrored", "multiworker", "tpu")
-AUTO_LR = "auto"  # TrainConfig.lr: run the learning-rate finder first (tlkit.verbs.lr_find)
+CLASS_WEIGHT_CHOICES = ("none", "balanced")
+AUTO_LR = "auto"  # TrainConfig.lr: run the learning-rate finder first (tlkit.engine.lr_range)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +143,16 @@ class TrainConfig:
         stage_lrs: Comma-separated learning-rate factors, one per backbone stage, bottom (stem) first, each
             relative to the head's learning rate (e.g. `0.01,0.03,0.1,0.3,1`); overrides `lr_mult`.
             Defaults to `None` (off).
+        class_weight: Loss weight per class of the training examples: `none`, `balanced` (inverse frequency in the
+            training split, `n / (classes * count)`, mean 1 over the training images) or one number per class in
+            labels.txt order (comma-separated). `balanced` is resolved when the data is read and the numbers are
+            written into the run's config.yaml. Validation loss and metrics stay unweighted. Defaults to `"none"`.
+        ema: Keep an exponential moving average of the trained weights in the stages that train on images; it is
+            what validation sees, what is checkpointed and what model.keras holds. The average restarts at each
+            stage; the head stage on cached features keeps its best pass instead. Defaults to `False`.
+        ema_steps: Horizon of `ema` in optimizer steps: the decay is `1 - 1 / ema_steps`, warmed up as
+            `min(1 - 1/ema_steps, (1 + t) / (10 + t))` at the t-th step of a stage, so a short run averages its
+            recent steps and a long one its last ~`ema_steps`. Defaults to `1000`.
     """
 
     strategy: str = "two_stage"
@@ -162,6 +174,9 @@ class TrainConfig:
     tensorboard: bool = False
     lr_mult: float = 1.0
     stage_lrs: str | None = None
+    class_weight: str | list[float] = "none"
+    ema: bool = False
+    ema_steps: int = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +192,7 @@ class RuntimeConfig:
             `TF_CONFIG`) or `tpu`. Defaults to `"auto"`.
         deterministic: Make the input pipeline and ops deterministic (slower). Defaults to `False`.
         cache_features: Train the head stage (backbone frozen) on base features of the un-augmented training
-            images computed once (`tlkit.features`): `head_steps` steps then cost seconds, and the best pass on
+            images computed once (`tlkit.engine.features`): `head_steps` steps then cost seconds, and the best pass on
             the validation features is kept; the stage is one row of history.csv. `None` (auto) and `True`
             (`--cache-features`): on; `False` (`--no-cache-features`): the head stage trains on the augmented
             images, `ceil(head_steps / batches per epoch)` epochs. Defaults to `None`.
@@ -257,6 +272,8 @@ class FinetuneConfig:
             raise ConfigError(f"lr_mult must be > 0, got {t.lr_mult}.")
         if t.stage_lrs is not None:
             parse_stage_lrs(t.stage_lrs)
+        parse_class_weight(t.class_weight)
+        _positive("ema_steps", t.ema_steps)
         if t.tensorboard:
             require_tensorboard()
         return self
@@ -278,6 +295,27 @@ def require_tensorboard() -> None:
     if not found:
         raise ConfigError("--tensorboard needs TensorBoard, which TensorFlow no longer installs: "
                           "pip install 'tlkit[tensorboard]' (or pip install tensorboard), or drop --tensorboard.")
+
+
+def parse_class_weight(value: Any) -> str | list[float]:
+    """`none`, `balanced`, or the per-class numbers of `class_weight` (a list, or "1,2.5,1"); raises `ConfigError`.
+
+    Example:
+        >>> parse_class_weight("1, 2.5")
+        [1.0, 2.5]
+    """
+    if isinstance(value, str) and value.strip().lower() in CLASS_WEIGHT_CHOICES:
+        return value.strip().lower()
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        numbers = [float(v) for v in items if not isinstance(v, bool) and str(v).strip()]
+        ok = len(numbers) == len(list(items)) and bool(numbers) and all(math.isfinite(v) and v > 0 for v in numbers)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"class_weight must be none, balanced or one positive number per class "
+                          f"(comma-separated, labels.txt order), got {value!r}.")
+    return numbers
 
 
 def parse_stage_lrs(text: str) -> list[float]:

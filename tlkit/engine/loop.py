@@ -31,10 +31,11 @@ from typing import Any, Callable, Sequence
 import keras
 import numpy as np
 
-from tlkit.engine import features as F
-from tlkit.models import param_groups, schedules
 from tlkit.core import rundir
 from tlkit.core.errors import TrainingError
+from tlkit.engine import class_weights, ema
+from tlkit.engine import features as F
+from tlkit.models import param_groups, schedules
 from tlkit.models.classifier import Classifier
 
 
@@ -94,10 +95,13 @@ def classifier_metrics(num_classes: int) -> list:
     return metrics
 
 
-def stage_optimizer(cfg, learning_rate, clf: Classifier | None = None):
+def stage_optimizer(cfg, learning_rate, clf: Classifier | None = None, ema_steps: int | None = None):
     """The configured optimizer; with `clf`, with the discriminative rates of `cfg.train` (`lr_mult`,
-    `stage_lrs`) over its backbone's stages."""
+    `stage_lrs`) over its backbone's stages; with `ema_steps`, keeping a moving average of the weights
+    (`engine.ema`)."""
     optimizer = schedules.make_optimizer(cfg.train, learning_rate)
+    if ema_steps:
+        optimizer = ema.with_ema(optimizer, ema_steps)
     if clf is None:
         return optimizer
     return param_groups.discriminative_optimizer(optimizer, clf.lr_factors(cfg.train))
@@ -179,6 +183,7 @@ def fit_head_on_features(model: keras.Model, feats: HeadFeatures, cfg, rt, batch
     _, head = F.split_model(model)
     jit = bool(model.jit_compile)
     train = F.features_dataset(feats.x_train, feats.y_train, batch_size, training=True, seed=cfg.seed)
+    train = class_weights.weighted_dataset(train, class_weights.weight_vector(cfg, feats.y_train.shape[-1]))
     val = None
     if feats.x_val is not None:
         val = F.features_dataset(feats.x_val, feats.y_val, batch_size, training=False)
@@ -255,6 +260,10 @@ def run_stages(clf: Classifier, plan: Sequence, train_ds, val_ds, cfg, rt, *, nu
     num_stages = clf.num_stages
     first, last = epoch_range if epoch_range is not None else (0, sum(s.epochs for s in plan))
     batch = cfg.data.batch_size  # the split's batch (fit_batch_size has capped it to the training split)
+    if compile_fn is None:  # --class-weight: per-example weights in the training batches (engine.class_weights)
+        train_ds = class_weights.weighted_dataset(train_ds, class_weights.weight_vector(cfg, num_classes))
+    elif cfg.train.ema or class_weights.parse_class_weight(cfg.train.class_weight) != "none":
+        print("[tlkit] ema and class_weight apply to finetune and tune; this training runs without them", flush=True)
     epoch = 0
     for index, stage in enumerate(plan):
         s0, s1 = epoch, epoch + stage.epochs
@@ -279,8 +288,10 @@ def run_stages(clf: Classifier, plan: Sequence, train_ds, val_ds, cfg, rt, *, nu
                              "own compile, a frozen backbone and the run's HeadFeatures.")
         # a head stage on features: its schedule spans all its passes
         lr = schedules.make_schedule(cfg.train, stage.lr, stage.passes or stage.epochs, steps_per_epoch)
+        averaging = bool(cfg.train.ema and compile_fn is None and not on_features)  # engine.ema: image stages
         with rt.scope():
-            optimizer = stage_optimizer(cfg, lr, clf if spec is not None else None)
+            optimizer = stage_optimizer(cfg, lr, clf if spec is not None else None,
+                                        cfg.train.ema_steps if averaging else None)
             if compile_fn is None:
                 model.compile(optimizer=optimizer,
                               loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),
@@ -307,6 +318,9 @@ def run_stages(clf: Classifier, plan: Sequence, train_ds, val_ds, cfg, rt, *, nu
                     resume.restore_optimizer(model, os.path.join(checkpointer.dir, state.optimizer))
         elif start > s0:  # Hyperband continues inside a stage: the schedule goes on where it was
             fit_model.optimizer.iterations.assign((start - s0) * steps_per_epoch)
+        if averaging:  # before the checkpointer: it saves the average; a resumed epoch's model holds the average
+            resumed = bool(state is not None and index == state.next_stage and state.next_stage_epoch)
+            stage_cbs.insert(len(stage_cbs) - (checkpointer is not None), ema.EMAWeights(resumed=resumed))
         if checkpointer is not None:
             es_state = state.early_stopping if state is not None and index == state.next_stage and start > s0 else None
             checkpointer.begin_stage(index, stage, s0, stage_cbs, es_state)

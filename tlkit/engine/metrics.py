@@ -26,14 +26,16 @@ def predict_split(model: keras.Model, ds: tf.data.Dataset) -> tuple[np.ndarray, 
     return np.concatenate(ys), np.concatenate(ps)
 
 
-def predict_with_errors(model: keras.Model, ds: tf.data.Dataset,
-                        keep: int = 16) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+def predict_with_errors(model: keras.Model, ds: tf.data.Dataset, keep: int = 16,
+                        forward=None) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """`predict_split` that also keeps the images of the `keep` worst errors (highest loss among the misclassified).
 
     Args:
         model: The classifier.
         ds: A batched dataset of `(images float32 0..255, one-hot labels)`, in a fixed order.
         keep: How many errors to keep. Defaults to `16`.
+        forward: Images -> probabilities in place of `model(x, training=False)` (test-time augmentation,
+            `engine.tta.averaged`). Defaults to `None`.
 
     Returns:
         `(y_true [N], probs [N, C], worst)`; `worst` is sorted worst first, each a dict with `index` (position in
@@ -44,7 +46,7 @@ def predict_with_errors(model: keras.Model, ds: tf.data.Dataset,
     """
     ys, ps = [], []
     worst: list[dict[str, Any]] = []
-    predict = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    predict = tf.function(forward or (lambda x: model(x, training=False)), reduce_retracing=True)
     offset = 0
     for x, y in ds:
         p = np.asarray(predict(x), np.float32)

@@ -6,7 +6,7 @@ the figure (a notebook shows it by displaying the returned object). Image sizes 
 constants below (inches times `DPI`), so a picture's pixel size does not depend on its labels.
 
 Example:
-    from tlkit import plots
+    from tlkit.engine import plots
     fig = plots.plot_curves(result.history, "runs/x/curves.png")
 """
 from __future__ import annotations

@@ -131,13 +131,16 @@ class Predictor:
         self.image_size = image_size
         self.num_classes = num_classes
 
-    def predict(self, images: Any, batch_size: int = 32) -> np.ndarray:
+    tta_crop_side: float | None = None  # side of the TTA crops: `load` reads the run's augmentation
+
+    def predict(self, images: Any, batch_size: int = 32, tta: int = 0) -> np.ndarray:
         """Class probabilities of images.
 
         Args:
             images: A path, a list of paths, a uint8/float array [H, W, 3] or [N, H, W, 3] in 0..255, or a
                 list of arrays of any sizes.
             batch_size: Images per call of the model. Defaults to `32`.
+            tta: Average over each image and its first `tta` deterministic views (`engine.tta`). Defaults to `0`.
 
         Returns:
             float32 [N, num_classes].
@@ -149,12 +152,18 @@ class Predictor:
         imgs = as_uint8_images(images)
         if not imgs:
             return np.zeros((0, self.num_classes), np.float32)
-        parts = [self.predict_uint8(imgs[i:i + batch_size]) for i in range(0, len(imgs), batch_size)]
+        parts = [self.predict_uint8(imgs[i:i + batch_size], tta) for i in range(0, len(imgs), batch_size)]
         return np.concatenate(parts).astype(np.float32)
 
-    def predict_uint8(self, images: list[np.ndarray]) -> np.ndarray:
-        """Probabilities of a list of uint8 RGB images of any sizes (one batch)."""
-        return self.predict_resized(resize_batch(images, self.image_size))
+    def predict_uint8(self, images: list[np.ndarray], tta: int = 0) -> np.ndarray:
+        """Probabilities of a list of uint8 RGB images of any sizes (one batch), averaged over `tta` extra views."""
+        x = resize_batch(images, self.image_size)
+        if not tta:
+            return self.predict_resized(x)
+        from tlkit.engine import tta as tta_views
+
+        side = self.tta_crop_side or tta_views.DEFAULT_CROP_SIDE
+        return np.asarray(tta_views.averaged(lambda v: self.predict_resized(np.asarray(v)), tta, side)(x))
 
     def predict_resized(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -208,8 +217,12 @@ class SavedModelPredictor(Predictor):
         num = int(out["probabilities"].shape[-1]) if "probabilities" in out else len(class_names or [])
         super().__init__(path, class_names, image_size, num)
 
-    def predict_uint8(self, images: list[np.ndarray]) -> np.ndarray:
+    def predict_uint8(self, images: list[np.ndarray], tta: int = 0) -> np.ndarray:
         """Runs the serving signature on the raw images (grouped by size: a batch must share one)."""
+        if tta:  # the views of the images resized to the model's input, as uint8 (what the signature takes)
+            if not self.image_size:
+                raise ConfigError(f"--tta needs the input size of {self.path!r}, which its export.json does not give.")
+            return super().predict_uint8(images, tta)
         out = np.zeros((len(images), self.num_classes), np.float32)
         groups: dict[tuple, list[int]] = {}
         for i, img in enumerate(images):
@@ -218,6 +231,10 @@ class SavedModelPredictor(Predictor):
             batch = np.stack([images[i] for i in idx])
             out[idx] = self.serving(images=batch)["probabilities"].numpy()
         return out
+
+    def predict_resized(self, x: np.ndarray) -> np.ndarray:
+        """The serving signature on images already at the model's size (rounded to uint8, as it takes them)."""
+        return self.serving(images=np.clip(np.round(x), 0, 255).astype(np.uint8))["probabilities"].numpy()
 
     def predict_bytes(self, encoded: Sequence[bytes]) -> np.ndarray:
         """Runs the `serve_bytes` signature on encoded JPEG/PNG files' contents."""
@@ -384,6 +401,14 @@ def load(path: str) -> Predictor:
         # -> ['circle', 'square', 'triangle', 'cross']
     """
     path = os.fspath(path)
+    predictor = _load(path)
+    from tlkit.engine import tta as tta_views
+
+    predictor.tta_crop_side = tta_views.crop_side(tta_views.run_augment(path))
+    return predictor
+
+
+def _load(path: str) -> Predictor:
     if not os.path.exists(path):
         raise ConfigError(f"No model at {path!r} (expected a run folder, .keras, SavedModel folder, .tflite or .onnx).")
     if os.path.isdir(path):

@@ -15,11 +15,11 @@ import keras
 from tlkit.core import rundir
 from tlkit.core.config import AUTO_LR, FinetuneConfig, absolute_paths, config_to_dict, dump_yaml
 from tlkit.core.errors import TrainingError
-from tlkit.engine import features, resume
+from tlkit.engine import class_weights, features, resume
 from tlkit.engine import setup as engine_setup
 from tlkit.engine.loop import run_stages
 from tlkit.engine import lr_range
-from tlkit.engine.metrics import compute_metrics, predict_split, summary_table, training_report
+from tlkit.engine.metrics import compute_metrics, per_class_table, predict_split, summary_table, training_report
 from tlkit.engine.setup import RunResult
 from tlkit.models import strategies
 
@@ -46,8 +46,9 @@ def finetune_run(cfg: FinetuneConfig) -> RunResult:
     rundir.check_output_dir(cfg.output_dir, cfg.overwrite, cfg.resume)  # fail before reading any data
     run = engine_setup.setup_run(cfg)
     spec, rt, size, data = run.spec, run.rt, run.size, run.data
+    cfg, imbalance = class_weights.resolve(run.cfg, data)  # --class-weight balanced -> numbers, before config.yaml
     out_dir = cfg.output_dir or rundir.default_run_dir(spec.name, data.name)
-    resolved = absolute_paths(dataclasses.replace(run.cfg, output_dir=out_dir))
+    resolved = absolute_paths(dataclasses.replace(cfg, output_dir=out_dir))
     resolved = resume.prepare_run_dir(out_dir, resolved)  # refuses a non-empty folder unless --overwrite/--resume
     rundir.write_text(os.path.join(out_dir, "config.yaml"), dump_yaml(config_to_dict(resolved)))
     rundir.write_text(os.path.join(out_dir, "labels.txt"), "\n".join(data.class_names) + "\n")
@@ -116,6 +117,9 @@ def finetune_run(cfg: FinetuneConfig) -> RunResult:
     clf.save(os.path.join(out_dir, "model.keras"))
     rundir.write_json(os.path.join(out_dir, "metrics.json"), out_metrics)
     print(summary_table(summary), flush=True)
+    if imbalance and metrics:  # imbalanced data: the per-class table (worst first) next to the mean per-class accuracy
+        split = "test" if "test" in metrics else next(iter(metrics))
+        print(f"\nper class ({split}, worst F1 first):\n{per_class_table(metrics[split], limit=10)}", flush=True)
     if overfitting:
         print(f"[tlkit] {overfitting['message']}", flush=True)
     if data.skipped:

@@ -13,13 +13,14 @@ from tlkit.core.config import DataConfig
 from tlkit.core.errors import ConfigError, DataError
 from tlkit.data import load_sources, make_dataset
 from tlkit.engine import plots
+from tlkit.engine import tta as tta_views
 from tlkit.engine.metrics import compute_metrics, confusion_csv_rows, most_confused, predict_with_errors
 from tlkit.models.classifier import load_model_and_labels
 
 
 def evaluate(model: str | keras.Model, data: DataConfig, split: str = "test", batch_size: int | None = None,
              output_dir: str | None = None, class_names: list[str] | None = None, seed: int = 42,
-             num_misclassified: int = 16) -> dict[str, Any]:
+             num_misclassified: int = 16, tta: int = 0) -> dict[str, Any]:
     """Evaluates a model (run folder, `.keras` file or a model object) on a split of a dataset.
 
     Args:
@@ -34,6 +35,9 @@ def evaluate(model: str | keras.Model, data: DataConfig, split: str = "test", ba
         seed: Seed of the train/val split (use the run's seed). Defaults to `42`.
         num_misclassified: How many of the worst errors to draw in `misclassified.png` and list in the metrics.
             Defaults to `16`.
+        tta: Test-time augmentation: average the probabilities of each image and its first `tta` deterministic
+            views (flip, centre crop, its flip, corner crops, ...; crops at the scale the run was trained on,
+            `engine.tta`); `metrics["tta"]` records it. Defaults to `0` (off).
 
     Returns:
         The metrics dict (as in `metrics.json`), with `split`, `class_names`, `most_confused` (the most frequent
@@ -45,6 +49,8 @@ def evaluate(model: str | keras.Model, data: DataConfig, split: str = "test", ba
     """
     if not isinstance(num_misclassified, int) or num_misclassified < 0:
         raise ConfigError(f"num_misclassified must be an integer >= 0, got {num_misclassified!r}.")
+    tta = tta_views.check_n(tta)
+    side = tta_views.crop_side(tta_views.run_augment(None if isinstance(model, keras.Model) else model))
     run_dir = None
     if isinstance(model, keras.Model):
         labels = None
@@ -71,8 +77,11 @@ def evaluate(model: str | keras.Model, data: DataConfig, split: str = "test", ba
         raise DataError(f"The data has no {split!r} split.")
     ds = make_dataset(s, size, batch_size or data.batch_size, sources.num_classes, cache="none")
     names = list(sources.class_names)
-    y, p, worst = predict_with_errors(model, ds, keep=num_misclassified)
+    forward = tta_views.averaged(lambda x: model(x, training=False), tta, side) if tta else None
+    y, p, worst = predict_with_errors(model, ds, keep=num_misclassified, forward=forward)
     metrics = compute_metrics(y, p, names)
+    if tta:
+        metrics["tta"] = tta_views.describe(tta, side)
     metrics["split"] = split
     metrics["class_names"] = names
     if "confusion_matrix" in metrics:

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tlkit.core.errors import ConfigError, DataError
+from tlkit.engine import tta as tta_views
 from tlkit.engine.predictors import IMAGE_EXTENSIONS, Predictor, list_images, load, read_image
 
 __all__ = ["Prediction", "PredictResult", "Predictor", "load", "predict"]
@@ -41,18 +42,23 @@ class PredictResult:
         skipped: `(file, reason)` of every input that could not be read.
         model: The model path.
         format: The model's format.
+        tta: The test-time augmentation used (`engine.tta.describe`: n, views, crop_side), or `None`.
     """
 
     predictions: list[Prediction]
     skipped: list[tuple[str, str]]
     model: str
     format: str
+    tta: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "format": self.format,
-                "predictions": [{"file": p.file, "top": [{"class": c, "probability": pr} for c, pr in p.top]}
-                                for p in self.predictions],
-                "skipped": [{"file": f, "error": e} for f, e in self.skipped]}
+        out = {"model": self.model, "format": self.format,
+               "predictions": [{"file": p.file, "top": [{"class": c, "probability": pr} for c, pr in p.top]}
+                               for p in self.predictions],
+               "skipped": [{"file": f, "error": e} for f, e in self.skipped]}
+        if self.tta:
+            out["tta"] = self.tta
+        return out
 
     def table(self) -> str:
         """A plain-text table: file, class, probability (top-k rows per file)."""
@@ -65,7 +71,7 @@ class PredictResult:
 
 
 def predict(model: str | Predictor, inputs: str | Sequence[str], top_k: int = 5, batch_size: int = 32,
-            progress: bool = False) -> PredictResult:
+            progress: bool = False, tta: int = 0) -> PredictResult:
     """Predicts the top classes of image files and folders; unreadable files are skipped and reported.
 
     Args:
@@ -74,6 +80,9 @@ def predict(model: str | Predictor, inputs: str | Sequence[str], top_k: int = 5,
         top_k: Classes per image (capped at the number of classes). Defaults to `5`.
         batch_size: Images per model call. Defaults to `32`.
         progress: Show a progress bar on stderr. Defaults to `False`.
+        tta: Test-time augmentation: average the probabilities of each image and its first `tta` deterministic
+            views (flip, centre crop, its flip, corner crops, ...; crops at the scale the run was trained on,
+            `engine.tta`); `PredictResult.tta` records it. Defaults to `0` (off).
 
     Returns:
         A `PredictResult` (`.table()`, `.to_dict()`).
@@ -86,6 +95,7 @@ def predict(model: str | Predictor, inputs: str | Sequence[str], top_k: int = 5,
     """
     if top_k < 1:
         raise ConfigError(f"top_k must be >= 1, got {top_k}.")
+    tta = tta_views.check_n(tta)
     clf = model if isinstance(model, Predictor) else load(model)
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [os.fspath(inputs)]
@@ -107,7 +117,7 @@ def predict(model: str | Predictor, inputs: str | Sequence[str], top_k: int = 5,
             except DataError as e:
                 skipped.append((f, str(e).split(": ", 1)[-1]))
         if imgs:
-            probs = clf.predict_uint8(imgs)
+            probs = clf.predict_uint8(imgs, tta)
             for f, p in zip(chunk, probs):
                 order = np.argsort(-p)[:k]
                 preds.append(Prediction(f, [(clf.class_names[i], float(p[i])) for i in order]))
@@ -122,4 +132,8 @@ def predict(model: str | Predictor, inputs: str | Sequence[str], top_k: int = 5,
         names = ", ".join(f for f, _ in skipped[:3]) or ", ".join(inputs)
         raise DataError(f"No readable image among the inputs ({names}); "
                         f"expected image files ({', '.join(IMAGE_EXTENSIONS)}) or folders of them.")
-    return PredictResult(preds, skipped, clf.path, clf.format)
+    result = PredictResult(preds, skipped, clf.path, clf.format)
+    if tta:
+        result.tta = tta_views.describe(tta, clf.tta_crop_side or tta_views.DEFAULT_CROP_SIDE)
+    return result
+

@@ -55,6 +55,7 @@ from tlkit.core import config as C
 from tlkit.core.config import FinetuneConfig, TuneConfig, absolute_paths, config_to_dict, dump_yaml
 from tlkit.engine import features as F
 from tlkit.engine import setup as engine_setup
+from tlkit.engine import class_weights
 from tlkit.engine.loop import HeadFeatures, run_stages
 from tlkit.data import Datasets, load_sources, make_dataset
 from tlkit.core.errors import (BackboneError, ConfigError, DataError, OfflineError, OutputExistsError, TlkitError,
@@ -595,6 +596,7 @@ def tune(cfg: FinetuneConfig, tune_cfg: TuneConfig | None = None,
     num_stages = spec.num_stages(base)
     del run
     _check_data(data, tc)
+    cfg, _ = class_weights.resolve(cfg, data)  # --class-weight balanced -> numbers (tune.yaml, best_config.yaml)
     out = cfg.output_dir or os.path.join("runs", _safe(f"tune-{spec.name}-{data.name}"))
     _prepare(out, cfg, tc, role)
     tuner_id = os.environ.get("KERASTUNER_TUNER_ID", "tuner0")
