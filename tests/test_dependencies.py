@@ -82,6 +82,9 @@ def test_keras_private_internals_tlkit_uses_exist():
     assert callable(getattr(saving_lib, "_save_state", None))
     for opt in (keras.optimizers.SGD, keras.optimizers.AdamW):
         assert callable(getattr(opt, "update_step", None)) and callable(getattr(opt, "_apply_weight_decay", None))
+        assert callable(getattr(opt, "_update_model_variables_moving_average", None))  # engine/ema.py
+    for name in ("_swap_variables", "_finalize_ema_values"):
+        assert callable(getattr(keras.callbacks.SwapEMAWeights, name, None)), name
 
 
 def test_package_version_matches_setup_cfg():
