@@ -12,10 +12,10 @@ trained on cached features. Validation batches carry no weights: `val_loss`, `va
 comparable with and without class weights (the training `loss`/`accuracy` of history.csv are the weighted ones).
 
 Example:
-    >>> counts = class_counts(data.train, data.num_classes)
-    >>> balanced_weights(counts)            # [10, 10, 2] images
-    [0.7333, 0.7333, 3.6667]
-    >>> train_ds = weighted_dataset(train_ds, [0.7333, 0.7333, 3.6667])   # (x, y) -> (x, y, w)
+    counts = class_counts(data.train, data.num_classes)
+    balanced_weights(counts)            # [10, 10, 2] images
+    # -> [0.7333, 0.7333, 3.6667]
+    train_ds = weighted_dataset(train_ds, [0.7333, 0.7333, 3.6667])   # (x, y) -> (x, y, w)
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def imbalance_warning(counts: Sequence[int], class_names: Sequence[str],
 
     Example:
         >>> imbalance_warning([40, 5, 12], ["cat", "dog", "fox"])
-        'imbalanced training split: cat has 40 images, dog 5 (8.0x) ...'
+        'imbalanced training split: cat has 40 images, dog 5 (8.0x); mean per-class accuracy is the fairer metric, ...'
     """
     counts = np.asarray(counts)
     if len(counts) < 2:

@@ -21,9 +21,9 @@ not move); with `--train-bn` its moving statistics are the raw ones. The head st
 (`fit_head_on_features`) trains without an average: it is trained to convergence and keeps its best pass.
 
 Example:
-    >>> opt = with_ema(keras.optimizers.Adam(1e-3), ema_steps=1000)
-    >>> model.compile(opt, loss)
-    >>> model.fit(ds, epochs=3, callbacks=[EMAWeights()])   # model now holds the average
+    opt = with_ema(keras.optimizers.Adam(1e-3), ema_steps=1000)
+    model.compile(opt, loss)
+    model.fit(ds, epochs=3, callbacks=[EMAWeights()])   # model now holds the average
 """
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ All views of a batch go through the model in one call (`B * (N + 1)` images), so
 per image and nothing else. Exports stay single-view models: TTA is a way of calling a model, not part of it.
 
 Example:
-    >>> fn = averaged(lambda x: model(x, training=False), n=2, crop_side=0.82)
-    >>> probs = fn(images)          # mean over [images, flipped images, centre crops]
+    fn = averaged(lambda x: model(x, training=False), n=2, crop_side=0.82)
+    probs = fn(images)          # mean over [images, flipped images, centre crops]
 """
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def averaged(forward: Callable, n: int, crop_side: float = DEFAULT_CROP_SIDE) ->
     """`forward` (images [B, S, S, 3] -> probabilities [B, C]) averaged over the image and its first `n` views.
 
     Example:
-        >>> predict = tf.function(averaged(lambda x: model(x, training=False), 4, 0.82))
+        predict = tf.function(averaged(lambda x: model(x, training=False), 4, 0.82))
     """
     n = check_n(n)
     if n == 0:
