@@ -22,8 +22,8 @@ default plus:
 
 Prints test accuracy, mean per-class accuracy and, for the imbalanced tasks, the mean accuracy (recall) of the rare
 classes (mean ± standard deviation over the seeds, and the mean change against `default` of the same seeds), and
-writes JSON after every run. A benchmark, not a test: about 25 minutes
-on a 2-core CPU for the defaults.
+writes JSON after every run. A benchmark, not a test: about 50 minutes on a 2-core CPU for the default
+variants, 10 more for the constant-schedule ones on the two balanced tasks.
 
 Usage:
     python benchmarks/practice.py
