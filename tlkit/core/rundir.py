@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from typing import Any, Iterable, Iterator, Mapping
 
-from tlkit.core.errors import DiskFullError, OutputExistsError
+from tlkit.core.errors import ConfigError, DiskFullError, OutputExistsError
 
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
@@ -128,8 +128,6 @@ def check_output_dir(output_dir: str | None, overwrite: bool, resume: bool = Fal
         OutputExistsError: the path is a file, or a non-empty folder without `overwrite` or `resume`.
     """
     if resume and not output_dir:
-        from tlkit.core.errors import ConfigError
-
         raise ConfigError("--resume needs --output-dir DIR: the folder of the run to continue.")
     if not output_dir:
         return

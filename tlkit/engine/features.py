@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tlkit.models.classifier import get_base, head_layers, split_model  # noqa: F401  (split_model: public here too)
+from tlkit.models.classifier import get_base, split_model  # noqa: F401  (split_model: public here too)
 
 
 def head_on_features(cfg: Any) -> bool:

@@ -114,7 +114,11 @@ def compile_model(model: keras.Model, cfg, learning_rate, num_classes: int, jit_
     With `clf` (the record of `model`), the optimizer applies the discriminative learning rates of
     `cfg.train.lr_mult` / `stage_lrs` to the backbone's stages (`Classifier.lr_factors`).
     """
-    model.compile(optimizer=stage_optimizer(cfg, learning_rate, clf),
+    _compile_classifier(model, stage_optimizer(cfg, learning_rate, clf), cfg, num_classes, jit_compile)
+
+
+def _compile_classifier(model: keras.Model, optimizer, cfg, num_classes: int, jit_compile: bool) -> None:
+    model.compile(optimizer=optimizer,
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),
                   metrics=classifier_metrics(num_classes), jit_compile=jit_compile)
 
@@ -293,9 +297,7 @@ def run_stages(clf: Classifier, plan: Sequence, train_ds, val_ds, cfg, rt, *, nu
             optimizer = stage_optimizer(cfg, lr, clf if spec is not None else None,
                                         cfg.train.ema_steps if averaging else None)
             if compile_fn is None:
-                model.compile(optimizer=optimizer,
-                              loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),
-                              metrics=classifier_metrics(num_classes), jit_compile=rt.jit_compile)
+                _compile_classifier(model, optimizer, cfg, num_classes, rt.jit_compile)
                 fit_model = model
             else:
                 fit_model = compile_fn(optimizer)

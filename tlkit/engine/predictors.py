@@ -23,7 +23,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from tlkit.core.errors import ConfigError, DataError
-from tlkit.models.classifier import load_model_and_labels
+from tlkit.models.classifier import load_model_and_labels, read_labels
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 FORMAT_FILES = {"keras": "model.keras", "tflite": "model.tflite", "onnx": "model.onnx"}
@@ -364,10 +364,7 @@ def require_onnx(modules: Iterable[str] = ("tf2onnx", "onnx", "onnxruntime")) ->
 
 
 def _read_labels(path: str) -> list[str] | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f if line.strip()]
+    return read_labels(path) if os.path.isfile(path) else None
 
 
 def _read_export_info(folder: str) -> dict[str, Any]:

@@ -4,7 +4,6 @@ configuration."""
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 import time
@@ -22,9 +21,6 @@ from tlkit.engine import lr_range
 from tlkit.engine.metrics import compute_metrics, per_class_table, predict_split, summary_table, training_report
 from tlkit.engine.setup import RunResult
 from tlkit.models import strategies
-
-log = logging.getLogger("tlkit")
-
 
 def finetune_run(cfg: FinetuneConfig) -> RunResult:
     """Fine-tunes a pretrained backbone on the configured data and writes a run folder.

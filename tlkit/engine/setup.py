@@ -21,7 +21,7 @@ from tlkit.core.errors import DataError
 from tlkit.data import Datasets, load_sources, make_dataset
 from tlkit.engine.loop import HeadFeatures
 from tlkit.models import backbones
-from tlkit.models.classifier import Classifier
+from tlkit.models.classifier import Classifier, build_classifier
 
 
 @dataclasses.dataclass
@@ -162,8 +162,8 @@ def build_model(spec, base: keras.Model, num_classes: int, cfg, size: int, rt, p
         `(classifier, features)`: a `Classifier` record and the `HeadFeatures`.
     """
     with rt.scope():
-        probe = Classifier.build(spec, num_classes, cfg.model, size, base=base)
-    feats = HeadFeatures.lazy(plain_ds, val_ds).get(probe.model, rt.jit_compile)
+        probe = build_classifier(spec, num_classes, cfg.model, size, base=base)  # for its feature extractor
+    feats = HeadFeatures.lazy(plain_ds, val_ds).get(probe, rt.jit_compile)
     with rt.scope():
         clf = Classifier.build(spec, num_classes, cfg.model, size, base=base, feature_stats=feature_stats(feats),
                                class_names=class_names)

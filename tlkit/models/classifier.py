@@ -331,8 +331,6 @@ class Classifier:
                 from tlkit.models.backbones import get_backbone
 
                 spec = get_backbone(config_from_dict(load_yaml(config)).model.base)
-                if len(spec.stages(get_base(model))) != len(get_base(model).layers):
-                    spec = None
             except Exception:  # noqa: BLE001  (a backbone file moved, a registry changed): no stages then
                 spec = None
         return cls(model, spec, labels, run_dir)

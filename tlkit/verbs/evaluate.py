@@ -50,7 +50,7 @@ def evaluate(model: str | keras.Model, data: DataConfig, split: str = "test", ba
     if not isinstance(num_misclassified, int) or num_misclassified < 0:
         raise ConfigError(f"num_misclassified must be an integer >= 0, got {num_misclassified!r}.")
     tta = tta_views.check_n(tta)
-    side = tta_views.crop_side(tta_views.run_augment(None if isinstance(model, keras.Model) else model))
+    side = tta_views.crop_side(tta_views.run_augment(None if isinstance(model, keras.Model) else model)) if tta else 0
     run_dir = None
     if isinstance(model, keras.Model):
         labels = None

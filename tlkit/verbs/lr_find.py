@@ -7,6 +7,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import keras
@@ -56,8 +57,6 @@ def lr_find(cfg: FinetuneConfig, *, model: keras.Model | None = None, start_lr: 
     cfg.validate()
     check_range(start_lr, end_lr, num_steps)
     if model is not None and model.input_shape[1]:
-        import dataclasses
-
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=int(model.input_shape[1])))
     run = engine_setup.setup_run(cfg, build_base=model is None)
     cfg, spec, rt, size, data = run.cfg, run.spec, run.rt, run.size, run.data

@@ -38,7 +38,7 @@ from tlkit.core.errors import ConfigError, DataError, TrainingError
 from tlkit.engine.loop import run_stages
 from tlkit.engine.metrics import compute_metrics
 from tlkit.engine.setup import RunResult
-from tlkit.models.classifier import Classifier
+from tlkit.models.classifier import Classifier, save_model
 from tlkit.models.strategies import Stage
 
 _PRUNABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.DepthwiseConv2D,
@@ -225,7 +225,7 @@ class _Evaluator:
 
 def _row(label: str, model: keras.Model, pruner: Pruner, evaluator: _Evaluator, tmp_dir: str) -> dict[str, Any]:
     path = os.path.join(tmp_dir, "probe.keras")
-    Classifier(model).save(path)
+    save_model(model, path)
     size, zipped = compressed_size(path)
     return {"model": label, "sparsity": round(pruner.report()["sparsity"], 4), **evaluator.accuracies(),
             "size_bytes": size, "zipped_bytes": zipped}
@@ -320,7 +320,7 @@ def prune(cfg: PruneConfig) -> RunResult:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
     model_path = os.path.join(out_dir, "model.keras")
-    Classifier(model).save(model_path)
+    save_model(model, model_path)
     metrics: dict[str, Any] = {}
     for name, ds in splits:
         y, p = evaluator.predict(ds)

@@ -27,7 +27,6 @@ Example:
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import os
@@ -35,7 +34,6 @@ import sys
 import time
 import traceback
 import typing
-import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -57,8 +55,8 @@ from tlkit.engine import features as F
 from tlkit.engine import setup as engine_setup
 from tlkit.engine import class_weights
 from tlkit.engine.loop import HeadFeatures, run_stages
-from tlkit.data import Datasets, load_sources, make_dataset
-from tlkit.core.errors import (BackboneError, ConfigError, DataError, OfflineError, OutputExistsError, TlkitError,
+from tlkit.data import Datasets, make_dataset
+from tlkit.core.errors import (BackboneError, ConfigError, DataError, OfflineError, OutputExistsError,
                           TrainingError, suggest)
 from tlkit.engine.resume import load_weights
 from tlkit.engine.run import finetune_run
@@ -688,9 +686,7 @@ def tune(cfg: FinetuneConfig, tune_cfg: TuneConfig | None = None,
     return result
 
 
-def _check_data(data: Datasets, tc: TuneConfig) -> None:
-    if data.train.count < 1:
-        raise DataError("The training split is empty.")
+def _check_data(data: Datasets, tc: TuneConfig) -> None:  # the empty training split: setup_run
     if data.val is None or data.val.count < 1:
         raise ConfigError(f"tune needs a validation split for its objective {tc.objective}: the data has none; "
                           "use --val-split 0.1 (or a val/ folder).")
