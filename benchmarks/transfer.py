@@ -15,6 +15,9 @@ Recipes, each run in this process on the same folders, for every task and seed:
   `image_dataset_from_directory`, base frozen in inference mode, Dropout 0.2, Dense, Adam 1e-3, 30 epochs,
   batch 16, the best validation epoch kept.
 - `keras_guide`: that, then the whole base unfrozen at 1e-5 for 10 epochs (the guide's second part).
+- `keras_whole`: the whole net trains from the start, as a user fine-tunes a small CNN by hand: base unfrozen
+  (BatchNorm in inference mode), Dropout 0.2, Dense, Adam 1e-3, 30 epochs, batch 16, the best validation epoch;
+  `keras_whole_1e-4` the same at 1e-4 (for the ImageNet backbone, where 1e-3 is a user's second guess).
 - `fastai_fine_tune`: fastai's `Learner.fine_tune(10)` written in Keras: head one cycle (1 epoch, lr 2e-3, base
   frozen), then everything unfrozen for 10 epochs, one cycle, discriminative rates `slice(1e-5, 1e-3)` over
   three parameter groups (lower body, upper body, head), AdamW (betas 0.9/0.99, wd 0.01), batch 16, flip
@@ -51,13 +54,21 @@ CACHE = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
 TASKS_DIR = os.path.join(CACHE, "tlkit-transfer-tasks")
 IMAGENET = os.path.join(CACHE, "imagenet-backbone", "efficientnet_lite0_backbone.keras")
 
-# name -> (task folder, backbone, image size)
+# name -> (task folder, backbone, image size): {ImageNet EfficientNet-Lite0 at 96 px, the letters backbone ("/own") at
+# 32 px} x {textures, letters} x {5, 20, 100 labels a class}
 TASKS = {
     "textures-5": ("textures-5", "imagenet", 96),
     "letters-5": ("letters-5", "imagenet", 96),
     "textures-20": ("textures-20", "imagenet", 96),
     "letters-20": ("letters-20", "imagenet", 96),
+    "textures-100": ("textures-100", "imagenet", 96),
+    "letters-100": ("letters-100", "imagenet", 96),
+    "textures-5/own": ("textures-5", "letters", 32),
     "letters-5/own": ("letters-5", "letters", 32),
+    "textures-20/own": ("textures-20", "letters", 32),
+    "letters-20/own": ("letters-20", "letters", 32),
+    "textures-100/own": ("textures-100", "letters", 32),
+    "letters-100/own": ("letters-100", "letters", 32),
 }
 
 
@@ -168,6 +179,19 @@ def keras_recipe(task_dir, backbone, size, seed, guide: bool) -> float:
     return _test_acc(model, test)
 
 
+def keras_whole_recipe(task_dir, backbone, size, seed, lr=1e-3) -> float:
+    """The whole net trains from the start (the hand fine-tune of a user's small CNN): base unfrozen (BatchNorm in
+    inference mode), GAP, Dropout 0.2, Dense, Adam `lr`, 30 epochs, batch 16, the best validation epoch kept."""
+    train, val, test, n = _folders(task_dir, size, 16, seed)
+    model, base = _head_model(backbone, size, n, seed)
+    base.trainable = True
+    model.compile(keras.optimizers.Adam(lr), "categorical_crossentropy", metrics=["accuracy"])
+    best = _Best()
+    model.fit(train, validation_data=val, epochs=30, callbacks=[best], verbose=0)
+    model.set_weights(best.weights)
+    return _test_acc(model, test)
+
+
 def _one_cycle(step, total, peak, pct=0.25, div=25.0, final_div=1e5):
     """fastai's fit_one_cycle learning rate: cosine from peak/div up to peak, then cosine down to peak/final_div."""
     up = max(1, int(total * pct))
@@ -231,15 +255,34 @@ def tlkit_recipe(task_dir, backbone, size, seed) -> float:
         output_dir=tempfile.mkdtemp(prefix="tlkit-transfer-"), overwrite=True)
     with contextlib.redirect_stdout(io.StringIO()):
         result = tlkit.finetune(cfg)
-    return float(result.metrics["test"]["accuracy"])
+    recipe = result.metrics.get("recipe", {})
+    extra = {"probe_val": recipe.get("probe_val_accuracy"), "decision": recipe.get("summary"),
+             "augment": f"{result.config.data.augment}, flip {result.config.data.flip}",
+             "kept_epoch_stage": _kept_stage(result)}
+    return float(result.metrics["test"]["accuracy"]), extra
+
+
+def _kept_stage(result) -> str | None:
+    """The stage of the epoch whose weights are the model (the best checkpoint)."""
+    import json as _json
+
+    try:
+        with open(os.path.join(result.run_dir, "checkpoints", "state.json")) as f:
+            best = _json.load(f)["best_epoch"]
+        return next(r["stage"] for r in result.history if r["epoch"] == best)
+    except (OSError, KeyError, StopIteration):
+        return None
 
 
 RECIPES = {
     "keras_frozen": lambda t, b, s, seed: keras_recipe(t, b, s, seed, guide=False),
     "keras_guide": lambda t, b, s, seed: keras_recipe(t, b, s, seed, guide=True),
+    "keras_whole": keras_whole_recipe,
+    "keras_whole_1e-4": lambda t, b, s, seed: keras_whole_recipe(t, b, s, seed, lr=1e-4),
     "fastai_fine_tune": fastai_recipe,
     "tlkit": tlkit_recipe,
 }
+PLAIN = ("keras_frozen", "keras_guide", "keras_whole", "keras_whole_1e-4", "fastai_fine_tune")
 
 
 def main() -> None:
@@ -285,11 +328,13 @@ def main() -> None:
                 if (task, recipe, seed) in done:
                     continue
                 t0 = time.time()
-                acc = RECIPES[recipe](os.path.join(args.tasks_dir, folder), backbone, size, seed)
+                out = RECIPES[recipe](os.path.join(args.tasks_dir, folder), backbone, size, seed)
+                acc, extra = out if isinstance(out, tuple) else (out, {})
                 results.append({"task": task, "recipe": recipe, "seed": seed, "test_accuracy": acc,
-                                "seconds": round(time.time() - t0, 1)})
-                print(f"{task:14s} {recipe:18s} seed {seed}: test acc {acc:.3f} ({results[-1]['seconds']:.0f} s)",
-                      flush=True)
+                                "seconds": round(time.time() - t0, 1), **extra})
+                print(f"{task:16s} {recipe:18s} seed {seed}: test acc {acc:.3f} ({results[-1]['seconds']:.0f} s)"
+                      + (f"  [{extra.get('decision')}; augment {extra.get('augment')}; kept {extra.get('kept_epoch_stage')}]"
+                         if extra else ""), flush=True)
                 keras.backend.clear_session()
                 _write(args.out, args, results)
     print()

@@ -21,9 +21,9 @@ import yaml
 
 from tlkit.core.errors import ConfigError, suggest
 
-AUGMENT_PRESETS = ("none", "light", "standard", "strong")
+AUGMENT_PRESETS = ("auto", "none", "light", "standard", "strong")
 CACHE_CHOICES = ("memory", "disk", "none")
-STRATEGIES = ("feature_extraction", "two_stage", "top_k", "gradual", "full")
+STRATEGIES = ("auto", "feature_extraction", "two_stage", "top_k", "gradual", "full")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("constant", "cosine", "step", "exponential")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
@@ -47,8 +47,14 @@ class DataConfig:
             split. Defaults to `0.1`.
         image_size: Side in pixels of the square model input. Defaults to `None` (the backbone's default).
         batch_size: Global batch size. Defaults to `32`.
-        augment: Augmentation preset of the training split: `none`, `light` (flip, crop), `standard`
-            (+ rotation, zoom, contrast) or `strong` (+ RandAugment, mixup/cutmix). Defaults to `"standard"`.
+        augment: Augmentation preset of the training split: `auto`, `none`, `light` (flip, crop), `standard`
+            (+ rotation, zoom, contrast) or `strong` (+ RandAugment, mixup/cutmix). `auto` (`finetune`): after the
+            head stage, the strongest of `standard`, `light`, `none` whose augmented training images the converged
+            head still classifies at least as well as the unseen validation images, and the flip only if flipped
+            training images pass the same check (`tlkit.engine.adapt`); the choice is written into the run's
+            config.yaml. Elsewhere (`tune`, `distill`, `prune`, `lr-find`) `auto` is `light`. Defaults to `"auto"`.
+        flip: Override the preset's random horizontal flip (`True`/`False`). Defaults to `None` (the preset's;
+            with `augment: auto`, decided from the data).
         cache: Cache decoded, resized images in `memory`, on `disk` (in the run folder) or `none`.
             Defaults to `"memory"`.
         shapes_per_class: Training images per class of the built-in `shapes` dataset. Defaults to `200`.
@@ -60,7 +66,8 @@ class DataConfig:
     val_split: float = 0.1
     image_size: int | None = None
     batch_size: int = 32
-    augment: str = "standard"
+    augment: str = "auto"
+    flip: bool | None = None
     cache: str = "memory"
     shapes_per_class: int = 200
 
@@ -102,11 +109,15 @@ class TrainConfig:
     """How the model is trained.
 
     Attributes:
-        strategy: `feature_extraction` (base frozen: the head alone), `two_stage` (the head trained to
+        strategy: `auto` (the head trained to convergence on cached features, then short trials of fine-tuning
+            from it (the top `unfreeze_stages` stages at `lr * finetune_lr_scale`, the whole backbone at that rate,
+            the whole backbone at `lr`), the best on validation continuing for the rest of a budget counted in
+            optimizer steps (`finetune_steps`), and no fine-tuning when no trial beats the head: see
+            `tlkit.engine.adapt`), `feature_extraction` (base frozen: the head alone), `two_stage` (the head trained to
             convergence on the frozen base's features, then the top `unfreeze_stages` stages with the head, the
             backbone at `lr * finetune_lr_scale`), `top_k` (the top `unfreeze_stages` stages from the start),
             `gradual` (head, then one more stage every `gradual_every` epochs, top down) or `full`.
-            Defaults to `"two_stage"`.
+            Defaults to `"auto"`.
         epochs: Epochs over the training images of the stages that train the backbone (`two_stage`: after the
             head stage; `feature_extraction`: of the head, at least `head_steps` steps). Defaults to `10`.
         head_steps: Optimizer steps of the head stage with the base frozen (`two_stage`, `gradual`,
@@ -115,6 +126,9 @@ class TrainConfig:
             un-augmented images (seconds, not epochs of the backbone) unless `cache_features` is off, and
             the best of its passes on the validation split is kept. `0` skips the head stage.
             Defaults to `300`.
+        finetune_steps: `auto`: the fine-tuning budget is at least this many optimizer steps (and at least
+            `epochs` passes over the training split), so that it means the same on 50 images and on 50,000; its
+            trials take a fifth of it. Defaults to `500`.
         unfreeze_stages: Number of top backbone stages to unfreeze (`two_stage`, `top_k`). Defaults to `2`.
         gradual_every: Epochs between two unfreezings of `gradual`. Defaults to `1`.
         finetune_lr_scale: Learning-rate factor of the backbone in the stages after the head stage
@@ -155,9 +169,10 @@ class TrainConfig:
             recent steps and a long one its last ~`ema_steps`. Defaults to `1000`.
     """
 
-    strategy: str = "two_stage"
+    strategy: str = "auto"
     epochs: int = 10
     head_steps: int = 300
+    finetune_steps: int = 500
     unfreeze_stages: int = 2
     gradual_every: int = 1
     finetune_lr_scale: float = 0.1
@@ -254,7 +269,7 @@ class FinetuneConfig:
         _range("dropout", m.dropout, 0.0, 0.99)
         _range("label_smoothing", t.label_smoothing, 0.0, 0.99)
         _range("l2", m.l2, 0.0, 1.0)
-        for name in ("epochs", "head_steps", "unfreeze_stages"):
+        for name in ("epochs", "head_steps", "unfreeze_stages", "finetune_steps"):
             if getattr(t, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(t, name)}.")
         _positive("gradual_every", t.gradual_every)

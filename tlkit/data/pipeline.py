@@ -37,7 +37,8 @@ def _parallel(parallel: bool, deterministic: bool | None) -> dict:
 
 def make_dataset(split: Split, image_size: int, batch_size: int, num_classes: int, *, training: bool = False,
                  augment: str = "none", cache: str = "memory", cache_dir: str | None = None, seed: int = 42,
-                 drop_remainder: bool = False, deterministic: bool | None = None) -> tf.data.Dataset:
+                 drop_remainder: bool = False, deterministic: bool | None = None,
+                 flip: bool | None = None) -> tf.data.Dataset:
     """Builds the batched, prefetched dataset of one split.
 
     Two paths, chosen by `cache`:
@@ -61,13 +62,15 @@ def make_dataset(split: Split, image_size: int, batch_size: int, num_classes: in
         batch_size: Batch size (global).
         num_classes: Number of classes (for one-hot labels).
         training: Shuffle and augment. Defaults to `False`.
-        augment: Preset name (training only). Defaults to `"none"`.
+        augment: Preset name (training only); `auto` not yet resolved from the data (`tlkit.engine.adapt` does
+            that in `finetune`) is `light`. Defaults to `"none"`.
         cache: `memory`, `disk` (in `cache_dir`) or `none`. Defaults to `"memory"`.
         cache_dir: Folder of the disk cache. Defaults to `None`.
         seed: Seed of shuffling and augmentation. Defaults to `42`.
         drop_remainder: Drop the last incomplete batch. Defaults to `False`.
         deterministic: Keep element order in parallel maps and run the stateful augmentation layers in order,
             so that the same seed gives the same batches. Defaults to `None` (tf.data's default).
+        flip: Override the preset's random horizontal flip. Defaults to `None` (the preset's).
 
     Returns:
         A `tf.data.Dataset` of `(images float32 [B, S, S, 3] in 0..255, labels one-hot float32 [B, C])`.
@@ -75,12 +78,16 @@ def make_dataset(split: Split, image_size: int, batch_size: int, num_classes: in
     Example:
         ds = make_dataset(data.train, 224, 32, data.num_classes, training=True, augment="standard")
     """
+    if augment == "auto":
+        augment = "light"
     if augment not in PRESETS:
         raise ValueError(f"Unknown augmentation preset {augment!r}. Choose one of: {', '.join(PRESETS)}.")
     if cache not in ("memory", "disk", "none"):
         raise ValueError(f"Unknown cache {cache!r}. Choose one of: memory, disk, none.")
     kind = split.kind
     preset = PRESETS[augment] if training else PRESETS["none"]
+    if training and flip is not None:
+        preset = dataclasses.replace(preset, flip=bool(flip))
     det = deterministic
     shuffle_n = min(max(split.count, 1), 10_000)
     # Per-element (or per-batch) random seeds: new each epoch, the same sequence for the same seed.

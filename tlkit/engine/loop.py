@@ -213,7 +213,7 @@ def run_stages(clf: Classifier, plan: Sequence, train_ds, val_ds, cfg, rt, *, nu
                callbacks: Sequence[keras.callbacks.Callback] = (), checkpointer=None, history_path: str | None = None,
                state=None, epoch_range: tuple[int, int] | None = None, early_stopping_monitor: str | None = None,
                trainable_fn: Callable[[Any], int] | None = None, verbose: int | None = None,
-               describe: bool = True) -> list[dict[str, Any]]:
+               describe: bool = True, adapt: Callable[..., Any] | None = None) -> list[dict[str, Any]]:
     """Runs the stages of `plan` in order; returns the history rows (one dict per epoch, with the stage).
 
     For each stage: set what trains (`Classifier.set_trainable`), build a fresh optimizer with the stage's schedule
@@ -242,6 +242,10 @@ def run_stages(clf: Classifier, plan: Sequence, train_ds, val_ds, cfg, rt, *, nu
             place of `clf.set_trainable` by the backbone's stages (`prune` trains everything). Defaults to `None`.
         verbose: Keras's fit verbosity. Defaults to `None` (1 on a terminal, else 2).
         describe: Print one line per stage. Defaults to `True`.
+        adapt: For a stage planned `adaptive` (`strategy: auto`): `adapt(index, stage, train_ds, resumed)` decides
+            it when it starts (`engine.adapt.Adapter`) and returns `(stage, train_ds)`, the stage `None` for "no
+            fine-tuning"; `resumed` is true when the stage is continued from a checkpoint inside it. Without it the
+            stage runs as planned. Defaults to `None`.
 
     Raises:
         TrainingError: The loss became NaN or infinite (`error.history` holds the rows so far).
@@ -277,6 +281,24 @@ def run_stages(clf: Classifier, plan: Sequence, train_ds, val_ds, cfg, rt, *, nu
         a, b = max(s0, first), min(s1, last)
         if a >= b:
             continue
+        weights_ready = False  # the adaptive stage's trials leave the model at the chosen trial's weights
+        if stage.adaptive and adapt is not None:
+            resumed_inside = bool(state is not None and index == state.next_stage and state.next_stage_epoch)
+            if state is not None and index == state.next_stage and not resumed_inside:
+                with rt.scope():  # the trials start from the head stage's result
+                    resume.load_weights(model, os.path.join(checkpointer.dir, state.weights))
+            decided, train_ds = adapt(index, stage, train_ds, resumed_inside)
+            weights_ready = not resumed_inside
+            if decided is None:  # no trial beat the head: no fine-tuning
+                break
+            if decided.epochs != stage.epochs:  # the trials used part of the budget
+                s1 = s0 + decided.epochs
+                b = min(s1, last)
+                epoch = s1
+            stage = decided
+            plan = [*plan[:index], stage, *plan[index + 1:]]
+            if a >= b:
+                continue
         if trainable_fn is not None:
             n = trainable_fn(stage)
         else:
@@ -290,8 +312,9 @@ def run_stages(clf: Classifier, plan: Sequence, train_ds, val_ds, cfg, rt, *, nu
         if on_features and (features is None or compile_fn is not None or stage.trainable != frozenset()):
             raise ValueError(f"Stage {stage.name!r} is planned on cached features, which need the classifier's "
                              "own compile, a frozen backbone and the run's HeadFeatures.")
-        # a head stage on features: its schedule spans all its passes
-        lr = schedules.make_schedule(cfg.train, stage.lr, stage.passes or stage.epochs, steps_per_epoch)
+        # a head stage on features: its schedule spans all its passes; a stage of fixed-step rounds: its steps
+        stage_steps = stage.steps or steps_per_epoch
+        lr = schedules.make_schedule(cfg.train, stage.lr, stage.passes or stage.epochs, stage_steps)
         averaging = bool(cfg.train.ema and compile_fn is None and not on_features)  # engine.ema: image stages
         with rt.scope():
             optimizer = stage_optimizer(cfg, lr, clf if spec is not None else None,
@@ -313,13 +336,13 @@ def run_stages(clf: Classifier, plan: Sequence, train_ds, val_ds, cfg, rt, *, nu
         start = a
         if state is not None and index == state.next_stage and state.next_stage_epoch:
             start = s0 + state.next_stage_epoch  # resuming inside a stage: weights, optimizer, schedule step
-        if state is not None and index == state.next_stage:
+        if state is not None and index == state.next_stage and not weights_ready:
             with rt.scope():
                 resume.load_weights(model, os.path.join(checkpointer.dir, state.weights))
                 if state.next_stage_epoch:
                     resume.restore_optimizer(model, os.path.join(checkpointer.dir, state.optimizer))
         elif start > s0:  # Hyperband continues inside a stage: the schedule goes on where it was
-            fit_model.optimizer.iterations.assign((start - s0) * steps_per_epoch)
+            fit_model.optimizer.iterations.assign((start - s0) * stage_steps)
         if averaging:  # before the checkpointer: it saves the average; a resumed epoch's model holds the average
             resumed = bool(state is not None and index == state.next_stage and state.next_stage_epoch)
             stage_cbs.insert(len(stage_cbs) - (checkpointer is not None), ema.EMAWeights(resumed=resumed))
@@ -345,8 +368,12 @@ def run_stages(clf: Classifier, plan: Sequence, train_ds, val_ds, cfg, rt, *, nu
                 # Keras 3.15 warns "Your input ran out of data" at the end of each epoch of a dataset of unknown
                 # length; it is spurious (fixed upstream, keras-team/keras#23360).
                 warnings.filterwarnings("ignore", message=".*Your input ran out of data.*")
-                fit_model.fit(train_ds, validation_data=val_ds, epochs=b, initial_epoch=start, callbacks=stage_cbs,
-                              verbose=verbose, shuffle=False)
+                if stage.steps:  # rounds of a fixed number of steps over the repeated training split
+                    fit_model.fit(train_ds.repeat(), steps_per_epoch=stage.steps, validation_data=val_ds, epochs=b,
+                                  initial_epoch=start, callbacks=stage_cbs, verbose=verbose, shuffle=False)
+                else:
+                    fit_model.fit(train_ds, validation_data=val_ds, epochs=b, initial_epoch=start,
+                                  callbacks=stage_cbs, verbose=verbose, shuffle=False)
         if features is not None and stage.trainable != frozenset():
             features.fresh = False  # the backbone moved: features of a later head stage are computed again
         if guard.bad_epoch is not None:

@@ -87,6 +87,7 @@ class RunState:
         weights: File name (in `checkpoints/`) of the model weights of the last finished epoch.
         optimizer: File name of the optimizer variables of the last finished epoch.
         early_stopping: `{"wait": ..., "best": ...}` of the stage's early stopping, if any.
+        best_loss: The loss (`val_loss`, or `loss` without validation) of the best epoch, the tie-break.
     """
 
     stage_index: int
@@ -101,6 +102,7 @@ class RunState:
     weights: str
     optimizer: str
     early_stopping: dict[str, Any] | None = None
+    best_loss: float | None = None
 
     @property
     def next_stage(self) -> int:
@@ -441,9 +443,13 @@ class Checkpointer(keras.callbacks.Callback):
 
     Args:
         run_dir: The run folder.
-        monitor: Metric of the best checkpoint, maximised. Defaults to `"val_accuracy"`.
+        monitor: Metric of the best checkpoint, maximised; ties go to the lower loss (`val_loss`, or `loss`).
+            Defaults to `"val_accuracy"`.
         history: The list of history rows that the epoch logger appends to (saved in the state).
         bad_epoch: A callable returning the epoch number of a NaN/inf loss, or `None`. Defaults to `None`.
+        head_margin: Added to the monitor of an epoch in which no backbone weight trained (the head on the frozen
+            backbone, the probe): a fine-tuned epoch replaces it only when it beats it by more than this (one
+            validation image: `1 / n_val`), or by exactly this at a lower loss. Defaults to `0.0`.
 
     Example:
         ckpt = Checkpointer("runs/try", "val_accuracy", rows)
@@ -451,8 +457,12 @@ class Checkpointer(keras.callbacks.Callback):
     """
 
     def __init__(self, run_dir: str, monitor: str = "val_accuracy", history: list[dict[str, Any]] | None = None,
-                 bad_epoch=None):
+                 bad_epoch=None, head_margin: float = 0.0):
         super().__init__()
+        self.head_margin = float(head_margin)
+        self.loss_key = "val_loss" if monitor.startswith("val_") else "loss"
+        self.best_loss: float = math.inf
+        self.stage_frozen = False
         self.run_dir = run_dir
         self.dir = checkpoint_dir(run_dir)
         os.makedirs(self.dir, exist_ok=True)
@@ -475,6 +485,7 @@ class Checkpointer(keras.callbacks.Callback):
     def restore(self, state: RunState) -> None:
         """Takes over the best metric and history of a resumed run."""
         self.best = -math.inf if state.best is None else float(state.best)
+        self.best_loss = math.inf if state.best_loss is None else float(state.best_loss)
         self.best_epoch = state.best_epoch
         self.history[:] = [dict(r) for r in state.history]
         self.last = state
@@ -483,6 +494,7 @@ class Checkpointer(keras.callbacks.Callback):
         """Tells the checkpointer which stage runs next (`start_epoch`: the global epoch the stage starts at)."""
         self.stage_index, self.stage_name, self.stage_epochs, self.stage_start = (
             index, stage.name, stage.epochs, start_epoch)
+        self.stage_frozen = stage.trainable == frozenset()
         self.early_stopping = next((c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping)), None)
         self._es_restore = es_state
         self._frozen_key = None  # a new stage: its frozen weights are written again, once
@@ -506,11 +518,17 @@ class Checkpointer(keras.callbacks.Callback):
         if self.bad_epoch() is not None or (loss is not None and not math.isfinite(float(loss))):
             return
         value = logs.get(self.monitor)
-        # Ties go to the later epoch: when the head warm-up already saturates a small validation split, the
-        # fine-tuned model that equals it (and is usually better calibrated) is the one kept.
-        improved = value is not None and math.isfinite(float(value)) and float(value) >= self.best
+        # Ties go to the lower loss, not to the later epoch: on a small validation split that saturates or goes flat,
+        # a later epoch at equal accuracy and higher loss is the worse model. The probe (no backbone weight trained)
+        # carries a margin of one validation image: fine-tuning must beat it clearly to replace it.
+        improved = False
+        if value is not None and math.isfinite(float(value)):
+            value = float(value) + (self.head_margin if self.stage_frozen else 0.0)
+            loss = logs.get(self.loss_key)
+            loss = float(loss) if loss is not None and math.isfinite(float(loss)) else math.inf
+            improved = (value, -loss) > (self.best, -self.best_loss) if self.best_epoch is not None else True
         if improved:
-            self.best, self.best_epoch = float(value), epoch + 1
+            self.best, self.best_loss, self.best_epoch = value, loss, epoch + 1
         self.save(epoch + 1, as_best=improved)
         raise_if_interrupted()
 
@@ -533,7 +551,8 @@ class Checkpointer(keras.callbacks.Callback):
             stage_index=self.stage_index, stage_name=self.stage_name, stage_epoch=stage_epoch,
             stage_done=bool(stage_epoch >= self.stage_epochs or self.model.stop_training), epoch=epoch_done,
             best=_finite_or_none(self.best), best_epoch=self.best_epoch, monitor=self.monitor,
-            history=[dict(r) for r in self.history], weights=weights, optimizer=opt, early_stopping=es)
+            history=[dict(r) for r in self.history], weights=weights, optimizer=opt, early_stopping=es,
+            best_loss=_finite_or_none(self.best_loss))
         write_state(self.run_dir, state)
         self.last = state
         keep = {weights, opt, *files_needed(os.path.join(self.dir, weights))}
@@ -643,6 +662,9 @@ def prepare_run_dir(out_dir: str, cfg):  # the resumable run folder of finetune
             old = _saved_config(saved)
             if isinstance(cfg.train.lr, str) and not isinstance(old.train.lr, str):  # lr: auto, already found
                 cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=old.train.lr))
+            if cfg.data.augment == "auto" and old.data.augment != "auto":  # augment: auto, already decided
+                cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment=old.data.augment,
+                                                                         flip=old.data.flip))
             diff = config_differences(old, cfg)
             if diff:
                 raise ConfigError(f"Cannot resume {out_dir!r} with a different configuration ({'; '.join(diff[:4])})."

@@ -14,7 +14,7 @@ import keras
 from tlkit.core import rundir
 from tlkit.core.config import AUTO_LR, FinetuneConfig, absolute_paths, config_to_dict, dump_yaml
 from tlkit.core.errors import TrainingError
-from tlkit.engine import class_weights, features, resume
+from tlkit.engine import adapt, class_weights, features, resume
 from tlkit.engine import setup as engine_setup
 from tlkit.engine.loop import run_stages
 from tlkit.engine import lr_range
@@ -77,12 +77,22 @@ def finetune_run(cfg: FinetuneConfig) -> RunResult:
     if resolved.train.tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(out_dir, "tensorboard")))
     rt.per_replica_batch(resolved.data.batch_size)  # the batch is global: it must split evenly over the replicas
+
+    def write_config(decided_cfg):  # augment: auto, once decided, is what config.yaml says
+        rundir.write_text(os.path.join(out_dir, "config.yaml"), dump_yaml(config_to_dict(decided_cfg)))
+
+    adapter = adapt.Adapter(
+        clf, resolved, rt, feats, val_ds,
+        lambda augment, flip: engine_setup.make_train_pipeline(resolved, data, size, out_dir, augment, flip),
+        data.train, out_dir, on_resolved=write_config)
+    n_val = data.val.count if (data.val is not None and val_ds is not None) else 0
     with resume.interruptible(out_dir):  # Ctrl-C / SIGTERM -> resume.Interrupted naming the run folder
         try:
             history = run_stages(clf, plan, train_ds, val_ds, resolved, rt, num_classes=data.num_classes,
                                  steps_per_epoch=steps, features=feats, callbacks=callbacks,
-                                 checkpointer=resume.Checkpointer(out_dir, monitor),
-                                 history_path=os.path.join(out_dir, "history.csv"), state=state)
+                                 checkpointer=resume.Checkpointer(out_dir, monitor,
+                                                                  head_margin=1.0 / n_val if n_val else 0.0),
+                                 history_path=os.path.join(out_dir, "history.csv"), state=state, adapt=adapter)
         except TrainingError as e:  # NaN/inf loss: outputs from the last good checkpoint, then the error
             failure, history = e, getattr(e, "history", [])
     train_seconds = time.time() - t0
@@ -101,8 +111,11 @@ def finetune_run(cfg: FinetuneConfig) -> RunResult:
     out_metrics = dict(metrics)
     out_metrics["train_seconds"] = round(train_seconds, 2)
     out_metrics["epochs"] = len(history)
+    ran = [s for s in plan if not s.adaptive] + ([adapter.stage] if adapter.stage is not None else [])
     out_metrics["stages"] = [dataclasses.asdict(s) | {"trainable": None if s.trainable is None else sorted(s.trainable)}
-                             for s in plan]
+                             for s in ran]
+    if adapter.decision:
+        out_metrics["recipe"] = adapter.decision
     out_metrics["skipped_files"] = data.skipped
     out_metrics["num_skipped_files"] = len(data.skipped)
     if failure is not None:
@@ -124,4 +137,4 @@ def finetune_run(cfg: FinetuneConfig) -> RunResult:
     if failure is not None:
         raise TrainingError(f"{failure} The best model before it was saved to {os.path.join(out_dir, 'model.keras')}.")
     print(f"[tlkit] run folder: {out_dir}", flush=True)
-    return RunResult(model, history, out_metrics, out_dir, data.class_names, resolved)
+    return RunResult(model, history, out_metrics, out_dir, data.class_names, adapter.cfg)

@@ -132,16 +132,29 @@ def make_pipelines(cfg, data: Datasets, size: int, out_dir: str | None):
     standardisation and the head stage itself.
     """
     d = cfg.data
-    det = True if cfg.runtime.deterministic else None
-    cache_dir = os.path.join(out_dir, "cache") if out_dir else None
-    cache = d.cache if (d.cache != "disk" or cache_dir) else "memory"
-    common = dict(image_size=size, batch_size=d.batch_size, num_classes=data.num_classes, seed=cfg.seed,
-                  cache_dir=cache_dir, deterministic=det)
-    train = make_dataset(data.train, training=True, augment=d.augment, cache=cache, **common)
+    cache, common = _pipeline_options(cfg, data, size, out_dir)
+    train = make_train_pipeline(cfg, data, size, out_dir)
     val = make_dataset(data.val, cache=cache, **common) if data.val else None
     test = make_dataset(data.test, cache="none", **common) if data.test else None
     plain = make_dataset(data.train, cache="none", **common)
     return train, val, test, plain
+
+
+def _pipeline_options(cfg, data: Datasets, size: int, out_dir: str | None) -> tuple[str, dict[str, Any]]:
+    d = cfg.data
+    det = True if cfg.runtime.deterministic else None
+    cache_dir = os.path.join(out_dir, "cache") if out_dir else None
+    cache = d.cache if (d.cache != "disk" or cache_dir) else "memory"
+    return cache, dict(image_size=size, batch_size=d.batch_size, num_classes=data.num_classes, seed=cfg.seed,
+                       cache_dir=cache_dir, deterministic=det)
+
+
+def make_train_pipeline(cfg, data: Datasets, size: int, out_dir: str | None, augment: str | None = None,
+                        flip: bool | None = None):
+    """The augmented training pipeline of a run (`augment`/`flip` override the configuration's)."""
+    cache, common = _pipeline_options(cfg, data, size, out_dir)
+    return make_dataset(data.train, training=True, augment=augment or cfg.data.augment, cache=cache,
+                        flip=cfg.data.flip if flip is None else flip, **common)
 
 
 def feature_stats(feats: HeadFeatures) -> tuple[np.ndarray, np.ndarray]:

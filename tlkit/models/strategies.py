@@ -25,6 +25,11 @@ class Stage:
         passes: For a head stage trained on cached features: its passes over the features; the stage then counts
             as one epoch of the run (one history row, one checkpoint). `0`: the stage trains on the images for
             `epochs` epochs. Defaults to `0`.
+        steps: Optimizer steps of each of its epochs (the training split is repeated; one validation, history row
+            and checkpoint per epoch). `0`: an epoch is one pass over the training split. Defaults to `0`.
+        adaptive: What trains and how fast is decided when the stage starts (`strategy: auto`, by
+            `tlkit.engine.adapt` from trials on the validation split); `trainable` and `lr` are the fallback when
+            nothing decides (`tune` trials, `distill`). Defaults to `False`.
     """
 
     name: str
@@ -32,6 +37,8 @@ class Stage:
     lr: float
     trainable: frozenset[int] | None
     passes: int = 0
+    steps: int = 0
+    adaptive: bool = False
 
     def describe(self, num_stages: int) -> str:
         if self.trainable is None:
@@ -42,6 +49,9 @@ class Stage:
             what = f"top {len(self.trainable)} of {num_stages} stages"
         if self.passes:
             return f"{self.name}: {self.passes} passes over cached features at lr {self.lr:g}, {what}"
+        if self.steps:
+            return (f"{self.name}: {self.epochs} rounds of {self.steps} steps ({self.epochs * self.steps} steps) at lr "
+                    f"{self.lr:g}, {what}")
         return f"{self.name}: {self.epochs} epoch(s) at lr {self.lr:g}, {what}"
 
 
@@ -61,6 +71,32 @@ def head_epochs(cfg: TrainConfig, steps_per_epoch: int) -> int:
     if cfg.head_steps <= 0:
         return 0
     return max(1, math.ceil(cfg.head_steps / max(1, steps_per_epoch)))
+
+
+MAX_ROUNDS = 20  # validations (history rows, checkpoints) of a budgeted stage
+
+
+def finetune_budget(cfg: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """`(rounds, steps per round)` of the fine-tuning stage of `auto`.
+
+    The budget is `max(finetune_steps, epochs * steps_per_epoch)` optimizer steps: a floor in steps, so that 50
+    images get as many updates as 5,000 (the whole net of a user's small CNN needs a few hundred steps to move), and
+    at least `epochs` passes on large data. It is validated in at most `MAX_ROUNDS` rounds: a round is one pass over
+    the training split when that gives at most `MAX_ROUNDS`, else `ceil(budget / MAX_ROUNDS)` steps.
+
+    Example:
+        >>> finetune_budget(TrainConfig(finetune_steps=500, epochs=10), steps_per_epoch=3)
+        (20, 25)
+        >>> finetune_budget(TrainConfig(finetune_steps=500, epochs=10), steps_per_epoch=94)
+        (10, 94)
+    """
+    spe = max(1, steps_per_epoch)
+    total = max(cfg.finetune_steps, cfg.epochs * spe)
+    if total <= 0:
+        return 0, spe
+    if math.ceil(total / spe) <= MAX_ROUNDS:
+        return math.ceil(total / spe), spe
+    return MAX_ROUNDS, math.ceil(total / MAX_ROUNDS)
 
 
 def plan(cfg: TrainConfig, num_stages: int, steps_per_epoch: int = 1, head_on_features: bool = False) -> list[Stage]:
@@ -85,7 +121,12 @@ def plan(cfg: TrainConfig, num_stages: int, steps_per_epoch: int = 1, head_on_fe
         raise ConfigError(f"lr {lr!r} must be resolved to a number before planning (finetune does it with lr_find).")
     head = head_epochs(cfg, steps_per_epoch)
     scale = cfg.finetune_lr_scale
-    if s == "feature_extraction":
+    if s == "auto":
+        rounds, per_round = finetune_budget(cfg, steps_per_epoch)
+        stages = [Stage("head", head, lr, frozenset()),
+                  Stage("finetune", rounds, lr * scale, top_stages(num_stages, cfg.unfreeze_stages),
+                        steps=0 if per_round == steps_per_epoch else per_round, adaptive=True)]
+    elif s == "feature_extraction":
         stages = [Stage("head", max(cfg.epochs, head), lr, frozenset())]
     elif s == "full":
         stages = [Stage("full", cfg.epochs, lr, None)]
