@@ -123,7 +123,7 @@ def test_finetune_export_and_predict_with_a_hub_preset(hub_preset, tmp_path, cap
     run = str(tmp_path / "run")
     rc = main(["finetune", "--base", "hub:" + hub_preset, "--dataset", "shapes", "--image-size", "32",
                "--shapes-per-class", "8", "--batch-size", "8", "--epochs", "1",
-               "--augment", "none", "--output-dir", run])
+               "--augment", "none", "--strategy", "two_stage", "--output-dir", run])
     assert rc == 0
     with open(os.path.join(run, "metrics.json")) as f:
         metrics = json.load(f)

@@ -67,7 +67,7 @@ def test_keras_export_round_trip_and_overwrite(run_dir, keras_model, photos, tmp
     imgs = [read_image(f) for f in _files(photos)]
     np.testing.assert_allclose(clf.predict(imgs), _keras_probs(keras_model, imgs), atol=1e-6)
     card = open(os.path.join(out, "model_card.md"), encoding="utf-8").read()
-    for needle in ("| base |", "| weights | `none` |", "| data | `shapes` |", "| strategy | `two_stage`",
+    for needle in ("| base |", "| weights | `none` |", "| data | `shapes` |", "| strategy | `auto`",
                    "| input size | 32x32 RGB |", "| preprocessing |", "| export format | keras |", "| size on disk |",
                    "| val | 4 |"):
         assert needle in card, needle

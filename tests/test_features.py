@@ -40,8 +40,13 @@ def test_when_the_head_trains_on_cached_features():
     assert features.head_on_features(cfg)  # auto: on, whatever the augmentation (the features are un-augmented)
     assert features.head_on_features(dataclasses.replace(cfg, runtime=RuntimeConfig(cache_features=True)))
     assert not features.head_on_features(dataclasses.replace(cfg, runtime=RuntimeConfig(cache_features=False)))
-    stages = plan(cfg.train, 4, steps_per_epoch=2, head_on_features=True)
+    two = dataclasses.replace(cfg.train, strategy="two_stage")
+    stages = plan(two, 4, steps_per_epoch=2, head_on_features=True)
     assert [(s.name, s.epochs, s.passes) for s in stages] == [("head", 1, 150), ("finetune", 10, 0)]
+    # auto (the default): the fine-tuning stage is a budget of optimizer steps (500), in 20 validated rounds of 25
+    stages = plan(cfg.train, 4, steps_per_epoch=2, head_on_features=True)
+    assert [(s.name, s.epochs, s.passes, s.steps, s.adaptive) for s in stages] == [
+        ("head", 1, 150, 0, False), ("finetune", 20, 0, 25, True)]
 
 
 def _run(root, tiny_backbone, out, cache, strategy="feature_extraction", augment="none", batch_size=4):

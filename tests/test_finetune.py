@@ -59,7 +59,7 @@ def test_oxford_flowers102_through_tfds_mock_data(tmp_path, tiny_backbone):
     with tfds.testing.mock_data(num_examples=12):
         rc = main(["finetune", "--base", tiny_backbone, "--weights", "none", "--dataset", "oxford_flowers102",
                    "--image-size", "32", "--epochs", "1", "--head-steps", "1", "--batch-size", "4",
-                   "--output-dir", run])
+                   "--strategy", "two_stage", "--output-dir", run])
         assert rc == 0
         _, metrics = _check_run(run, 102, 32, epochs=2)
         assert metrics["test"]["num_examples"] == 12 and metrics["val"]["num_examples"] == 12

@@ -7,6 +7,7 @@ frozen linear probe that the keras.io guide writes (Dropout, Dense, Adam 1e-3, 3
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import math
 import os
@@ -213,3 +214,55 @@ def test_folding_the_standardisation_into_the_logits_keeps_the_outputs(tiny_back
     assert "feature_norm" not in [layer.name for layer in folded.layers]
     x = rng.uniform(0, 255, (5, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(np.asarray(folded(x)), np.asarray(model(x)), atol=1e-5)
+
+
+def _pretrained_shapes_backbone(path: str) -> str:
+    """A ReLU CNN without normalisation pretrained on the built-in `shapes` (outlines of four shapes in colour)."""
+    from tlkit.data.shapes import make_shapes
+
+    keras.utils.set_random_seed(0)
+    x, y = make_shapes(100, SIZE, seed=0)
+    image = keras.Input((SIZE, SIZE, 3), name="image")
+    h = keras.layers.Rescaling(1 / 255.0)(image)
+    for i, width in enumerate((16, 32, 64)):
+        h = keras.layers.Conv2D(width, 3, padding="same", activation="relu", name=f"block{i}_conv")(h)
+        h = keras.layers.MaxPooling2D(name=f"block{i}_pool")(h)
+    backbone = keras.Model(image, h, name="shapes_backbone")
+    head = keras.layers.Dense(4, activation="softmax")(keras.layers.GlobalAveragePooling2D()(backbone.output))
+    clf = keras.Model(image, head)
+    clf.compile(keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy")
+    clf.fit(x.astype("float32"), y, batch_size=32, epochs=5, verbose=0)
+    backbone.save(path)
+    return path
+
+
+def _write_letters_task(root: str, fonts: list[str], per_class: int, letters: str = "ABCDEF") -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    seen, unseen = fonts[: len(fonts) * 2 // 3], fonts[len(fonts) * 2 // 3:]
+    for split, split_fonts, n in (("train", seen, per_class), ("val", seen, per_class), ("test", unseen, 15)):
+        x, y = _letters(letters, split_fonts, n, rng)
+        for i, (img, label) in enumerate(zip(x, y)):
+            d = os.path.join(root, split, letters[label])
+            os.makedirs(d, exist_ok=True)
+            Image.fromarray(img).save(os.path.join(d, f"{i:03d}.png"))
+
+
+def test_far_transfer_the_default_moves_the_backbone_beyond_its_probe(tmp_path):
+    """Features that transfer poorly (a CNN pretrained on coloured shapes, used on letters in unseen fonts): the
+    default recipe must not stay a linear probe. It has to beat the same run's head stage (the probe on the frozen
+    backbone, `--strategy feature_extraction`) by a clear margin, by training the backbone."""
+    fonts = _fonts()
+    backbone = _pretrained_shapes_backbone(str(tmp_path / "shapes_backbone.keras"))
+    root = str(tmp_path / "letters-20")
+    _write_letters_task(root, fonts, per_class=20)
+    base = FinetuneConfig(data=DataConfig(image_dir=root, image_size=SIZE), model=ModelConfig(base=backbone), seed=0,
+                          output_dir=str(tmp_path / "probe"))
+    probe = tlkit.finetune(dataclasses.replace(base, train=TrainConfig(strategy="feature_extraction")))
+    auto = tlkit.finetune(dataclasses.replace(base, output_dir=str(tmp_path / "auto")))  # every flag at its default
+    p, a = probe.metrics["test"]["accuracy"], auto.metrics["test"]["accuracy"]
+    recipe = auto.metrics["recipe"]
+    print(f"letters through a shapes backbone: probe {p:.3f}, default {a:.3f}; {recipe['summary']}")
+    assert recipe["stage"] is not None and recipe["stage"]["trainable"] is None  # the whole backbone trained
+    assert a >= p + 0.15, (a, p)

@@ -72,7 +72,8 @@ def test_sigkill_sigint_resume_matches_uninterrupted(tmp_path, tiny_backbone, ca
     work.mkdir()
     args = ["finetune", "--base", tiny_backbone, "--image-size", "32", "--weights", "none", "--image-dir", images,
             "--batch-size", "4", "--val-split", "0.25", "--head-steps", "4", "--epochs", "1", "--augment", "none",
-            "--lr", "0.01", "--seed", "3", "--no-cache-features"]  # the head stage on images: 2 epochs of 2 steps
+            "--lr", "0.01", "--seed", "3", "--no-cache-features",  # the head stage on images: 2 epochs of 2 steps
+            "--strategy", "two_stage"]  # a fixed plan (auto's trials may end the run after the head stage)
     ref, run = str(work / "ref"), str(work / "run")
 
     # 1. A real subprocess, SIGKILLed inside epoch 2, after epoch 1's checkpoint.

@@ -30,6 +30,7 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 XLA_CHOICES = ("auto", "on", "off")
 DISTRIBUTE_CHOICES = ("auto", "none", "mirrored", "multiworker", "tpu")
 CLASS_WEIGHT_CHOICES = ("none", "balanced")
+DEFAULT_EPOCHS = 10  # TrainConfig.epochs when not given
 AUTO_LR = "auto"  # TrainConfig.lr: run the learning-rate finder first (tlkit.engine.lr_range)
 
 
@@ -119,16 +120,18 @@ class TrainConfig:
             `gradual` (head, then one more stage every `gradual_every` epochs, top down) or `full`.
             Defaults to `"auto"`.
         epochs: Epochs over the training images of the stages that train the backbone (`two_stage`: after the
-            head stage; `feature_extraction`: of the head, at least `head_steps` steps). Defaults to `10`.
+            head stage; `feature_extraction`: of the head, at least `head_steps` steps). `None`: 10, and for `auto`
+            a budget of `max(finetune_steps, 30 passes)` optimizer steps; a number given for `auto` is its budget in
+            passes over the training split (`finetune_steps` is then not used). Defaults to `None`.
         head_steps: Optimizer steps of the head stage with the base frozen (`two_stage`, `gradual`,
             `feature_extraction`), counted in steps so that it means the same on 50 images and on 50,000;
             rounded up to whole passes over the training split. The head trains on features computed once from
             un-augmented images (seconds, not epochs of the backbone) unless `cache_features` is off, and
             the best of its passes on the validation split is kept. `0` skips the head stage.
             Defaults to `300`.
-        finetune_steps: `auto`: the fine-tuning budget is at least this many optimizer steps (and at least
-            `epochs` passes over the training split), so that it means the same on 50 images and on 50,000; its
-            trials take a fifth of it. Defaults to `500`.
+        finetune_steps: `auto` without `epochs`: the fine-tuning budget is at least this many optimizer steps (and
+            at least 30 passes over the training split), so that 50 images get as many updates as 500; its trials
+            take a fifth of it each. Defaults to `500`.
         unfreeze_stages: Number of top backbone stages to unfreeze (`two_stage`, `top_k`). Defaults to `2`.
         gradual_every: Epochs between two unfreezings of `gradual`. Defaults to `1`.
         finetune_lr_scale: Learning-rate factor of the backbone in the stages after the head stage
@@ -170,7 +173,7 @@ class TrainConfig:
     """
 
     strategy: str = "auto"
-    epochs: int = 10
+    epochs: int | None = None
     head_steps: int = 300
     finetune_steps: int = 500
     unfreeze_stages: int = 2
@@ -192,6 +195,11 @@ class TrainConfig:
     class_weight: str | list[float] = "none"
     ema: bool = False
     ema_steps: int = 1000
+
+    @property
+    def num_epochs(self) -> int:
+        """`epochs`, with `None` resolved to `DEFAULT_EPOCHS`."""
+        return DEFAULT_EPOCHS if self.epochs is None else int(self.epochs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,7 +278,7 @@ class FinetuneConfig:
         _range("label_smoothing", t.label_smoothing, 0.0, 0.99)
         _range("l2", m.l2, 0.0, 1.0)
         for name in ("epochs", "head_steps", "unfreeze_stages", "finetune_steps"):
-            if getattr(t, name) < 0:
+            if getattr(t, name) is not None and getattr(t, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(t, name)}.")
         _positive("gradual_every", t.gradual_every)
         _positive("decay_every", t.decay_every)

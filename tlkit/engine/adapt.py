@@ -190,9 +190,8 @@ class Adapter:
             if self.on_resolved is not None:
                 self.on_resolved(cfg)
         steps = stage.steps or max(1, int(train_ds.cardinality()))
-        trial_rounds = max(1, round(stage.epochs * TRIAL_SHARE)) if stage.epochs > 1 else 1
-        rest = max(1, stage.epochs - trial_rounds)
-        trial_steps = trial_rounds * steps
+        trial_steps = max(1, math.ceil(stage.epochs * steps * TRIAL_SHARE))
+        rest = max(1, stage.epochs - round(stage.epochs * TRIAL_SHARE))
         start = model.get_weights()
         results, best, best_weights = [], None, None
         for cand in candidates(stage, cfg, clf.num_stages):

@@ -313,7 +313,7 @@ class TlkitHyperModel(kt.HyperModel):
 
     @property
     def trial_epochs(self) -> int:
-        return int(self.tc.trial_epochs if self.tc.trial_epochs is not None else self.cfg.train.epochs)
+        return int(self.tc.trial_epochs if self.tc.trial_epochs is not None else self.cfg.train.num_epochs)
 
     def total_epochs(self) -> int:
         """Epochs of a whole trial, all stages (Hyperband's `max_epochs`)."""
@@ -680,7 +680,7 @@ def tune(cfg: FinetuneConfig, tune_cfg: TuneConfig | None = None,
     if tc.then_finetune:
         final = C.load_config(best_path)  # the very file `tlkit finetune --config` reads
         final = dataclasses.replace(final, output_dir=os.path.abspath(os.path.join(out, "finetune")), overwrite=True)
-        print(f"[tlkit] then-finetune: the best configuration for {final.train.epochs} epoch(s) into "
+        print(f"[tlkit] then-finetune: the best configuration for {final.train.num_epochs} epoch(s) into "
               f"{final.output_dir}", flush=True)
         result.finetune = finetune_run(final)
     return result
