@@ -356,3 +356,57 @@ def test_a_frozen_stage_writes_the_backbone_once_and_its_checkpoints_load_exactl
         os.remove(ck / name)
         with pytest.raises(TrainingError, match="missing"):
             resume.load_state(str(tmp_path / "run"))
+
+
+def test_auto_resumes_inside_fine_tuning_with_the_decision_it_made(tmp_path, tiny_backbone, capsys, monkeypatch):
+    """strategy auto: the trials run once; a run interrupted inside the fine-tuning they chose continues that stage
+    (the same trainable stages, rate, rounds and augmentation) without trying again."""
+    images = write_image_folder(tmp_path / "images", classes=("red", "green", "blue"), per_class=8)
+    args = ["finetune", "--base", tiny_backbone, "--image-size", "32", "--weights", "none", "--image-dir", images,
+            "--batch-size", "4", "--val-split", "0.25", "--head-steps", "10", "--epochs", "4", "--seed", "3",
+            "--lr", "0.01", "--output-dir", str(tmp_path / "run")]
+    run = str(tmp_path / "run")
+    # Decide by construction: the trials' validation accuracies are what this stub says (the whole backbone at
+    # the lower rate wins), so the test is about resuming, whatever the arithmetic of this CPU.
+    from tlkit.engine import adapt
+
+    real_fit = adapt.keras.Model.fit
+    scores = {"top2": 0.5, "all": 0.9, "all_fast": 0.7}
+
+    def fake_trial_fit(self, *a, **kw):
+        hist = real_fit(self, *a, **kw)
+        if kw.get("epochs") == 1 and "steps_per_epoch" in kw and not kw.get("callbacks", [None])[1:]:
+            name = fake_trial_fit.next.pop(0)
+            hist.history["val_accuracy"] = [scores[name]]
+        return hist
+
+    fake_trial_fit.next = ["top2", "all", "all_fast"]
+    monkeypatch.setattr(adapt.keras.Model, "fit", fake_trial_fit)
+    original = resume.Checkpointer.on_train_batch_end
+
+    def interrupt_in_round_3(self, batch, logs=None):  # head = epoch 1, first fine-tuning round = epoch 2
+        if self.last is not None and self.last.epoch == 2:
+            signal.raise_signal(signal.SIGINT)
+        original(self, batch, logs)
+
+    monkeypatch.setattr(resume.Checkpointer, "on_train_batch_end", interrupt_in_round_3)
+    assert cli.main(args) == 130
+    out = capsys.readouterr().out
+    assert out.count("[tlkit] trial ") == 3 and "recipe: fine-tuning the whole backbone at lr 0.001" in out
+    with open(os.path.join(run, "checkpoints", "adapt.json")) as f:
+        decision = json.load(f)
+    assert decision["stage"]["name"] == "all" and decision["stage"]["trainable"] is None
+    with open(os.path.join(run, "config.yaml")) as f:
+        decided_augment = [line for line in f.read().splitlines() if line.strip().startswith(("augment:", "flip:"))]
+    assert "augment: auto" not in [s.strip() for s in decided_augment]  # the decision is written into config.yaml
+
+    monkeypatch.setattr(resume.Checkpointer, "on_train_batch_end", original)
+    fake_trial_fit.next = []  # a trial now would fail: there must be none
+    assert cli.main(args + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "[tlkit] trial " not in out and "resumed with the decision of" in out
+    rows = _history(run)
+    assert [r["stage"] for r in rows] == ["head"] + ["finetune"] * decision["stage"]["epochs"]
+    with open(os.path.join(run, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["stages"][-1]["trainable"] is None and metrics["stages"][-1]["lr"] == pytest.approx(0.001)
