@@ -307,8 +307,9 @@ def main() -> None:
             with open(path) as f:
                 results += json.load(f)["results"]
         _write(args.out, args, results)
-        print(table(results, [t for t in TASKS if any(r["task"] == t for r in results)],
-                    [r for r in RECIPES if any(x["recipe"] == r for x in results)]))
+        names = [r for r in RECIPES if any(x["recipe"] == r for x in results)]
+        names += sorted({x["recipe"] for x in results} - set(names))  # rows of earlier versions, e.g. tlkit_session3
+        print(table(results, [t for t in TASKS if any(r["task"] == t for r in results)], names))
         print(f"\nwritten: {args.out}")
         return
     seeds = [int(s) for s in args.seeds.split(",")]

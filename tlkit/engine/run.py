@@ -83,7 +83,9 @@ def finetune_run(cfg: FinetuneConfig) -> RunResult:
 
     adapter = adapt.Adapter(
         clf, resolved, rt, feats, val_ds,
-        lambda augment, flip: engine_setup.make_train_pipeline(resolved, data, size, out_dir, augment, flip),
+        lambda augment, flip: class_weights.weighted_dataset(  # as run_stages weights the planned pipeline
+            engine_setup.make_train_pipeline(resolved, data, size, out_dir, augment, flip),
+            class_weights.weight_vector(resolved, data.num_classes)),
         data.train, out_dir, on_resolved=write_config)
     n_val = data.val.count if (data.val is not None and val_ds is not None) else 0
     with resume.interruptible(out_dir):  # Ctrl-C / SIGTERM -> resume.Interrupted naming the run folder

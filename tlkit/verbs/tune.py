@@ -272,7 +272,7 @@ class TlkitHyperModel(kt.HyperModel):
         if "optimizer" in dims:
             values["optimizer"] = hp.Choice("optimizer", list(SEARCH_OPTIMIZERS))
         if "augment" in dims:
-            values["augment"] = hp.Choice("augment", list(C.AUGMENT_PRESETS))
+            values["augment"] = hp.Choice("augment", [p for p in C.AUGMENT_PRESETS if p != "auto"])  # auto: light
         return values
 
     def trial_config(self, values: Mapping[str, Any], epochs: int | None = None) -> FinetuneConfig:

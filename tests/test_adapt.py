@@ -1,0 +1,58 @@
+"""The `auto` recipe's decisions (tlkit/engine/adapt.py), each provoked by construction."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+import tlkit
+from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig, TrainConfig
+from tlkit.data import load_sources
+from tlkit.engine import adapt
+
+
+def _stripes(root: str, per_class: int, seed: int) -> None:
+    """Two classes that a horizontal flip swaps: stripes rising to the right (`/`) and falling (`\\`)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:32, 0:32]
+    for name, sign in (("rising", 1), ("falling", -1)):
+        d = os.path.join(root, name)
+        os.makedirs(d, exist_ok=True)
+        for i in range(per_class):
+            phase, period = rng.uniform(0, 2 * np.pi), rng.uniform(5, 8)
+            wave = np.sin(2 * np.pi * (xx + sign * yy) / (period * np.sqrt(2)) + phase)
+            img = 127 + 100 * wave + rng.normal(0, 10, wave.shape)
+            arr = np.repeat(np.clip(img, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+            Image.fromarray(arr).save(os.path.join(d, f"{i:03d}.png"))
+
+
+def test_augment_auto_refuses_a_flip_that_changes_the_class(tmp_path, tiny_backbone):
+    """A flip turns `/` into `\\`: the converged probe calls every flipped training image the other class, so the
+    flip is refused; crops and small rotations keep the stripes' direction, so the crop presets pass."""
+    for split, n, seed in (("train", 24, 0), ("val", 12, 1), ("test", 8, 2)):
+        _stripes(str(tmp_path / "data" / split), n, seed)
+    cfg = FinetuneConfig(data=DataConfig(image_dir=str(tmp_path / "data"), image_size=32, augment="none"),
+                         model=ModelConfig(base=tiny_backbone, weights="none"),
+                         train=TrainConfig(strategy="feature_extraction", head_steps=200),
+                         runtime=RuntimeConfig(precision="float32", xla="off"), output_dir=str(tmp_path / "run"),
+                         seed=0)
+    r = tlkit.finetune(cfg)
+    probe_val = r.metrics["val"]["accuracy"]
+    assert probe_val >= 0.9  # the probe separates the two directions
+    split = load_sources(cfg.data, 32, 0).train
+    preset, flip, evidence = adapt.choose_augment(r.model, split, 32, 2, 16, probe_val, seed=0)
+    # The check flips each image with probability 1/2, as training would: the flipped half is called the other class
+    assert flip is False and evidence["flip"] <= 0.6, evidence
+    assert preset in ("standard", "light") and evidence[preset] >= probe_val, evidence
+
+
+def test_candidates_span_probe_to_the_whole_net_at_the_head_rate():
+    from tlkit.models.strategies import plan
+
+    cfg = FinetuneConfig(data=DataConfig(dataset="shapes"))
+    stage = plan(cfg.train, 5, steps_per_epoch=4, head_on_features=True)[1]
+    names = [(c.name, None if c.trainable is None else sorted(c.trainable), c.lr)
+             for c in adapt.candidates(stage, cfg, 5)]
+    assert names == [("top2", [3, 4], 1e-4), ("all", None, 1e-4), ("all_fast", None, 1e-3)]
