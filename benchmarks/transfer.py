@@ -354,7 +354,11 @@ def table(results, tasks, recipes) -> str:
         cells = []
         for recipe in recipes:
             s = summary(results, task, recipe)
-            cells.append("" if s is None else f"{s[0]:.3f} ± {s[1]:.3f}")
+            if s is None:
+                cells.append("")
+            else:  # mean ± sd over the seeds; fewer than three seeds are said
+                cells.append(f"{s[0]:.3f}" + (" (1 seed)" if s[2] == 1 else f" ± {s[1]:.3f}" + (
+                    f" ({s[2]} seeds)" if s[2] != 3 else "")))
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
