@@ -5,6 +5,7 @@ previous model, NaN loss keeps the last good checkpoint, safe_mode model loading
 """
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import os
@@ -278,15 +279,25 @@ def test_unsafe_model_is_refused(capsys, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tiny_backbone, tmp_path):
+    """A non-finite loss in epoch 2 by construction, whatever the CPU's kernels (oneDNN or not).
+
+    A "step" schedule with --decay-rate 1e40: 1e40 is beyond float32 (max ~3.4e38), so the schedule's factor is
+    inf ** floor(step / steps_per_epoch): inf ** 0 = 1 in epoch 1 (IEEE pow), the learning rate is 0.01; inf ** 1
+    in epoch 2, the learning rate is inf. Adam's first step of epoch 2 moves every trainable variable by
+    inf * m / (sqrt(v) + eps): +-inf, or NaN where m is 0 (inf * 0). The logits layer's bias is then non-finite,
+    so every logit is (a sum with a non-finite term), and the cross-entropy of non-finite logits is NaN: the loss
+    of the second step of epoch 2 (8 images, batch 4: two steps an epoch) is NaN, whatever the size of the
+    gradients. (With --decay-rate 1e33 the rate was a finite 1e31: whether activations overflowed depended on the
+    kernels' arithmetic, and on some CPUs they did not.)
+    """
     import keras
 
     root = write_image_folder(tmp_path / "imgs", per_class=4)
     run = str(tmp_path / "run")
-    # One stage; a "step" schedule that multiplies the rate by 1e33 after epoch 1: activations overflow in epoch 2.
-    line = assert_one_line(capsys, finetune_args(tiny_backbone, root, "--strategy", "full", "--epochs", "2",
-                                                 "--lr", "0.01", "--schedule", "step", "--decay-rate", "1e33",
+    line = assert_one_line(capsys, finetune_args(tiny_backbone, root, "--strategy", "full", "--epochs", "3",
+                                                 "--lr", "0.01", "--schedule", "step", "--decay-rate", "1e40",
                                                  "--decay-every", "1", "--val-split", "0", "--output-dir", run),
-                           "NaN or infinite in epoch 2", "stage 'full'", "at the time, peak 0.01",
+                           "NaN or infinite in epoch 2", "stage 'full'", "learning rate inf at the time, peak 0.01",
                            "too high", "model.keras")
     assert "float16" not in line  # float32 here: the precision is not blamed
     model = keras.models.load_model(os.path.join(run, "model.keras"), compile=False, safe_mode=True)
@@ -295,6 +306,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tiny_backbone
         assert json.load(f)["epoch"] == 1  # the NaN epoch was never saved
     with open(os.path.join(run, "metrics.json")) as f:
         assert "NaN" in json.load(f)["stopped"]
+    with open(os.path.join(run, "history.csv")) as f:
+        rows = list(csv.DictReader(f))
+    # the mechanism: a finite loss at 0.01 in epoch 1, the infinite rate from epoch 2 on (and no epoch 3)
+    assert [r["epoch"] for r in rows] == ["1", "2"], rows
+    assert float(rows[0]["lr"]) == pytest.approx(0.01) and np.isfinite(float(rows[0]["loss"])), rows
+    assert float(rows[1]["lr"]) == np.inf and not np.isfinite(float(rows[1]["loss"])), rows
 
 
 def test_image_problem_names_each_kind_of_bad_file(tmp_path, monkeypatch):
