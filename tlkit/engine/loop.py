@@ -296,7 +296,6 @@ def run_stages(clf: Classifier, plan: Sequence, train_ds, val_ds, cfg, rt, *, nu
                 b = min(s1, last)
                 epoch = s1
             stage = decided
-            plan = [*plan[:index], stage, *plan[index + 1:]]
             if a >= b:
                 continue
         if trainable_fn is not None:
@@ -368,12 +367,10 @@ def run_stages(clf: Classifier, plan: Sequence, train_ds, val_ds, cfg, rt, *, nu
                 # Keras 3.15 warns "Your input ran out of data" at the end of each epoch of a dataset of unknown
                 # length; it is spurious (fixed upstream, keras-team/keras#23360).
                 warnings.filterwarnings("ignore", message=".*Your input ran out of data.*")
-                if stage.steps:  # rounds of a fixed number of steps over the repeated training split
-                    fit_model.fit(train_ds.repeat(), steps_per_epoch=stage.steps, validation_data=val_ds, epochs=b,
-                                  initial_epoch=start, callbacks=stage_cbs, verbose=verbose, shuffle=False)
-                else:
-                    fit_model.fit(train_ds, validation_data=val_ds, epochs=b, initial_epoch=start,
-                                  callbacks=stage_cbs, verbose=verbose, shuffle=False)
+                # a stage of fixed-step rounds repeats the training split; otherwise an epoch is one pass over it
+                fit_model.fit(train_ds.repeat() if stage.steps else train_ds, steps_per_epoch=stage.steps or None,
+                              validation_data=val_ds, epochs=b, initial_epoch=start, callbacks=stage_cbs,
+                              verbose=verbose, shuffle=False)
         if features is not None and stage.trainable != frozenset():
             features.fresh = False  # the backbone moved: features of a later head stage are computed again
         if guard.bad_epoch is not None:
