@@ -22,7 +22,7 @@ import yaml
 from tlkit.core.errors import ConfigError, suggest
 
 AUGMENT_PRESETS = ("auto", "none", "light", "standard", "strong")
-CACHE_CHOICES = ("memory", "disk", "none")
+CACHE_CHOICES = ("auto", "memory", "disk", "none")
 STRATEGIES = ("auto", "feature_extraction", "two_stage", "top_k", "gradual", "full")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("constant", "cosine", "step", "exponential")
@@ -56,8 +56,9 @@ class DataConfig:
             config.yaml. Elsewhere (`tune`, `distill`, `prune`, `lr-find`) `auto` is `light`. Defaults to `"auto"`.
         flip: Override the preset's random horizontal flip (`True`/`False`). Defaults to `None` (the preset's;
             with `augment: auto`, decided from the data).
-        cache: Cache decoded, resized images in `memory`, on `disk` (in the run folder) or `none`.
-            Defaults to `"memory"`.
+        cache: Cache decoded, resized images in `memory`, on `disk` (in the run folder) or `none`; `auto` decides
+            from their decoded size: memory when it fits a quarter of the memory available, else disk when the
+            run folder's disk has room, else none (`tlkit.data.cache_policy`). Defaults to `"auto"`.
         shapes_per_class: Training images per class of the built-in `shapes` dataset. Defaults to `200`.
     """
 
@@ -69,7 +70,7 @@ class DataConfig:
     batch_size: int = 32
     augment: str = "auto"
     flip: bool | None = None
-    cache: str = "memory"
+    cache: str = "auto"
     shapes_per_class: int = 200
 
 

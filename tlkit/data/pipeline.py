@@ -12,6 +12,7 @@ import os
 
 import tensorflow as tf
 
+from tlkit.data import cache_policy
 from tlkit.data.augment import PRESETS, BatchAugmenter, batch_geometric, decode_random_crop, resize_uint8
 from tlkit.data.sources import Split
 
@@ -64,7 +65,9 @@ def make_dataset(split: Split, image_size: int, batch_size: int, num_classes: in
         training: Shuffle and augment. Defaults to `False`.
         augment: Preset name (training only); `auto` not yet resolved from the data (`tlkit.engine.adapt` does
             that in `finetune`) is `light`. Defaults to `"none"`.
-        cache: `memory`, `disk` (in `cache_dir`) or `none`. Defaults to `"memory"`.
+        cache: `memory`, `disk` (in `cache_dir`) or `none`; `auto` decides for this split alone from its decoded
+            size (`cache_policy.decide`; a run decides once for its train and validation splits and says so).
+            Defaults to `"memory"`.
         cache_dir: Folder of the disk cache. Defaults to `None`.
         seed: Seed of shuffling and augmentation. Defaults to `42`.
         drop_remainder: Drop the last incomplete batch. Defaults to `False`.
@@ -82,8 +85,10 @@ def make_dataset(split: Split, image_size: int, batch_size: int, num_classes: in
         augment = "light"
     if augment not in PRESETS:
         raise ValueError(f"Unknown augmentation preset {augment!r}. Choose one of: {', '.join(PRESETS)}.")
+    if cache == "auto":
+        cache = cache_policy.decide("auto", [split.count], image_size, cache_dir).mode
     if cache not in ("memory", "disk", "none"):
-        raise ValueError(f"Unknown cache {cache!r}. Choose one of: memory, disk, none.")
+        raise ValueError(f"Unknown cache {cache!r}. Choose one of: auto, memory, disk, none.")
     kind = split.kind
     preset = PRESETS[augment] if training else PRESETS["none"]
     if training and flip is not None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from tlkit.core import runtime
 from tlkit.core.errors import DataError
-from tlkit.data import Datasets, load_sources, make_dataset
+from tlkit.data import Datasets, cache_policy, load_sources, make_dataset
 from tlkit.engine.loop import HeadFeatures
 from tlkit.models import backbones
 from tlkit.models.classifier import Classifier, build_classifier
@@ -93,6 +93,8 @@ def setup_run(cfg, *, default_size: int | None = None, cap_batch: bool = True, b
     size = backbones.resolve_image_size(spec, cfg.data.image_size or (None if spec.path else default_size), base)
     data = load_sources(cfg.data, size, cfg.seed)
     check_data(data)
+    if cfg.data.cache == "memory":  # refused now, with the estimate, not when the kernel kills the run hours later
+        cache_policy.decide("memory", _cached_counts(data), size, None)
     if cap_batch:
         cfg = fit_batch_size(cfg, data.train.count)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size))
@@ -132,7 +134,7 @@ def make_pipelines(cfg, data: Datasets, size: int, out_dir: str | None):
     standardisation and the head stage itself.
     """
     d = cfg.data
-    cache, common = _pipeline_options(cfg, data, size, out_dir)
+    cache, common = _pipeline_options(cfg, data, size, out_dir, log=True)
     train = make_train_pipeline(cfg, data, size, out_dir)
     val = make_dataset(data.val, cache=cache, **common) if data.val else None
     test = make_dataset(data.test, cache="none", **common) if data.test else None
@@ -140,11 +142,19 @@ def make_pipelines(cfg, data: Datasets, size: int, out_dir: str | None):
     return train, val, test, plain
 
 
-def _pipeline_options(cfg, data: Datasets, size: int, out_dir: str | None) -> tuple[str, dict[str, Any]]:
+def _cached_counts(data: Datasets) -> list[int]:
+    return [data.train.count] + ([data.val.count] if data.val else [])
+
+
+def _pipeline_options(cfg, data: Datasets, size: int, out_dir: str | None,
+                      log: bool = False) -> tuple[str, dict[str, Any]]:
     d = cfg.data
     det = True if cfg.runtime.deterministic else None
     cache_dir = os.path.join(out_dir, "cache") if out_dir else None
-    cache = d.cache if (d.cache != "disk" or cache_dir) else "memory"
+    decision = cache_policy.decide(d.cache, _cached_counts(data), size, cache_dir)
+    cache = decision.mode
+    if log:
+        print(f"[tlkit] {decision.reason}", flush=True)
     return cache, dict(image_size=size, batch_size=d.batch_size, num_classes=data.num_classes, seed=cfg.seed,
                        cache_dir=cache_dir, deterministic=det)
 
