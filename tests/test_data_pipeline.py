@@ -110,3 +110,19 @@ def test_public_affine_transform_equals_the_raw_op_it_replaced():
     ds = tf.data.Dataset.from_tensors(images).map(lambda x: batch_geometric(x, PRESETS["standard"], tf.constant([5, 6])))
     eager = batch_geometric(images, PRESETS["standard"], tf.constant([5, 6])).numpy()
     np.testing.assert_allclose(next(iter(ds)).numpy(), eager, atol=1e-2)  # graph vs eager float rounding, 0..255
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_a_bounded_shuffle_buffer_still_mixes_the_classes_of_a_folder(tmp_path, monkeypatch, cache):
+    # A folder lists its files class by class. With a buffer of decoded images much smaller than the folder (as
+    # for 100,000 images at 224 px), the first batches must still hold every class: the names are shuffled first.
+    from tlkit.data import pipeline
+
+    monkeypatch.setattr(pipeline, "SHUFFLE_MIN", 2)
+    monkeypatch.setattr(pipeline, "SHUFFLE_BYTES", 2 * 32 * 32 * 3)  # a buffer of 2 images
+    root = write_image_folder(tmp_path / "img", classes=("a", "b", "c"), per_class=20, size=(40, 30))
+    data = load_sources(DataConfig(image_dir=root, val_split=0.0), 32)
+    assert [int(y) for _, y in data.train.ds.as_numpy_iterator()][:20] == [0] * 20  # listed class by class
+    ds = make_dataset(data.train, 32, 12, 3, training=True, cache=cache, cache_dir=str(tmp_path / "cache"), seed=3)
+    first = np.argmax(next(iter(ds))[1].numpy(), -1)
+    assert len(set(first.tolist())) == 3, first
