@@ -295,17 +295,20 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/transfer.json", help="JSON output.")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="Print and write (--out) the table of these result "
                    "files (runs of this script on the same machine, e.g. the baselines and tlkit in two processes) "
-                   "instead of running anything.")
+                   "instead of running anything; a (task, recipe, seed) in several files is taken from the last.")
     p.add_argument("--keep", action="store_true", help="Keep the results already in --out and run only the missing "
                    "(task, recipe, seed) rows (to add a recipe, or to finish an interrupted run).")
     args = p.parse_args()
     tasks = [t for t in args.tasks.split(",") if t]
     recipes = [r for r in args.recipes.split(",") if r]
     if args.merge:
-        results = []
+        rows: dict = {}  # (task, recipe, seed) -> result; a later file's row replaces an earlier one's
         for path in args.merge:
             with open(path) as f:
-                results += json.load(f)["results"]
+                for r in json.load(f)["results"]:
+                    r.setdefault("source", os.path.basename(path))
+                    rows[(r["task"], r["recipe"], r["seed"])] = r
+        results = list(rows.values())
         _write(args.out, args, results)
         names = [r for r in RECIPES if any(x["recipe"] == r for x in results)]
         names += sorted({x["recipe"] for x in results} - set(names))  # rows of earlier versions, e.g. tlkit_session3
