@@ -335,7 +335,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"tlkit: error: {e}", file=sys.stderr)
         return 1
     if args.json:
-        with open(os.path.join(r.export_dir, "export.json"), encoding="utf-8") as f:
+        from tlkit.core.sidecars import sidecar
+
+        with open(sidecar(r.path, "export.json"), encoding="utf-8") as f:
             print(f.read().rstrip())
     return 0
 

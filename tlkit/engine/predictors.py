@@ -381,7 +381,8 @@ def _read_export_info(folder: str) -> dict[str, Any]:
 def load(path: str) -> Predictor:
     """Loads a run folder, `.keras`, SavedModel folder, `.tflite` or `.onnx` file (or an export folder).
 
-    Class names come from `labels.txt` beside the model (inside a SavedModel or export folder).
+    Class names come from the model's sidecar `NAME.labels.txt` or `labels.txt` beside it (inside a SavedModel or
+    export folder), else, for a `.tflite`, from the labels packed in its metadata.
 
     Args:
         path: What to load.
@@ -416,12 +417,19 @@ def _load(path: str) -> Predictor:
             if os.path.isfile(os.path.join(path, name)):
                 return load(os.path.join(path, name))
         raise ConfigError(f"{path!r} holds no model.keras, model.tflite, model.onnx or saved_model.pb.")
-    labels = _read_labels(os.path.join(os.path.dirname(os.path.abspath(path)), "labels.txt"))
+    from tlkit.core.sidecars import find_sidecar
+
+    labels_path = find_sidecar(path, "labels.txt")  # NAME.labels.txt beside NAME.tflite, else labels.txt
+    labels = _read_labels(labels_path) if labels_path else None
     low = path.lower()
     if low.endswith(".keras"):
         model, labels, _ = load_model_and_labels(path)
         return KerasPredictor(path, model, labels)
     if low.endswith(".tflite"):
+        if labels is None:  # a bare .tflite: the labels packed in its metadata (tlkit export writes them)
+            from tlkit.engine.tflite_metadata import labels_from_tflite
+
+            labels = labels_from_tflite(path)
         return TFLitePredictor(path, labels)
     if low.endswith(".onnx"):
         return OnnxPredictor(path, labels)
