@@ -132,6 +132,20 @@ class Predictor:
         self.num_classes = num_classes
 
     tta_crop_side: float | None = None  # side of the TTA crops: `load` reads the run's augmentation
+    # Top probability below which `predict_classes` answers "unknown" (`engine.ood`; `load` reads the run's ood.json).
+    reject_below: float | None = None
+
+    def predict_classes(self, images: Any, batch_size: int = 32, tta: int = 0) -> list[str]:
+        """The predicted class name of each image, or `"unknown"` where its top probability is below
+        `reject_below` (stored by `tlkit evaluate --ood`; `None`: never unknown).
+
+        Example:
+            tlkit.load("runs/x").predict_classes(["cat.jpg", "noise.png"])
+            # -> ['cat', 'unknown']
+        """
+        from tlkit.core.rejection import label_of
+
+        return label_of(self.predict(images, batch_size, tta), self.class_names, self.reject_below)
 
     def predict(self, images: Any, batch_size: int = 32, tta: int = 0) -> np.ndarray:
         """Class probabilities of images.
@@ -403,6 +417,9 @@ def load(path: str) -> Predictor:
     from tlkit.engine import tta as tta_views
 
     predictor.tta_crop_side = tta_views.crop_side(tta_views.run_augment(path))
+    from tlkit.core.rejection import read_rejection
+
+    predictor.reject_below = read_rejection(path)
     return predictor
 
 

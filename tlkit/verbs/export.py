@@ -691,6 +691,9 @@ def export(model: str, format: str = "savedmodel", output: str | None = None, *,
         write_onnx(plain, artifact)
     if format != "savedmodel":
         rundir.write_text(sidecar(artifact, "labels.txt"), labels_text)
+    if run_dir is not None and os.path.isfile(os.path.join(run_dir, "ood.json")):  # the run's "unknown" threshold
+        with open(os.path.join(run_dir, "ood.json"), encoding="utf-8") as f:
+            rundir.write_text(sidecar(artifact, "ood.json"), f.read())
 
     predictor = load(artifact)
     threshold = MIN_AGREEMENT[quantize] if min_agreement is None else float(min_agreement)
