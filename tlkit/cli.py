@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reject-below", type=float, default=None, metavar="P",
                    help="Answer 'unknown' for an image whose top probability is below P, 0 < P < 1 (default: the "
                    "threshold tlkit evaluate --ood stored with the run or export, if any).")
+    p.add_argument("--explain", metavar="DIR", default=None,
+                   help="Write Grad-CAM overlays into DIR: IMAGE_gradcam.png (the heat map of the predicted class over "
+                   "each image) and gradcam.csv; needs a run folder or .keras model (not .tflite, ONNX, SavedModel).")
     p.add_argument("--json", action="store_true", help="Print JSON (predictions and skipped files) for scripts.")
     _add_common(p)
     p.set_defaults(func=cmd_predict)
@@ -322,8 +325,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             if m["ood"].get("stored"):
                 print(f"[tlkit] threshold stored in {m['ood']['stored']}: predict answers 'unknown' below it")
         if m.get("output_dir"):
-            print(f"\n[tlkit] metrics.json, confusion_matrix.png, confusion_matrix.csv and misclassified.png written "
-                  f"to {m['output_dir']}")
+            print(f"\n[tlkit] metrics.json, confusion_matrix.png, confusion_matrix.csv, misclassified.png and "
+                  f"misclassified_gradcam.png written to {m['output_dir']}")
     return 0
 
 
@@ -365,6 +368,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     extra = {} if args.tta is None else {"tta": args.tta}
     if args.reject_below is not None:
         extra["reject_below"] = args.reject_below
+    if args.explain is not None:
+        extra["explain"] = args.explain
     r = predict(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size, progress=not args.json, **extra)
     if args.json:
         print(json.dumps(r.to_dict(), indent=2))
@@ -372,6 +377,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(r.table())
     for f, why in r.skipped:
         print(f"tlkit: skipped {f}: {why}", file=sys.stderr)
+    if r.explained is not None and not args.json:
+        print(f"[tlkit] {len(r.explained)} Grad-CAM overlays written to {args.explain}")
     return 0
 
 

@@ -12,6 +12,7 @@ from tlkit.core import rundir
 from tlkit.core.config import DataConfig
 from tlkit.core.errors import ConfigError, DataError
 from tlkit.data import load_sources, make_dataset
+from tlkit.engine import gradcam
 from tlkit.engine import ood as ood_scores
 from tlkit.engine import plots
 from tlkit.engine import tta as tta_views
@@ -30,9 +31,10 @@ def evaluate(model: str | keras.Model, data: DataConfig, split: str = "test", ba
         data: A `DataConfig` naming the data (`dataset` or `image_dir`).
         split: `train`, `val` or `test`. Defaults to `"test"` (falls back to `val` when there is no test split).
         batch_size: Defaults to `None` (`data.batch_size`).
-        output_dir: Where to write `metrics.json`, `confusion_matrix.png`, `confusion_matrix.csv` and
-            `misclassified.png`. Defaults to `None`: the run folder's `eval-<split>/` for a run folder, nothing
-            written for a `.keras` file or a model object.
+        output_dir: Where to write `metrics.json`, `confusion_matrix.png`, `confusion_matrix.csv`,
+            `misclassified.png` and `misclassified_gradcam.png` (the same errors under their Grad-CAM heat maps).
+            Defaults to `None`: the run folder's `eval-<split>/` for a run folder, nothing written for a `.keras`
+            file or a model object.
         class_names: Overrides the labels stored with the model. Defaults to `None`.
         seed: Seed of the train/val split (use the run's seed). Defaults to `42`.
         num_misclassified: How many of the worst errors to draw in `misclassified.png` and list in the metrics.
@@ -119,6 +121,9 @@ def evaluate(model: str | keras.Model, data: DataConfig, split: str = "test", ba
                                         title=f"Confusion matrix ({split})")
             plots.plot_misclassified(worst, names, os.path.join(output_dir, "misclassified.png"),
                                      title=f"Worst errors ({split})")
+            metrics["gradcam"] = gradcam.draw_worst(model, worst, names, os.path.join(output_dir,
+                                                                                    "misclassified_gradcam.png"),
+                                                    title=f"Worst errors ({split}), Grad-CAM of the prediction")
         rundir.write_json(os.path.join(output_dir, "metrics.json"), metrics)
         metrics["output_dir"] = output_dir
     return metrics

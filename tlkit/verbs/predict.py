@@ -52,6 +52,7 @@ class PredictResult:
         tta: The test-time augmentation used (`engine.tta.describe`: n, views, crop_side), or `None`.
         reject_below: The top probability below which an image is `unknown` (the run's `ood.json`, from
             `tlkit evaluate --ood`, or `predict(reject_below=...)`), or `None` (never).
+        explained: The Grad-CAM overlays written (`predict(explain=DIR)`), or `None`.
     """
 
     predictions: list[Prediction]
@@ -60,6 +61,7 @@ class PredictResult:
     format: str
     tta: dict[str, Any] | None = None
     reject_below: float | None = None
+    explained: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {"model": self.model, "format": self.format,
@@ -71,6 +73,8 @@ class PredictResult:
             out["tta"] = self.tta
         if self.reject_below is not None:
             out["reject_below"] = self.reject_below
+        if self.explained is not None:
+            out["explained"] = self.explained
         return out
 
     def table(self) -> str:
@@ -87,7 +91,8 @@ class PredictResult:
 
 
 def predict(model: str | Predictor, inputs: str | Sequence[str], top_k: int = 5, batch_size: int = 32,
-            progress: bool = False, tta: int = 0, reject_below: float | None = None) -> PredictResult:
+            progress: bool = False, tta: int = 0, reject_below: float | None = None,
+            explain: str | None = None) -> PredictResult:
     """Predicts the top classes of image files and folders; unreadable files are skipped and reported.
 
     Args:
@@ -101,6 +106,9 @@ def predict(model: str | Predictor, inputs: str | Sequence[str], top_k: int = 5,
             `engine.tta`); `PredictResult.tta` records it. Defaults to `0` (off).
         reject_below: Answer `unknown` for an image whose top probability is below this, in (0, 1). Defaults to
             `None` (the threshold `tlkit evaluate --ood` stored with the run, if any; else never).
+        explain: A folder to write Grad-CAM overlays into (`<image>_gradcam.png`, the heat map of the predicted
+            class over the image, and `gradcam.csv`; `engine.gradcam`); a Keras model only (run folder or `.keras`).
+            Defaults to `None`.
 
     Returns:
         A `PredictResult` (`.table()`, `.to_dict()`).
@@ -117,8 +125,18 @@ def predict(model: str | Predictor, inputs: str | Sequence[str], top_k: int = 5,
     from tlkit.core.rejection import check_reject_below
 
     reject_below = check_reject_below(reject_below)
+    if explain is not None and isinstance(model, (str, os.PathLike)):  # before loading: no gradients in these
+        low = os.fspath(model).lower().rstrip("/")
+        if low.endswith((".tflite", ".onnx")) or (os.path.isdir(model) and not os.path.isfile(
+                os.path.join(model, "model.keras"))):
+            raise ConfigError(f"--explain needs a Keras model (a run folder or .keras file) to take gradients of; "
+                              f"{os.fspath(model)} is a TFLite, ONNX or SavedModel export.")
     clf = model if isinstance(model, Predictor) else load(model)
     threshold = reject_below if reject_below is not None else clf.reject_below
+    if explain is not None and not hasattr(clf, "model"):
+        raise ConfigError(f"--explain needs a Keras model (a run folder or .keras file) to take gradients of; "
+                          f"{clf.path} is {clf.format}.")
+    explained: tuple[list[str], list[np.ndarray]] = ([], [])
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [os.fspath(inputs)]
     files, skipped = list_images(list(inputs))
@@ -139,6 +157,9 @@ def predict(model: str | Predictor, inputs: str | Sequence[str], top_k: int = 5,
             except DataError as e:
                 skipped.append((f, str(e).split(": ", 1)[-1]))
         if imgs:
+            if explain is not None:
+                explained[0].extend(chunk)
+                explained[1].extend(imgs)
             probs = clf.predict_uint8(imgs, tta)
             for f, p in zip(chunk, probs):
                 order = np.argsort(-p)[:k]
@@ -156,6 +177,10 @@ def predict(model: str | Predictor, inputs: str | Sequence[str], top_k: int = 5,
         raise DataError(f"No readable image among the inputs ({names}); "
                         f"expected image files ({', '.join(IMAGE_EXTENSIONS)}) or folders of them.")
     result = PredictResult(preds, skipped, clf.path, clf.format, reject_below=threshold)
+    if explain is not None:
+        from tlkit.engine.gradcam import explain_files
+
+        result.explained = explain_files(clf.model, explained[0], explained[1], explain, clf.class_names)
     if tta:
         result.tta = tta_views.describe(tta, clf.tta_crop_side or tta_views.DEFAULT_CROP_SIDE)
     return result
