@@ -51,6 +51,26 @@ def test_heatmap_is_the_class_activation_map_of_the_explained_class():
     assert over[:, 30:, 2].mean() > over[:, 30:, 0].mean()
 
 
+def test_a_backbone_that_pools_itself_is_explained_at_its_last_map():
+    """A user's .keras backbone ending in its own global pooling (like the benchmarks' glyph CNN)."""
+    import keras
+
+    b_in = keras.Input((16, 16, 3))
+    fmap = keras.layers.AveragePooling2D(2, name="last_map")(b_in)
+    base = keras.Model(b_in, keras.layers.GlobalAveragePooling2D(name="own_pool")(fmap), name="backbone")
+    inp = keras.Input((16, 16, 3))
+    logits = keras.layers.Dense(2, name="logits")
+    model = keras.Model(inp, keras.layers.Activation("softmax")(logits(base(inp, training=False))))
+    logits.set_weights([np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], np.float32), np.zeros(2, np.float32)])
+    img = np.zeros((1, 16, 16, 3), np.float32)
+    img[0, :8, :, 1] = 90.0  # top half green: class 1
+    cam = GradCam(model)
+    heat, cls = cam.heatmaps(img)
+    assert cam.layer == "last_map" and cls.tolist() == [1] and heat.shape == (1, 8, 8)
+    np.testing.assert_allclose(heat[0, :4], 1.0, atol=1e-6)
+    np.testing.assert_allclose(heat[0, 4:], 0.0, atol=1e-6)
+
+
 def test_a_model_without_a_feature_map_is_refused():
     import keras
 

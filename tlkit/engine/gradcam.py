@@ -5,10 +5,11 @@ with respect to the feature map of the last convolutional stage, averaged over t
 map's channels; their weighted sum, through a ReLU and scaled to 0..1, is the heat map, upsampled to the image
 and laid over it with the jet colour map.
 
-For a `build_classifier` model the last backbone stage's feature map is the backbone's output (the input of the
-head's global pooling), which every backbone tlkit builds or loads has, so one code path serves them all; the head
-(pooling, standardisation, dropout, logits) maps it to the logits. A backbone that outputs a vector (no spatial
-map) has no Grad-CAM (`GradCamError`).
+For a `build_classifier` model the last backbone stage's feature map is the output of the backbone's last layer
+with a spatial [H, W, C] output: the backbone's output itself for `keras.applications` and keras-hub backbones (the
+input of the head's global pooling), the last map before its own pooling for a user's `.keras` backbone that pools
+(the glyph CNN of the benchmarks). The rest of the backbone and the head (pooling, standardisation, dropout, logits)
+map it to the logits. A backbone without any spatial layer has no Grad-CAM (`GradCamError`).
 
 Example:
     cam = GradCam(model)
@@ -31,6 +32,14 @@ class GradCamError(ConfigError):
     """The model has no spatial feature map to explain (or is not a Keras model)."""
 
 
+def _rank(layer) -> int:
+    """The rank of a layer's (single) output, 0 when it has none or several."""
+    try:
+        return len(layer.output.shape)
+    except (AttributeError, ValueError, TypeError):
+        return 0
+
+
 class GradCam:
     """Grad-CAM heat maps of a `build_classifier` model.
 
@@ -38,7 +47,7 @@ class GradCam:
         model: The classifier (a Keras model: raw RGB 0..255 in, probabilities out, with a `logits` layer).
 
     Attributes:
-        layer: The name of the layer whose output is explained (the backbone, i.e. its last stage).
+        layer: The name of the layer whose output is explained (`backbone` when it is the backbone's output).
     """
 
     def __init__(self, model):
@@ -53,19 +62,37 @@ class GradCam:
         except (ValueError, AttributeError):
             raise GradCamError("Grad-CAM needs a tlkit classifier (a backbone, then a head ending in a 'logits' "
                                "layer).") from None
-        feat = layers[0]._inbound_nodes[0].input_tensors[0]  # the backbone's output as the classifier calls it
-        if len(feat.shape) != 4:
-            raise GradCamError(f"Grad-CAM needs a spatial feature map; the backbone {base.name!r} outputs shape "
-                               f"{tuple(feat.shape)}.")
-        self.layer = base.name
-        self.extractor = keras.Model(model.inputs, feat)
-        inputs = keras.Input(tuple(feat.shape[1:]), dtype="float32")
+        # The last layer of the backbone with a spatial output: the end of its last stage (the backbone's output
+        # itself for keras.applications; the last map before the backbone's own pooling for others).
+        spatial = [layer for layer in getattr(base, "layers", []) if _rank(layer) == 4]
+        if not spatial:
+            raise GradCamError(f"Grad-CAM needs a spatial feature map; the backbone {base.name!r} has no layer with "
+                               f"a [H, W, C] output.")
+        target = spatial[-1]
+        self.layer = target.name if target.output is not base.output else base.name
+        base_in = base._inbound_nodes[0].input_tensors[0]  # what the classifier feeds the backbone (preprocessed)
+        self._pre = keras.Model(model.inputs, base_in)
+        self._to_map = keras.Model(base.inputs, target.output)
+        self._from_map = None if target.output is base.output else keras.Model(target.output, base.output)
+        base_out = layers[0]._inbound_nodes[0].input_tensors[0]
+        inputs = keras.Input(tuple(base_out.shape[1:]), dtype="float32")
         x = inputs
         for layer in layers:  # pooling, feature_norm, dropout, logits (not the softmax)
             x = layer(x)
             if layer is logits_layer:
                 break
         self.head = keras.Model(inputs, x)
+
+    def _features(self, x):
+        from tlkit.engine.predictors import call_model
+
+        return call_model(self._to_map, call_model(self._pre, x))
+
+    def _logits(self, feats):
+        from tlkit.engine.predictors import call_model
+
+        out = feats if self._from_map is None else call_model(self._from_map, feats)
+        return call_model(self.head, out)
 
     def heatmaps(self, images: np.ndarray, classes: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Heat maps of float32 images [N, S, S, 3] (0..255, the model's size).
@@ -80,10 +107,10 @@ class GradCam:
         import tensorflow as tf
 
         x = tf.convert_to_tensor(np.asarray(images, np.float32))
-        feats = tf.cast(self.extractor(x, training=False), tf.float32)
+        feats = tf.cast(self._features(x), tf.float32)
         with tf.GradientTape() as tape:
             tape.watch(feats)
-            logits = tf.cast(self.head(feats, training=False), tf.float32)
+            logits = tf.cast(self._logits(feats), tf.float32)
             chosen = tf.argmax(logits, -1, output_type=tf.int32) if classes is None else \
                 tf.constant(np.asarray(classes, np.int32))
             score = tf.gather(logits, chosen, axis=1, batch_dims=1)
