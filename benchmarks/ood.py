@@ -40,7 +40,7 @@ BACKBONES = {"textures": (os.path.join(CACHE, "imagenet-backbone", "efficientnet
              "letters": (os.path.join(TASKS_DIR, "letters_backbone.keras"), 32)}
 UNKNOWN = {"textures": os.path.join(TASKS_DIR, "letters-20", "test"),
            "letters": os.path.join(TASKS_DIR, "textures-20", "test")}
-SCORES = ("msp", "energy", "mahalanobis")
+SCORES = ("msp", "energy", "mahalanobis", "knn")
 
 
 def run_one(task: str, strategy: str, seed: int, work: str, pictures: str | None) -> dict:

@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "metrics.json records it (default: 0, off).")
     p.add_argument("--ood", metavar="DIR", default=None,
                    help="A folder of images of none of the classes: report AUROC and FPR@95%%TPR of the scores msp, "
-                   "energy and mahalanobis, and store in the run folder (ood.json) the top-probability threshold below "
+                   "energy, mahalanobis and knn, and store in the run folder (ood.json) the top-probability threshold below "
                    "which predict answers 'unknown' (the one that accepts 95%% of the validation images).")
     p.add_argument("--reject-below", type=float, default=None, metavar="P",
                    help="Store this threshold (0 < P < 1) on the top probability instead of the 95%%-of-validation one.")

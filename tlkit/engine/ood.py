@@ -6,7 +6,10 @@ Three scores, each higher for an image the model knows (in-distribution, ID) tha
 - `energy`: the negative free energy `logsumexp(logits)` (Liu et al., 2020), from the pre-softmax `logits` layer.
 - `mahalanobis`: minus the smallest Mahalanobis distance of the pooled backbone features to the class means of the
   training features, with one shared covariance (Lee et al., 2018), estimated with Ledoit-Wolf shrinkage (there
-  are often fewer training images than feature dimensions).
+  are often fewer training images than feature dimensions) on features standardised by the training images' own
+  per-feature scale (so that the shrinkage target, a multiple of the identity, fits).
+- `knn`: minus the distance of the L2-normalised pooled features to the nearest L2-normalised training feature
+  (Sun et al., 2022, with k = 1).
 
 `ood_metrics` reports, per score, the AUROC (ID against OOD) and the false-positive rate at 95% true positives
 (the fraction of unknown images accepted when 95% of the known ones are). The rejection that `predict` applies is a
@@ -30,7 +33,8 @@ from tlkit.core.errors import ConfigError
 
 from tlkit.core.rejection import OOD_FILE, UNKNOWN, check_reject_below, label_of, read_rejection
 
-SCORES = ("msp", "energy", "mahalanobis")
+SCORES = ("msp", "energy", "mahalanobis", "knn")
+KNN_K = 1  # the nearest training image: with a few labelled images a class, the k-th of more is another class
 DEFAULT_ACCEPT = 0.95
 
 
@@ -63,6 +67,9 @@ class Scorer:
                                reduce_retracing=True)
         self.means: np.ndarray | None = None
         self.precision: np.ndarray | None = None
+        self.center: np.ndarray | None = None
+        self.scale: np.ndarray | None = None
+        self.bank: np.ndarray | None = None
 
     @property
     def available(self) -> tuple[str, ...]:
@@ -86,10 +93,16 @@ class Scorer:
         return result
 
     def fit(self, features: np.ndarray, labels: np.ndarray) -> "Scorer":
-        """Class means and shared (Ledoit-Wolf) precision matrix of the training features."""
+        """Class means and shared (Ledoit-Wolf) precision matrix of the standardised training features, and the
+        normalised training features for `knn`."""
         from sklearn.covariance import LedoitWolf
 
         features, labels = np.asarray(features, np.float64), np.asarray(labels)
+        self.bank = _unit(features)
+        self.center = features.mean(0)
+        std = features.std(0)
+        self.scale = np.maximum(std, 1e-3 * float(std.mean()) + 1e-12)
+        features = (features - self.center) / self.scale
         classes = np.unique(labels)
         self.means = np.stack([features[labels == c].mean(0) for c in classes])
         centred = features - self.means[np.searchsorted(classes, labels)]
@@ -104,10 +117,19 @@ class Scorer:
             m = lg.max(-1, keepdims=True)
             result["energy"] = (m + np.log(np.exp(lg - m).sum(-1, keepdims=True)))[:, 0]
         if "features" in out and self.means is not None:
-            d = out["features"][:, None, :] - self.means[None]  # [N, C, D]
+            f = (out["features"] - self.center) / self.scale
+            d = f[:, None, :] - self.means[None]  # [N, C, D]
             maha = np.einsum("ncd,de,nce->nc", d, self.precision, d)
             result["mahalanobis"] = -maha.min(-1)
+        if "features" in out and self.bank is not None:
+            sim = _unit(out["features"]) @ self.bank.T  # cosine similarity; |a - b|^2 = 2 - 2 cos
+            kth = -np.sort(-sim, axis=1)[:, min(KNN_K, sim.shape[1]) - 1]
+            result["knn"] = -np.sqrt(np.maximum(2.0 - 2.0 * kth, 0.0))
         return result
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 # ---------------------------------------------------------------- metrics

@@ -171,6 +171,7 @@ def write_for_export(flat: bytes, class_names: Sequence[str], source: str, run_c
 
     name = os.path.splitext(os.path.basename(os.path.normpath(source)))[0] or "tlkit-classifier"
     base = getattr(getattr(run_cfg, "model", None), "base", None)
+    base = os.path.basename(os.path.normpath(base)) if base else None  # a .keras path: its file name
     data = getattr(run_cfg, "data", None)
     data_name = getattr(data, "dataset", None) or getattr(data, "image_dir", None)
     description = (f"Image classifier of {len(class_names)} classes trained with tlkit"

@@ -43,7 +43,7 @@ def evaluate(model: str | keras.Model, data: DataConfig, split: str = "test", ba
             views (flip, centre crop, its flip, corner crops, ...; crops at the scale the run was trained on,
             `engine.tta`); `metrics["tta"]` records it. Defaults to `0` (off).
         ood: A folder of images of none of the classes: `metrics["ood"]` gets the AUROC and FPR@95%TPR of the
-            scores `msp`, `energy` and `mahalanobis` (`engine.ood`), and a run folder stores the rejection
+            scores `msp`, `energy`, `mahalanobis` and `knn` (`engine.ood`), and a run folder stores the rejection
             threshold (`ood.json`) that `predict` then applies. Defaults to `None`.
         reject_below: The threshold on the top probability below which `predict` answers `unknown`, in (0, 1).
             Defaults to `None` (with `ood`: the probability that accepts 95% of the validation images).
