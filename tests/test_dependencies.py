@@ -36,7 +36,7 @@ def test_every_install_requirement_is_installed_and_satisfied():
             f"installed {req.name} {version} does not satisfy setup.cfg's {req}"
 
 
-@pytest.mark.parametrize("extra", ["dev", "hub", "litert", "tensorboard", "onnx"])
+@pytest.mark.parametrize("extra", ["dev", "hub", "litert", "tensorboard", "onnx", "mediapipe"])
 def test_installed_extras_satisfy_their_floors(extra):
     for req in _requirements("options.extras_require", extra):
         version = _installed(req.name)

@@ -153,7 +153,7 @@ def test_evaluate_run_folder_writes_all_files(overfit_run, capsys):
     printed = capsys.readouterr().out
     assert "confusion_matrix.png" in printed and "precision" in printed
     assert sorted(os.listdir(dest)) == ["confusion_matrix.csv", "confusion_matrix.png", "metrics.json",
-                                        "misclassified.png"]
+                                        "misclassified.png", "misclassified_gradcam.png"]
     m = json.load(open(os.path.join(dest, "metrics.json")))
     assert m["split"] == "val" and m["num_examples"] == 12 and m["class_names"] == ["a", "b", "c"]
     cm = np.array(m["confusion_matrix"])

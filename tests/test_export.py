@@ -50,8 +50,12 @@ def _keras_probs(model, images) -> np.ndarray:
     return np.asarray(call_model(model, resize_batch(images, 32)))
 
 
-def _info(export_dir: str) -> dict:
-    with open(os.path.join(export_dir, "export.json"), encoding="utf-8") as f:
+def _info(path: str) -> dict:
+    """export.json of an export folder, or the sidecar of an artifact (`m.tflite` -> `m.export.json`)."""
+    from tlkit.core.sidecars import sidecar
+
+    with open(sidecar(path, "export.json") if os.path.isfile(path) else os.path.join(path, "export.json"),
+              encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -110,7 +114,8 @@ def test_tflite_int8_round_trip(run_dir, keras_model, photos, tmp_path, capsys):
                      "--output", out_q]) == 0
     printed = capsys.readouterr().out
     assert "top-1 agreement" in printed and "max |Δp|" in printed
-    info = _info(os.path.dirname(out_q))
+    info = _info(out_q)
+    assert os.path.isfile(os.path.join(os.path.dirname(out_q), "m.export.json"))  # named after m.tflite
     assert info["quantize"] == "int8" and info["int8_input"] == "uint8" and info["calibration_images"] == 16
     assert info["check"]["min_agreement"] == 0.9 and info["check"]["top1_agreement"] >= 0.9
     clf = tlkit.load(out_q)
@@ -237,7 +242,7 @@ def test_tflite_runs_on_litert_where_installed_else_tf_lite(run_dir, keras_model
     litert = importlib.util.find_spec("ai_edge_litert") is not None
     clf = tlkit.load(out)
     assert clf.runtime.startswith("LiteRT" if litert else "tf.lite")
-    assert _info(os.path.dirname(out))["check"]["runtime"] == clf.runtime  # export.json says which ran
+    assert _info(out)["check"]["runtime"] == clf.runtime  # export.json says which ran
     if litert:
         from ai_edge_litert.interpreter import Interpreter
 

@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Test-time augmentation: average the probabilities of each image and N deterministic views "
                    "(flip, centre crop, its flip, corner crops, ...; crops at the scale the run was trained on), 0-11; "
                    "metrics.json records it (default: 0, off).")
+    p.add_argument("--ood", metavar="DIR", default=None,
+                   help="A folder of images of none of the classes: report AUROC and FPR@95%%TPR of the scores msp, "
+                   "energy, mahalanobis and knn, and store in the run folder (ood.json) the top-probability threshold below "
+                   "which predict answers 'unknown' (the one that accepts 95%% of the validation images).")
+    p.add_argument("--reject-below", type=float, default=None, metavar="P",
+                   help="Store this threshold (0 < P < 1) on the top probability instead of the 95%%-of-validation one.")
     p.add_argument("--json", action="store_true", help="Print the metrics as JSON instead of a table.")
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
@@ -197,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", type=int, default=None, metavar="N",
                    help="Test-time augmentation: average each image's probabilities over it and N deterministic views "
                    "(flip, centre crop, its flip, corner crops, ...), 0-11 (default: 0, off).")
+    p.add_argument("--reject-below", type=float, default=None, metavar="P",
+                   help="Answer 'unknown' for an image whose top probability is below P, 0 < P < 1 (default: the "
+                   "threshold tlkit evaluate --ood stored with the run or export, if any).")
+    p.add_argument("--explain", metavar="DIR", default=None,
+                   help="Write Grad-CAM overlays into DIR: IMAGE_gradcam.png (the heat map of the predicted class over "
+                   "each image) and gradcam.csv; needs a run folder or .keras model (not .tflite, ONNX, SavedModel).")
     p.add_argument("--json", action="store_true", help="Print JSON (predictions and skipped files) for scripts.")
     _add_common(p)
     p.set_defaults(func=cmd_predict)
@@ -291,6 +303,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     extra = {} if args.num_misclassified is None else {"num_misclassified": args.num_misclassified}
     if args.tta is not None:
         extra["tta"] = args.tta
+    if args.ood is not None or args.reject_below is not None:
+        extra.update(ood=args.ood, reject_below=args.reject_below)
     m = evaluate(args.model, data, split=args.split, batch_size=args.batch_size, output_dir=args.output_dir, seed=seed,
                  class_names=labels, **extra)
     if args.json:
@@ -304,9 +318,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if m.get("most_confused"):
             print("\nmost confused (true -> predicted: count): " + "; ".join(
                 f"{c['true']} -> {c['predicted']}: {c['count']}" for c in m["most_confused"][:5]))
+        if m.get("ood"):
+            from tlkit.engine.ood import ood_table
+
+            print("\n" + ood_table(m["ood"]))
+            if m["ood"].get("stored"):
+                print(f"[tlkit] threshold stored in {m['ood']['stored']}: predict answers 'unknown' below it")
         if m.get("output_dir"):
-            print(f"\n[tlkit] metrics.json, confusion_matrix.png, confusion_matrix.csv and misclassified.png written "
-                  f"to {m['output_dir']}")
+            print(f"\n[tlkit] metrics.json, confusion_matrix.png, confusion_matrix.csv, misclassified.png and "
+                  f"misclassified_gradcam.png written to {m['output_dir']}")
     return 0
 
 
@@ -335,7 +355,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"tlkit: error: {e}", file=sys.stderr)
         return 1
     if args.json:
-        with open(os.path.join(r.export_dir, "export.json"), encoding="utf-8") as f:
+        from tlkit.core.sidecars import sidecar
+
+        with open(sidecar(r.path, "export.json"), encoding="utf-8") as f:
             print(f.read().rstrip())
     return 0
 
@@ -344,6 +366,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tlkit.verbs.predict import predict
 
     extra = {} if args.tta is None else {"tta": args.tta}
+    if args.reject_below is not None:
+        extra["reject_below"] = args.reject_below
+    if args.explain is not None:
+        extra["explain"] = args.explain
     r = predict(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size, progress=not args.json, **extra)
     if args.json:
         print(json.dumps(r.to_dict(), indent=2))
@@ -351,6 +377,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(r.table())
     for f, why in r.skipped:
         print(f"tlkit: skipped {f}: {why}", file=sys.stderr)
+    if r.explained is not None and not args.json:
+        print(f"[tlkit] {len(r.explained)} Grad-CAM overlays written to {args.explain}")
     return 0
 
 

@@ -132,6 +132,20 @@ class Predictor:
         self.num_classes = num_classes
 
     tta_crop_side: float | None = None  # side of the TTA crops: `load` reads the run's augmentation
+    # Top probability below which `predict_classes` answers "unknown" (`engine.ood`; `load` reads the run's ood.json).
+    reject_below: float | None = None
+
+    def predict_classes(self, images: Any, batch_size: int = 32, tta: int = 0) -> list[str]:
+        """The predicted class name of each image, or `"unknown"` where its top probability is below
+        `reject_below` (stored by `tlkit evaluate --ood`; `None`: never unknown).
+
+        Example:
+            tlkit.load("runs/x").predict_classes(["cat.jpg", "noise.png"])
+            # -> ['cat', 'unknown']
+        """
+        from tlkit.core.rejection import label_of
+
+        return label_of(self.predict(images, batch_size, tta), self.class_names, self.reject_below)
 
     def predict(self, images: Any, batch_size: int = 32, tta: int = 0) -> np.ndarray:
         """Class probabilities of images.
@@ -381,7 +395,8 @@ def _read_export_info(folder: str) -> dict[str, Any]:
 def load(path: str) -> Predictor:
     """Loads a run folder, `.keras`, SavedModel folder, `.tflite` or `.onnx` file (or an export folder).
 
-    Class names come from `labels.txt` beside the model (inside a SavedModel or export folder).
+    Class names come from the model's sidecar `NAME.labels.txt` or `labels.txt` beside it (inside a SavedModel or
+    export folder), else, for a `.tflite`, from the labels packed in its metadata.
 
     Args:
         path: What to load.
@@ -402,6 +417,9 @@ def load(path: str) -> Predictor:
     from tlkit.engine import tta as tta_views
 
     predictor.tta_crop_side = tta_views.crop_side(tta_views.run_augment(path))
+    from tlkit.core.rejection import read_rejection
+
+    predictor.reject_below = read_rejection(path)
     return predictor
 
 
@@ -416,12 +434,19 @@ def _load(path: str) -> Predictor:
             if os.path.isfile(os.path.join(path, name)):
                 return load(os.path.join(path, name))
         raise ConfigError(f"{path!r} holds no model.keras, model.tflite, model.onnx or saved_model.pb.")
-    labels = _read_labels(os.path.join(os.path.dirname(os.path.abspath(path)), "labels.txt"))
+    from tlkit.core.sidecars import find_sidecar
+
+    labels_path = find_sidecar(path, "labels.txt")  # NAME.labels.txt beside NAME.tflite, else labels.txt
+    labels = _read_labels(labels_path) if labels_path else None
     low = path.lower()
     if low.endswith(".keras"):
         model, labels, _ = load_model_and_labels(path)
         return KerasPredictor(path, model, labels)
     if low.endswith(".tflite"):
+        if labels is None:  # a bare .tflite: the labels packed in its metadata (tlkit export writes them)
+            from tlkit.engine.tflite_metadata import labels_from_tflite
+
+            labels = labels_from_tflite(path)
         return TFLitePredictor(path, labels)
     if low.endswith(".onnx"):
         return OnnxPredictor(path, labels)

@@ -264,8 +264,10 @@ def load_model_and_labels(path: str) -> tuple[keras.Model, list[str] | None, str
         model = keras.models.load_model(model_path, compile=False, safe_mode=True)
     except Exception as e:
         raise ConfigError(f"Could not load model {model_path!r}: {str(e).splitlines()[0][:300]}") from None
-    labels_path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "labels.txt")
-    labels = read_labels(labels_path) if os.path.isfile(labels_path) else None
+    from tlkit.core.sidecars import find_sidecar
+
+    labels_path = find_sidecar(model_path, "labels.txt")  # NAME.labels.txt beside NAME.keras, else labels.txt
+    labels = read_labels(labels_path) if labels_path else None
     if labels is not None and len(labels) != model.output_shape[-1]:
         raise DataError(f"{labels_path} lists {len(labels)} classes but the model predicts {model.output_shape[-1]}.")
     return model, labels, run_dir

@@ -12,6 +12,8 @@ from tlkit.core import rundir
 from tlkit.core.config import DataConfig
 from tlkit.core.errors import ConfigError, DataError
 from tlkit.data import load_sources, make_dataset
+from tlkit.engine import gradcam
+from tlkit.engine import ood as ood_scores
 from tlkit.engine import plots
 from tlkit.engine import tta as tta_views
 from tlkit.engine.metrics import compute_metrics, confusion_csv_rows, most_confused, predict_with_errors
@@ -20,7 +22,8 @@ from tlkit.models.classifier import load_model_and_labels
 
 def evaluate(model: str | keras.Model, data: DataConfig, split: str = "test", batch_size: int | None = None,
              output_dir: str | None = None, class_names: list[str] | None = None, seed: int = 42,
-             num_misclassified: int = 16, tta: int = 0) -> dict[str, Any]:
+             num_misclassified: int = 16, tta: int = 0, ood: str | None = None,
+             reject_below: float | None = None) -> dict[str, Any]:
     """Evaluates a model (run folder, `.keras` file or a model object) on a split of a dataset.
 
     Args:
@@ -28,9 +31,10 @@ def evaluate(model: str | keras.Model, data: DataConfig, split: str = "test", ba
         data: A `DataConfig` naming the data (`dataset` or `image_dir`).
         split: `train`, `val` or `test`. Defaults to `"test"` (falls back to `val` when there is no test split).
         batch_size: Defaults to `None` (`data.batch_size`).
-        output_dir: Where to write `metrics.json`, `confusion_matrix.png`, `confusion_matrix.csv` and
-            `misclassified.png`. Defaults to `None`: the run folder's `eval-<split>/` for a run folder, nothing
-            written for a `.keras` file or a model object.
+        output_dir: Where to write `metrics.json`, `confusion_matrix.png`, `confusion_matrix.csv`,
+            `misclassified.png` and `misclassified_gradcam.png` (the same errors under their Grad-CAM heat maps).
+            Defaults to `None`: the run folder's `eval-<split>/` for a run folder, nothing written for a `.keras`
+            file or a model object.
         class_names: Overrides the labels stored with the model. Defaults to `None`.
         seed: Seed of the train/val split (use the run's seed). Defaults to `42`.
         num_misclassified: How many of the worst errors to draw in `misclassified.png` and list in the metrics.
@@ -38,6 +42,11 @@ def evaluate(model: str | keras.Model, data: DataConfig, split: str = "test", ba
         tta: Test-time augmentation: average the probabilities of each image and its first `tta` deterministic
             views (flip, centre crop, its flip, corner crops, ...; crops at the scale the run was trained on,
             `engine.tta`); `metrics["tta"]` records it. Defaults to `0` (off).
+        ood: A folder of images of none of the classes: `metrics["ood"]` gets the AUROC and FPR@95%TPR of the
+            scores `msp`, `energy`, `mahalanobis` and `knn` (`engine.ood`), and a run folder stores the rejection
+            threshold (`ood.json`) that `predict` then applies. Defaults to `None`.
+        reject_below: The threshold on the top probability below which `predict` answers `unknown`, in (0, 1).
+            Defaults to `None` (with `ood`: the probability that accepts 95% of the validation images).
 
     Returns:
         The metrics dict (as in `metrics.json`), with `split`, `class_names`, `most_confused` (the most frequent
@@ -50,6 +59,8 @@ def evaluate(model: str | keras.Model, data: DataConfig, split: str = "test", ba
     if not isinstance(num_misclassified, int) or num_misclassified < 0:
         raise ConfigError(f"num_misclassified must be an integer >= 0, got {num_misclassified!r}.")
     tta = tta_views.check_n(tta)
+    reject_below = ood_scores.check_reject_below(reject_below)
+    ood = ood_scores.check_ood_dir(ood)
     side = tta_views.crop_side(tta_views.run_augment(None if isinstance(model, keras.Model) else model)) if tta else 0
     run_dir = None
     if isinstance(model, keras.Model):
@@ -92,6 +103,13 @@ def evaluate(model: str | keras.Model, data: DataConfig, split: str = "test", ba
         {"index": e["index"], **({"file": files[e["index"]]} if files else {}), "true": names[e["true"]],
          "predicted": names[e["pred"]], "prob": round(e["prob"], 4), "prob_true": round(e["prob_true"], 4)}
         for e in worst]
+    if ood is not None or reject_below is not None:
+        metrics["ood"] = ood_scores.evaluate_ood(model, sources, s, ood, size, batch_size or data.batch_size,
+                                                 reject_below)
+        if run_dir is not None:
+            metrics["ood"]["stored"] = ood_scores.write_rejection(
+                run_dir, metrics["ood"]["reject_below"], metrics["ood"]["rule"],
+                **{k: metrics["ood"][k] for k in ("known_accepted", "unknown_rejected", "ood_dir") if k in metrics["ood"]})
     if output_dir is None and run_dir is not None:
         output_dir = os.path.join(run_dir, f"eval-{split}")
     if output_dir is not None:
@@ -103,6 +121,9 @@ def evaluate(model: str | keras.Model, data: DataConfig, split: str = "test", ba
                                         title=f"Confusion matrix ({split})")
             plots.plot_misclassified(worst, names, os.path.join(output_dir, "misclassified.png"),
                                      title=f"Worst errors ({split})")
+            metrics["gradcam"] = gradcam.draw_worst(model, worst, names, os.path.join(output_dir,
+                                                                                    "misclassified_gradcam.png"),
+                                                    title=f"Worst errors ({split}), Grad-CAM of the prediction")
         rundir.write_json(os.path.join(output_dir, "metrics.json"), metrics)
         metrics["output_dir"] = output_dir
     return metrics

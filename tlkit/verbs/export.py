@@ -14,6 +14,11 @@ Layout of an export folder (`--output DIR`; default `RUN/export/<format>[-<quant
     export.json                                  format, input, class names, parity figures
     model_card.md                                base, weights, data, strategy, metrics, input, size
 
+An artifact given another name (`--output DIR/int8.tflite`) has its own sidecars (`int8.labels.txt`,
+`int8.export.json`, `int8.model_card.md`, `core/sidecars.py`), so several exports share a folder. A `.tflite`
+also carries its labels, input normalisation, name and description as TFLite metadata (`engine/tflite_metadata.py`,
+the optional extra `mediapipe`), which MediaPipe Tasks' ImageClassifier needs.
+
 Example:
     r = export("runs/resnet50-shapes-1", format="tflite", quantize="int8")
     r.check["top1_agreement"], r.size_bytes
@@ -31,6 +36,8 @@ import numpy as np
 
 from tlkit.core import rundir
 from tlkit.core.errors import ConfigError, DataError, TlkitError
+from tlkit.core.sidecars import sidecar
+from tlkit.engine import tflite_metadata
 from tlkit.engine.predictors import call_model
 
 FORMATS = ("keras", "savedmodel", "tflite", "onnx")
@@ -620,8 +627,7 @@ def export(model: str, format: str = "savedmodel", output: str | None = None, *,
     export_dir, artifact = resolve_output(format, quantize, output,
                                           run_dir or os.path.dirname(os.path.abspath(model_path)))
     rundir.refuse_existing([export_dir] if format == "savedmodel" else
-                           [artifact, os.path.join(export_dir, "export.json"), os.path.join(export_dir, "model_card.md")],
-                           overwrite)
+                           [artifact, sidecar(artifact, "export.json"), sidecar(artifact, "model_card.md")], overwrite)
 
     # The data: given flags, else the run's own (for the check and int8 calibration).
     data_cfg, seed = None, 42
@@ -676,13 +682,18 @@ def export(model: str, format: str = "savedmodel", output: str | None = None, *,
     elif format == "tflite":
         rep = representative_fn(datasets, calibration_steps, size) if quantize == "int8" else None
         flat = tflite_bytes(plain, size, quantize, int8_input, rep)
+        flat, tflite_md = tflite_metadata.write_for_export(flat, labels, model_path, run_cfg, quantize, int8_input,
+                                                           say)
         with rundir.atomic_path(artifact, suffix=".tflite") as tmp:
             with open(tmp, "wb") as f:
                 f.write(flat)
     else:
         write_onnx(plain, artifact)
     if format != "savedmodel":
-        rundir.write_text(os.path.join(export_dir, "labels.txt"), labels_text)
+        rundir.write_text(sidecar(artifact, "labels.txt"), labels_text)
+    if run_dir is not None and os.path.isfile(os.path.join(run_dir, "ood.json")):  # the run's "unknown" threshold
+        with open(os.path.join(run_dir, "ood.json"), encoding="utf-8") as f:
+            rundir.write_text(sidecar(artifact, "ood.json"), f.read())
 
     predictor = load(artifact)
     threshold = MIN_AGREEMENT[quantize] if min_agreement is None else float(min_agreement)
@@ -707,14 +718,17 @@ def export(model: str, format: str = "savedmodel", output: str | None = None, *,
         "source": model_path, "source_precision": "mixed" if mixed else "float32",
         "export_precision": "mixed" if mixed and format == "keras" else "float32", "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "versions": {"tlkit": VERSION, "tensorflow": tf.__version__, "keras": keras.__version__},
-        "load_path": export_dir, "check": check,
+        "load_path": export_dir if format == "savedmodel" or sidecar(artifact, "export.json") == os.path.join(
+            os.path.abspath(export_dir), "export.json") else artifact, "check": check,
     }
     if format == "tflite" and quantize == "int8":
         q = predictor.inp["quantization"]
         info["input"]["quantization"] = f"scale {float(q[0]):.6g}, zero point {int(q[1])}"
         info["calibration_images"] = int(calibration_steps)
-    rundir.write_json(os.path.join(export_dir, "export.json"), info)
-    rundir.write_text(os.path.join(export_dir, "model_card.md"),
+    if format == "tflite":
+        info["metadata"] = tflite_md
+    rundir.write_json(sidecar(artifact, "export.json"), info)
+    rundir.write_text(sidecar(artifact, "model_card.md"),
                       model_card(info, run_cfg, metrics, describe_preprocessing(keras_model)))
     line = (f"[tlkit] check: {check['num_images']} images, top-1 agreement {check['top1_agreement']:.2%} "
             f"(threshold {threshold:.0%}), max |Δp| {check['max_abs_diff']:.2e}"
@@ -722,8 +736,9 @@ def export(model: str, format: str = "savedmodel", output: str | None = None, *,
     if "bytes_signature" in check:
         line += f"; bytes signature agreement {check['bytes_signature']['top1_agreement']:.2%}"
     say(line)
-    say(f"[tlkit] {format} export: {artifact} ({human_size(size_bytes)}); export.json and model_card.md in "
-        f"{export_dir}")
+    say(f"[tlkit] {format} export: {artifact} ({human_size(size_bytes)}); "
+        f"{os.path.basename(sidecar(artifact, 'export.json'))} and {os.path.basename(sidecar(artifact, 'model_card.md'))} "
+        f"in {export_dir}")
     result = ExportResult(artifact, export_dir, format, quantize, size_bytes, check, check["passed"], list(labels))
     if not check["passed"]:
         agreement = min(check["top1_agreement"], check.get("bytes_signature", check)["top1_agreement"])
@@ -731,7 +746,7 @@ def export(model: str, format: str = "savedmodel", output: str | None = None, *,
                f"max |Δp| {check['max_abs_diff']:.3g} > {diff_bound:g}")
         raise ParityError(f"The {format} export at {artifact} disagrees with the Keras model: {why} (agreement "
                           f"{agreement:.2%}, max |Δp| {check['max_abs_diff']:.3g}); see "
-                          f"{os.path.join(export_dir, 'export.json')}.")
+                          f"{sidecar(artifact, 'export.json')}.")
     return result
 
 
