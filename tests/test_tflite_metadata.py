@@ -26,8 +26,18 @@ def exports(tiny_backbone, tmp_path_factory):
     root = tmp_path_factory.mktemp("tflite_md")
     run = str(root / "run")
     assert cli.main(["finetune", "--base", tiny_backbone, "--weights", "none", "--dataset", "shapes", "--image-size",
-                     "32", "--epochs", "2", "--head-steps", "0", "--shapes-per-class", "8", "--augment", "none",
+                     "32", "--strategy", "feature_extraction", "--epochs", "2", "--shapes-per-class", "8", "--augment", "none",
                      "--output-dir", run]) == 0
+    # A decisive head by construction (a few dozen shapes train a near-uniform one): random logits weights on the
+    # standardised features, so that int8's steps of 1/256 leave most top-1s untied.
+    import keras
+
+    path = os.path.join(run, "model.keras")
+    model = keras.models.load_model(path)
+    dense = model.get_layer("logits")
+    kernel = np.random.default_rng(0).normal(0.0, 0.5, dense.kernel.shape).astype("float32")
+    dense.set_weights([kernel, np.zeros(dense.bias.shape, "float32")])
+    model.save(path)
     folder = root / "exports"
     for q in QUANTIZATIONS:  # one folder for all three: each has its own sidecars
         tlkit.export(run, format="tflite", quantize=q, output=str(folder / f"{q}.tflite"), calibration_steps=8,
