@@ -17,7 +17,7 @@ import keras
 
 from tlkit.core import rundir
 from tlkit.core.config import ModelConfig, TrainConfig
-from tlkit.core.errors import ConfigError, DataError
+from tlkit.core.errors import ConfigError, DataError, first_line
 from tlkit.models import param_groups
 from tlkit.models.backbones import BackboneSpec
 
@@ -263,7 +263,7 @@ def load_model_and_labels(path: str) -> tuple[keras.Model, list[str] | None, str
     try:
         model = keras.models.load_model(model_path, compile=False, safe_mode=True)
     except Exception as e:
-        raise ConfigError(f"Could not load model {model_path!r}: {str(e).splitlines()[0][:300]}") from None
+        raise ConfigError(f"Could not load model {model_path!r}: {first_line(e)}") from None
     labels_path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "labels.txt")
     labels = read_labels(labels_path) if os.path.isfile(labels_path) else None
     if labels is not None and len(labels) != model.output_shape[-1]:
