@@ -5,9 +5,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np
 import pytest
 
+from tlkit import testing
 from tlkit.testing import make_tiny_backbone  # noqa: F401  (tests import it from here)
 
 
@@ -17,29 +17,23 @@ def tiny_backbone(tmp_path_factory) -> str:
     return make_tiny_backbone(str(tmp_path_factory.mktemp("backbone") / "tiny.keras"))
 
 
-def write_image_folder(root, classes=("cat", "dog"), per_class=6, size=(40, 30), seed=0) -> str:
-    """Writes real JPEG and PNG files (RGB, grayscale, RGBA) into one sub-folder per class."""
-    from PIL import Image
+@pytest.fixture(scope="module")
+def run_dir(tiny_backbone, tmp_path_factory) -> str:
+    """A run folder of one short `tlkit finetune` of the tiny backbone on `shapes` (one per test module)."""
+    from tlkit import cli
 
-    rng = np.random.default_rng(seed)
-    os.makedirs(root, exist_ok=True)
-    for ci, cname in enumerate(classes):
-        d = os.path.join(root, cname)
-        os.makedirs(d, exist_ok=True)
-        for i in range(per_class):
-            arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-            arr[..., ci % 3] = 220  # a class-dependent colour cast, learnable
-            img = Image.fromarray(arr)
-            kind = i % 4
-            if kind == 0:
-                img.save(os.path.join(d, f"img{i}.jpg"), quality=90)
-            elif kind == 1:
-                img.save(os.path.join(d, f"img{i}.png"))
-            elif kind == 2:
-                img.convert("L").save(os.path.join(d, f"img{i}_gray.png"))
-            else:
-                img.convert("RGBA").save(os.path.join(d, f"img{i}_rgba.png"))
-    return str(root)
+    out = str(tmp_path_factory.mktemp("run") / "run")
+    rc = cli.main(["finetune", "--base", tiny_backbone, "--weights", "none", "--dataset", "shapes", "--image-size", "32",
+                   "--epochs", "1", "--head-steps", "0", "--shapes-per-class", "8", "--augment", "none",
+                   "--output-dir", out])
+    assert rc == 0
+    return out
+
+
+def write_image_folder(root, classes=("cat", "dog"), per_class=6, size=(40, 30), seed=0) -> str:
+    """`tlkit.testing.write_image_folder` with every kind of file (JPEG, PNG, grayscale, RGBA) and the tests'
+    defaults."""
+    return testing.write_image_folder(str(root), classes, per_class, size, seed, kinds=("jpeg", "png", "gray", "rgba"))
 
 
 @pytest.fixture

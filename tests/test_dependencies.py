@@ -75,7 +75,7 @@ def test_keras_tuner_private_modules_tlkit_imports_exist():
 
 def test_keras_private_internals_tlkit_uses_exist():
     """What the ceiling on keras protects (setup.cfg's comment): the optimizer hooks of models/param_groups.py and
-    the saving internals of engine/resume.py."""
+    the saving internals of engine/weights_format.py."""
     import keras
     from keras.src.saving import saving_lib
 
@@ -85,6 +85,57 @@ def test_keras_private_internals_tlkit_uses_exist():
         assert callable(getattr(opt, "_update_model_variables_moving_average", None))  # engine/ema.py
     for name in ("_swap_variables", "_finalize_ema_values"):
         assert callable(getattr(keras.callbacks.SwapEMAWeights, name, None)), name
+
+
+def test_every_private_api_named_in_core_private_exists():
+    """`tlkit/core/private.py` names every private module, class attribute and hook tlkit uses: each must exist in
+    the installed Keras, KerasTuner and TensorFlow (an upgrade that drops one fails here, not in a user's run)."""
+    import importlib
+
+    import keras
+    import keras_tuner
+
+    from tlkit.core import private
+
+    for table in (private.KERAS_MODULES, private.KERAS_TUNER_MODULES, private.TENSORFLOW_MODULES):
+        for module, names in table.items():
+            mod = importlib.import_module(module)
+            for name in names:
+                assert hasattr(mod, name), f"{module}.{name}"
+    for path, names in private.KERAS_ATTRIBUTES.items():
+        cls = keras
+        for part in path.split(".")[1:]:
+            cls = getattr(cls, part)
+        for name in names:
+            assert hasattr(cls, name), f"{path}.{name}"
+    for name in private.KERAS_TUNER_TUNER_HOOKS:
+        assert callable(getattr(keras_tuner.Tuner, name, None)), name
+    # the attributes that exist only on instances
+    x = keras.Input((2,))
+    model = keras.Model(x, keras.layers.Dense(1)(x))
+    instances = {"KerasTensor": model.outputs[0], "functional Model": model, "Layer in a functional Model":
+                 model.layers[-1]}
+    for kind, obj in instances.items():
+        for name in private.KERAS_INSTANCE_ATTRIBUTES[kind]:
+            assert hasattr(obj, name), f"{kind}: {name}"
+    opt = keras.optimizers.SGD(use_ema=True)
+    opt.build(model.trainable_variables)
+    for name in private.KERAS_INSTANCE_ATTRIBUTES["Optimizer(use_ema=True)"]:
+        assert hasattr(opt, name), name
+    assert private.keras_saving_lib() is not None and len(private.all_layers(model)) == 2
+
+
+def test_private_modules_are_imported_in_core_private_only():
+    """Private modules of Keras, KerasTuner and TensorFlow are imported in `core/private.py` only."""
+    root = os.path.join(ROOT, "tlkit")
+    for folder, _, files in os.walk(root):
+        for f in files:
+            if not f.endswith(".py") or f == "private.py":
+                continue
+            with open(os.path.join(folder, f), encoding="utf-8") as fh:
+                text = fh.read()
+            for mod in ("keras.src", "keras_tuner.src", "tensorflow.python"):
+                assert f"from {mod}" not in text and f"import {mod}" not in text, f"{f} imports {mod}"
 
 
 def test_package_version_matches_setup_cfg():

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from conftest import write_image_folder
 from tlkit import cli
-from tlkit.engine import resume
+from tlkit.engine import checkpoints, weights_format
 from tlkit.engine import ema
 
 
@@ -116,8 +116,8 @@ def test_resume_inside_a_stage_continues_the_same_average(tmp_path):
     class Save(keras.callbacks.Callback):  # the checkpointer's job, after EMAWeights
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 0:
-                resume.save_weights(self.model, str(tmp_path / "e1.weights.h5"))
-                resume.save_optimizer(self.model.optimizer, str(tmp_path / "e1.optimizer.npz"))
+                weights_format.save_weights(self.model, str(tmp_path / "e1.weights.h5"))
+                checkpoints.save_optimizer(self.model.optimizer, str(tmp_path / "e1.optimizer.npz"))
                 saved["w"] = [w.copy() for w in self.model.get_weights()]
 
     ref = _model()
@@ -126,8 +126,8 @@ def test_resume_inside_a_stage_continues_the_same_average(tmp_path):
 
     again = _model(seed=7)  # other initial weights: all that matters comes from the checkpoint
     _compile(again, ema_steps=5, lr=0.05, opt="adam")
-    resume.load_weights(again, str(tmp_path / "e1.weights.h5"))
-    assert resume.restore_optimizer(again, str(tmp_path / "e1.optimizer.npz")) == 4
+    weights_format.load_weights(again, str(tmp_path / "e1.weights.h5"))
+    assert checkpoints.restore_optimizer(again, str(tmp_path / "e1.optimizer.npz")) == 4
     again.fit(ds, epochs=2, initial_epoch=1, callbacks=[ema.EMAWeights(resumed=True)], verbose=0, shuffle=False)
     for got, want in zip(again.get_weights(), ref.get_weights()):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -142,14 +142,14 @@ def test_finetune_with_ema_saves_the_averaged_model_and_resumes(tmp_path, tiny_b
             "--val-split", "0.25", "--batch-size", "4", "--strategy", "top_k", "--unfreeze-stages", "1",
             "--epochs", "2", "--augment", "none", "--lr", "0.01", "--lr-mult", "0.5", "--ema", "--ema-steps", "20",
             "--output-dir", run]
-    original = resume.Checkpointer.on_train_batch_end
+    original = checkpoints.Checkpointer.on_train_batch_end
 
     def interrupt_in_epoch_2(self, batch, logs=None):
         if self.last is not None and self.last.epoch == 1:
             raise KeyboardInterrupt
         original(self, batch, logs)
 
-    monkeypatch.setattr(resume.Checkpointer, "on_train_batch_end", interrupt_in_epoch_2)
+    monkeypatch.setattr(checkpoints.Checkpointer, "on_train_batch_end", interrupt_in_epoch_2)
     assert cli.main(args) == 130
     monkeypatch.undo()
     first = []
@@ -160,12 +160,12 @@ def test_finetune_with_ema_saves_the_averaged_model_and_resumes(tmp_path, tiny_b
                 saved = [opt[k] for k in opt.files]
             first.append([(v.numpy(), saved) for v in self.model.trainable_variables])
 
-    monkeypatch.setattr(resume.Checkpointer, "on_train_batch_begin", record, raising=False)
+    monkeypatch.setattr(checkpoints.Checkpointer, "on_train_batch_begin", record, raising=False)
     assert cli.main(args + ["--resume"]) == 0
     monkeypatch.undo()
     capsys.readouterr()
     assert first and all(any(a.shape == w.shape and np.array_equal(a, w) for a in saved) for w, saved in first[0])
-    state = resume.load_state(run)
+    state = checkpoints.load_state(run)
     assert state.epoch == 2
     with np.load(os.path.join(run, "checkpoints", state.optimizer)) as opt:
         counts = [int(opt[k]) for k in sorted(opt.files) if opt[k].dtype == np.int64]

@@ -14,17 +14,7 @@ import tlkit
 from tlkit import cli
 from tlkit.engine.predictors import call_model, read_image, resize_batch
 
-EXPORT = importlib.import_module("tlkit.verbs.export")
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_backbone, tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("export_run") / "run")
-    rc = cli.main(["finetune", "--base", tiny_backbone, "--weights", "none", "--dataset", "shapes", "--image-size", "32",
-                   "--epochs", "1", "--head-steps", "0", "--shapes-per-class", "8", "--augment", "none",
-                   "--output-dir", out])
-    assert rc == 0
-    return out
+from tlkit.engine import export_formats, parity
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +127,7 @@ def test_parity_check_catches_wrong_preprocessing(run_dir, tmp_path, monkeypatch
     def scaled_to_unit(images, size):  # the classic bug: preprocessing applied twice ([0, 1] into a 0..255 model)
         return tf.cast(resize_uint8(images, size), tf.float32) / 255.0
 
-    monkeypatch.setattr(EXPORT, "serving_transform", scaled_to_unit)
+    monkeypatch.setattr(export_formats, "serving_transform", scaled_to_unit)
     out = str(tmp_path / "broken")
     capsys.readouterr()
     assert cli.main(["export", run_dir, "--format", "savedmodel", "--output", out]) == 1
@@ -150,7 +140,7 @@ def test_parity_check_catches_wrong_preprocessing(run_dir, tmp_path, monkeypatch
 def test_compare_counts_ties_and_flips():
     ref = np.array([[0.7, 0.2, 0.1], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5], [0.3, 0.4, 0.3]])
     exp = np.array([[0.6, 0.3, 0.1], [0.49, 0.51, 0.0], [0.5, 0.3, 0.2], [0.35, 0.35, 0.3]])
-    c = EXPORT.compare(ref, exp)  # agree; a Keras tie; flipped; a quantized tie read as argmax (class 0): flipped
+    c = parity.compare(ref, exp)  # agree; a Keras tie; flipped; a quantized tie read as argmax (class 0): flipped
     assert c["top1_agreement"] == pytest.approx(2 / 4) and c["strict_top1_agreement"] == pytest.approx(1 / 4)
     assert c["max_abs_diff"] == pytest.approx(0.3)
 
@@ -220,13 +210,13 @@ def test_mixed_precision_model_is_exported_in_float32(tiny_backbone, tmp_path):
         mixed = build_classifier(get_backbone(tiny_backbone), 3, ModelConfig(weights="none"), 32)
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    assert EXPORT.is_mixed_precision(mixed)
-    plain = EXPORT.as_float32(mixed)
-    assert not EXPORT.is_mixed_precision(plain) and plain.get_layer("logits").compute_dtype == "float32"
+    assert export_formats.is_mixed_precision(mixed)
+    plain = export_formats.as_float32(mixed)
+    assert not export_formats.is_mixed_precision(plain) and plain.get_layer("logits").compute_dtype == "float32"
     x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(np.asarray(call_model(plain, x)), np.asarray(call_model(mixed, x)), atol=5e-3)
     path = tmp_path / "m.tflite"
-    path.write_bytes(EXPORT.tflite_bytes(plain, 32))  # float16 MatMuls are not TFLite built-ins: this needs float32
+    path.write_bytes(export_formats.tflite_bytes(plain, 32))  # float16 MatMuls are no TFLite built-ins: needs float32
     np.testing.assert_allclose(TFLitePredictor(str(path), None).predict_resized(x), np.asarray(call_model(plain, x)),
                                atol=1e-5)
 

@@ -14,16 +14,6 @@ from tlkit.engine.predictors import call_model, read_image, resize_batch
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_backbone, tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("predict_run") / "run")
-    rc = cli.main(["finetune", "--base", tiny_backbone, "--weights", "none", "--dataset", "shapes", "--image-size", "32",
-                   "--epochs", "1", "--head-steps", "0", "--shapes-per-class", "8", "--augment", "none",
-                   "--output-dir", out])
-    assert rc == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> str:
     """JPEG/PNG/grayscale/RGBA images in class sub-folders, one corrupt .jpg, one non-image file."""
     from conftest import write_image_folder

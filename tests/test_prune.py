@@ -21,7 +21,7 @@ from tlkit.verbs.prune import Pruner, magnitude_mask, polynomial_sparsity, pruna
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_backbone):
+def untrained_run(tmp_path_factory, tiny_backbone):
     """A run folder as finetune writes it (model.keras, labels.txt, config.yaml) of the tiny backbone on shapes;
     pruning needs weights, not skill, so the classifier is built and saved without training."""
     keras.utils.set_random_seed(0)
@@ -46,10 +46,10 @@ def test_magnitude_mask_and_schedule():
     assert polynomial_sparsity(500, 0.8, 100) == pytest.approx(0.8)
 
 
-def test_masks_hold_inside_the_compiled_train_step(run_dir):
+def test_masks_hold_inside_the_compiled_train_step(untrained_run):
     """Adam with momentum would revive zeroed weights; the masked optimizer keeps them exactly zero.
     (The same optimizer class under jit_compile: tests/test_discriminative_lr.py.)"""
-    model = keras.models.load_model(os.path.join(run_dir, "model.keras"))
+    model = keras.models.load_model(os.path.join(untrained_run, "model.keras"))
     pruner = Pruner(prunable_kernels(model))
     pruner.set_sparsity(0.6)
     before = {p: np.asarray(v) == 0 for p, v in pruner.kernels.items()}
@@ -68,9 +68,9 @@ def test_masks_hold_inside_the_compiled_train_step(run_dir):
     assert (head == 0).sum() == 0  # not pruned by default
 
 
-def test_prune_cli_polynomial(run_dir, tmp_path):
+def test_prune_cli_polynomial(untrained_run, tmp_path):
     out = str(tmp_path / "pruned")
-    assert main(["prune", run_dir, "--sparsity", "0.5", "--schedule", "polynomial", "--epochs", "2",
+    assert main(["prune", untrained_run, "--sparsity", "0.5", "--schedule", "polynomial", "--epochs", "2",
                  "--frequency", "1", "--sweep", "0.8", "--output-dir", out]) == 0
     for name in ("model.keras", "labels.txt", "config.yaml", "metrics.json", "history.csv"):
         assert os.path.isfile(os.path.join(out, name)), name
@@ -97,15 +97,15 @@ def test_prune_cli_polynomial(run_dir, tmp_path):
     assert main(["evaluate", out, "--json"]) == 0
 
 
-def test_prune_constant_with_head_and_bad_input(run_dir, tmp_path):
-    r = tlkit.prune(PruneConfig(run_dir=run_dir, sparsity=0.75, schedule="constant", epochs=1, prune_head=True,
+def test_prune_constant_with_head_and_bad_input(untrained_run, tmp_path):
+    r = tlkit.prune(PruneConfig(run_dir=untrained_run, sparsity=0.75, schedule="constant", epochs=1, prune_head=True,
                                 batch_size=16, output_dir=str(tmp_path / "p75")))
     head = np.asarray(r.model.get_layer("logits").kernel)
     assert (head == 0).sum() == round(0.75 * head.size)
     assert r.metrics["pruning"]["sparsity"] == pytest.approx(0.75, abs=1e-3)
-    assert main(["prune", run_dir, "--sparsity", "1.5"]) == 2
+    assert main(["prune", untrained_run, "--sparsity", "1.5"]) == 2
     assert main(["prune", str(tmp_path / "nothing"), "--sparsity", "0.5"]) == 2
-    assert main(["prune", run_dir, "--schedule", "cubic"]) == 2
+    assert main(["prune", untrained_run, "--schedule", "cubic"]) == 2
 
 
 def test_magnitude_mask_by_selection_equals_a_stable_sort_with_ties():

@@ -1,6 +1,7 @@
 """Fault injection: a real `python -m tlkit finetune` is SIGKILLed mid-epoch, resumed with the same command +
 `--resume`, interrupted with Ctrl-C (SIGINT), resumed again with the command it printed; the result matches an
-uninterrupted run. Tests `tlkit/resume.py` and its use in `tlkit/train.py`.
+uninterrupted run. Tests `tlkit/engine/{checkpoints,weights_format,interrupts,resume}.py` and their use in
+`tlkit/engine/loop.py`.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import pytest
 from conftest import write_image_folder
 from tlkit import cli
 from tlkit.core import rundir
-from tlkit.engine import resume
+from tlkit.engine import checkpoints, interrupts, loop, resume, weights_format
 from tlkit.core.config import DataConfig, FinetuneConfig, TrainConfig, config_to_dict, dump_yaml
 from tlkit.core.errors import ConfigError, OutputExistsError
 
@@ -31,7 +32,7 @@ import os
 _flag = os.environ.get("TLKIT_TEST_PAUSE_FLAG")
 if _flag:
     import time
-    import tlkit.engine.resume as _r
+    import tlkit.engine.checkpoints as _r
 
     def _on_train_batch_end(self, batch, logs=None):
         if self.last is not None and self.last.epoch == 1:
@@ -95,18 +96,18 @@ def test_sigkill_sigint_resume_matches_uninterrupted(tmp_path, tiny_backbone, ca
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not os.path.exists(os.path.join(run, "model.keras"))
-    assert resume.load_state(run).epoch == 1
+    assert checkpoints.load_state(run).epoch == 1
     assert len(_history(run)) == 1
 
     # 2. The same command + --resume; Ctrl-C (a real SIGINT to this process) inside epoch 3.
-    original = resume.Checkpointer.on_train_batch_end
+    original = checkpoints.Checkpointer.on_train_batch_end
 
     def interrupt_in_epoch_3(self, batch, logs=None):
         if self.last is not None and self.last.epoch == 2:
             signal.raise_signal(signal.SIGINT)
         original(self, batch, logs)
 
-    monkeypatch.setattr(resume.Checkpointer, "on_train_batch_end", interrupt_in_epoch_3)
+    monkeypatch.setattr(checkpoints.Checkpointer, "on_train_batch_end", interrupt_in_epoch_3)
     capsys.readouterr()
     assert _in(work, cli.main, args + ["--output-dir", "run", "--resume"]) == 130
     out, err = capsys.readouterr()
@@ -116,7 +117,7 @@ def test_sigkill_sigint_resume_matches_uninterrupted(tmp_path, tiny_backbone, ca
     assert err.startswith("tlkit: interrupted (SIGINT); epoch 2 is the last one saved"), err
     command = err.split("Resume with:\n", 1)[1].strip()
     assert command.startswith("tlkit finetune ") and command.endswith("--output-dir run --resume")
-    state = resume.load_state(run)
+    state = checkpoints.load_state(run)
     assert (state.epoch, state.stage_name, state.stage_done) == (2, "head", True)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
 
@@ -142,7 +143,7 @@ def test_sigkill_sigint_resume_matches_uninterrupted(tmp_path, tiny_backbone, ca
         m_ref = json.load(f)
     assert set(m_run) == set(m_ref) and m_run["epochs"] == m_ref["epochs"] == 3
     assert m_run["stages"] == m_ref["stages"]
-    assert resume.load_state(run).epoch == resume.load_state(ref).epoch == 3
+    assert checkpoints.load_state(run).epoch == checkpoints.load_state(ref).epoch == 3
     import keras
 
     model = keras.models.load_model(os.path.join(run, "model.keras"), compile=False, safe_mode=True)
@@ -163,7 +164,7 @@ def test_resume_refuses_a_changed_config(tmp_path):
     (run / "checkpoints" / "state.json").write_text("{}")
     changed = dataclasses.replace(cfg, train=TrainConfig(epochs=5), resume=True)
     with pytest.raises(ConfigError, match="epochs: 3 -> 5"):
-        resume.prepare_run_dir(str(run), changed)
+        resume.open_run_dir(str(run), changed)
     # Without --resume or --overwrite the folder is refused, with a hint to resume.
     with pytest.raises(OutputExistsError, match="--resume to continue it"):
         rundir.check_output_dir(str(run), overwrite=False, resume=False)
@@ -172,7 +173,7 @@ def test_resume_refuses_a_changed_config(tmp_path):
 
 
 def test_sigterm_message_and_exit_code():
-    err = resume.Interrupted(signal.SIGTERM, "runs/x", 3)
+    err = interrupts.Interrupted(signal.SIGTERM, "runs/x", 3)
     assert err.exit_code == 143
     text = resume.interrupt_message(err, ["finetune", "--dataset", "shapes"])
     assert text.startswith("tlkit: interrupted (SIGTERM); epoch 3 is the last one saved")
@@ -184,10 +185,10 @@ def test_nan_message_names_the_cause():
     import keras
 
     opt = keras.optimizers.Adam(0.5)
-    text = resume.nan_message(3, Stage("finetune", 4, 0.5, frozenset({1})), opt, "mixed_float16")
+    text = loop.nan_message(3, Stage("finetune", 4, 0.5, frozenset({1})), opt, "mixed_float16")
     assert text.startswith("The loss became NaN or infinite in epoch 3 (stage 'finetune', learning rate 0.5")
     assert "mixed_float16 overflowed: use --precision float32" in text
-    assert "overflowed" not in resume.nan_message(3, Stage("head", 4, 0.5, frozenset()), opt, "float32")
+    assert "overflowed" not in loop.nan_message(3, Stage("head", 4, 0.5, frozenset()), opt, "float32")
 
 
 def test_resume_keeps_the_learning_rate_the_finder_found(tmp_path):
@@ -197,7 +198,7 @@ def test_resume_keeps_the_learning_rate_the_finder_found(tmp_path):
     (run / "config.yaml").write_text(dump_yaml(config_to_dict(found)))
     (run / "checkpoints" / "state.json").write_text("{}")
     again = dataclasses.replace(found, train=dataclasses.replace(found.train, lr="auto"), resume=True)
-    assert resume.prepare_run_dir(str(run), again).train.lr == 0.0123  # not searched again
+    assert resume.open_run_dir(str(run), again).train.lr == 0.0123  # not searched again
 
 
 def test_interrupt_outside_training_still_says_how_to_resume(tmp_path):
@@ -218,10 +219,10 @@ def test_resume_clears_a_killed_runs_cache_lock_and_overwrite_clears_old_state(t
         (run / "cache" / name).write_text("x")
     (run / "checkpoints" / "best.weights.h5").write_text("x")
     cfg = FinetuneConfig(data=DataConfig(dataset="shapes"), output_dir=str(run), resume=True)
-    resume.prepare_run_dir(str(run), cfg)  # no state.json yet: resumable from the start
+    resume.open_run_dir(str(run), cfg)  # no state.json yet: resumable from the start
     assert sorted(os.listdir(run / "cache")) == ["eval.index"]  # a finished cache stays
     assert (run / "checkpoints" / "best.weights.h5").exists()
-    resume.prepare_run_dir(str(run), dataclasses.replace(cfg, resume=False, overwrite=True))
+    resume.open_run_dir(str(run), dataclasses.replace(cfg, resume=False, overwrite=True))
     assert not (run / "cache").exists() and not (run / "checkpoints").exists()
 
 
@@ -239,16 +240,36 @@ def _tiny_compiled_model():
     return model, x, y
 
 
+def test_where_each_stage_of_a_resumed_plan_starts():
+    def state(stage_index, stage_epoch, stage_done):
+        return checkpoints.RunState(stage_index=stage_index, stage_name="s", stage_epoch=stage_epoch,
+                                    stage_done=stage_done, epoch=5, best=None, best_epoch=None, monitor="accuracy",
+                                    history=[], weights="epoch-0005.weights.h5", optimizer="epoch-0005.optimizer.npz",
+                                    early_stopping={"wait": 1, "best": 0.5})
+
+    inside = state(1, 2, False)  # two epochs of stage 1 done: stage 0 is skipped, stage 1 continues after them
+    assert inside.start_of(0) == checkpoints.StageStart(done=True)
+    start = inside.start_of(1)
+    assert (start.done, start.epochs_done, start.from_checkpoint) == (False, 2, True)
+    assert (start.weights, start.optimizer) == ("epoch-0005.weights.h5", "epoch-0005.optimizer.npz")
+    assert start.early_stopping == {"wait": 1, "best": 0.5}
+    assert inside.start_of(2) == checkpoints.StageStart() and not inside.finished(3)
+    between = state(1, 4, True)  # stage 1 over: stage 2 starts from its weights, with a fresh optimizer
+    assert between.start_of(1).done and between.start_of(2).optimizer is None
+    assert between.start_of(2).weights == "epoch-0005.weights.h5" and between.finished(2)
+    assert checkpoints.stage_start(None, 0) == checkpoints.StageStart()
+
+
 def test_optimizer_state_and_schedule_step_survive_a_restore(tmp_path):
     import numpy as np
 
     model, x, y = _tiny_compiled_model()
     model.fit(x, y, batch_size=2, epochs=1, verbose=0)  # 4 steps
-    resume.save_optimizer(model.optimizer, str(tmp_path / "opt.npz"))
-    resume.save_weights(model, str(tmp_path / "w.weights.h5"))
+    checkpoints.save_optimizer(model.optimizer, str(tmp_path / "opt.npz"))
+    weights_format.save_weights(model, str(tmp_path / "w.weights.h5"))
     fresh, _, _ = _tiny_compiled_model()
-    resume.load_weights(fresh, str(tmp_path / "w.weights.h5"))
-    assert resume.restore_optimizer(fresh, str(tmp_path / "opt.npz")) == 4
+    weights_format.load_weights(fresh, str(tmp_path / "w.weights.h5"))
+    assert checkpoints.restore_optimizer(fresh, str(tmp_path / "opt.npz")) == 4
     for a, b in zip(model.optimizer.variables, fresh.optimizer.variables):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert float(fresh.optimizer.learning_rate) == pytest.approx(float(model.optimizer.learning_rate))
@@ -257,7 +278,7 @@ def test_optimizer_state_and_schedule_step_survive_a_restore(tmp_path):
 
         other, _, _ = _tiny_compiled_model()
         other.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="categorical_crossentropy")
-        resume.restore_optimizer(other, str(tmp_path / "opt.npz"))
+        checkpoints.restore_optimizer(other, str(tmp_path / "opt.npz"))
 
 
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -270,7 +291,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
 
     model, x, y = _tiny_compiled_model()
     model.fit(x, y, batch_size=2, epochs=1, verbose=0)
-    ckpt = resume.Checkpointer(str(tmp_path), "accuracy", [{"epoch": 1}])
+    ckpt = checkpoints.Checkpointer(str(tmp_path), "accuracy", [{"epoch": 1}])
     ckpt.set_model(model)
     ckpt.begin_stage(0, Stage("head", 3, 0.1, frozenset()), 0, [])
     ckpt.save(1)
@@ -281,7 +302,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
     monkeypatch.setattr(np, "savez", full)
     with pytest.raises(DiskFullError, match="epoch-0002.optimizer.npz"):
         ckpt.save(2)
-    state = resume.load_state(str(tmp_path))  # still the epoch-1 checkpoint, complete
+    state = checkpoints.load_state(str(tmp_path))  # still the epoch-1 checkpoint, complete
     assert state.epoch == 1 and state.weights == "epoch-0001.weights.h5"
     left = sorted(os.listdir(tmp_path / "checkpoints"))
     assert not [n for n in left if n.startswith(".")], left  # no temporary file left behind
@@ -310,8 +331,8 @@ def test_a_frozen_stage_writes_the_backbone_once_and_its_checkpoints_load_exactl
     rng = np.random.default_rng(0)
     x, y = rng.uniform(0, 255, (8, 32, 32, 3)).astype("float32"), np.eye(3)[rng.integers(0, 3, 8)]
     full = tmp_path / "full.weights.h5"
-    resume.save_weights(model, str(full))  # the plain Keras file, for the size comparison
-    ckpt = resume.Checkpointer(str(tmp_path / "run"), "accuracy", [])
+    weights_format.save_weights(model, str(full))  # the plain Keras file, for the size comparison
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "run"), "accuracy", [])
     ckpt.set_model(model)
 
     def run_stage(index, stage, start):
@@ -325,37 +346,38 @@ def test_a_frozen_stage_writes_the_backbone_once_and_its_checkpoints_load_exactl
     ck = tmp_path / "run" / "checkpoints"
     frozen = sorted(p.name for p in ck.glob("frozen-*"))
     assert frozen == ["frozen-0001.weights.h5"], sorted(os.listdir(ck))  # written once, at the first epoch
-    epoch_file = ck / resume.load_state(str(tmp_path / "run")).weights
+    epoch_file = ck / checkpoints.load_state(str(tmp_path / "run")).weights
     # The epoch's file holds the head, not the backbone: a fraction of the full weights file.
     assert epoch_file.stat().st_size < 0.2 * full.stat().st_size
-    assert resume.files_needed(str(epoch_file)) == frozen
+    assert weights_format.files_needed(str(epoch_file)) == frozen
     after_head = [np.array(w) for w in model.get_weights()]
     _, fresh = _tiny_classifier(tiny_backbone)
-    resume.load_weights(fresh, str(epoch_file))
+    weights_format.load_weights(fresh, str(epoch_file))
     for a, b in zip(after_head, fresh.get_weights()):
         np.testing.assert_array_equal(a, b)
     # The best checkpoint is loadable the same way, from another working directory.
     _, fresh2 = _tiny_classifier(tiny_backbone)
-    _in(str(tmp_path), resume.load_weights, fresh2, str(ck / "best.weights.h5"))
+    _in(str(tmp_path), weights_format.load_weights, fresh2, str(ck / "best.weights.h5"))
     for a, b in zip(model.get_layer("backbone").get_weights(), fresh2.get_layer("backbone").get_weights()):
         np.testing.assert_array_equal(a, b)  # the frozen backbone, joined in from its own file
 
     # Fine-tuning the top stage: the weights change, and every epoch's file holds them.
     run_stage(1, Stage("finetune", 2, 1e-2, frozenset({spec.num_stages(model.get_layer("backbone")) - 1})), 3)
-    state = resume.load_state(str(tmp_path / "run"))
+    state = checkpoints.load_state(str(tmp_path / "run"))
     assert state.epoch == 5
     now = [np.array(w) for w in model.get_weights()]
     assert any(not np.array_equal(a, b) for a, b in zip(after_head, now))
-    resume.load_weights(fresh, str(ck / state.weights))
+    weights_format.load_weights(fresh, str(ck / state.weights))
     for a, b in zip(now, fresh.get_weights()):
         np.testing.assert_array_equal(a, b)
     # Frozen files no checkpoint needs any more are removed; one that is needed and missing is reported.
-    needed = set(resume.files_needed(str(ck / state.weights))) | set(resume.files_needed(str(ck / "best.weights.h5")))
+    needed = (set(weights_format.files_needed(str(ck / state.weights)))
+              | set(weights_format.files_needed(str(ck / "best.weights.h5"))))
     assert {p.name for p in ck.glob("frozen-*")} == needed
-    for name in resume.files_needed(str(ck / state.weights)):
+    for name in weights_format.files_needed(str(ck / state.weights)):
         os.remove(ck / name)
         with pytest.raises(TrainingError, match="missing"):
-            resume.load_state(str(tmp_path / "run"))
+            checkpoints.load_state(str(tmp_path / "run"))
 
 
 def test_auto_resumes_inside_fine_tuning_with_the_decision_it_made(tmp_path, tiny_backbone, capsys, monkeypatch):
@@ -382,14 +404,14 @@ def test_auto_resumes_inside_fine_tuning_with_the_decision_it_made(tmp_path, tin
 
     fake_trial_fit.next = ["top2", "all", "all_fast"]
     monkeypatch.setattr(adapt.keras.Model, "fit", fake_trial_fit)
-    original = resume.Checkpointer.on_train_batch_end
+    original = checkpoints.Checkpointer.on_train_batch_end
 
     def interrupt_in_round_3(self, batch, logs=None):  # head = epoch 1, first fine-tuning round = epoch 2
         if self.last is not None and self.last.epoch == 2:
             signal.raise_signal(signal.SIGINT)
         original(self, batch, logs)
 
-    monkeypatch.setattr(resume.Checkpointer, "on_train_batch_end", interrupt_in_round_3)
+    monkeypatch.setattr(checkpoints.Checkpointer, "on_train_batch_end", interrupt_in_round_3)
     assert cli.main(args) == 130
     out = capsys.readouterr().out
     assert out.count("[tlkit] trial ") == 3 and "recipe: fine-tuning the whole backbone at lr 0.001" in out
@@ -400,7 +422,7 @@ def test_auto_resumes_inside_fine_tuning_with_the_decision_it_made(tmp_path, tin
         decided_augment = [line for line in f.read().splitlines() if line.strip().startswith(("augment:", "flip:"))]
     assert "augment: auto" not in [s.strip() for s in decided_augment]  # the decision is written into config.yaml
 
-    monkeypatch.setattr(resume.Checkpointer, "on_train_batch_end", original)
+    monkeypatch.setattr(checkpoints.Checkpointer, "on_train_batch_end", original)
     fake_trial_fit.next = []  # a trial now would fail: there must be none
     assert cli.main(args + ["--resume"]) == 0
     out = capsys.readouterr().out

@@ -19,7 +19,9 @@ from tlkit import cli
 from tlkit.models import schedules
 from tlkit.core import config as C
 from tlkit.core.errors import ConfigError
-from tlkit.verbs.tune import TlkitHyperModel, TlkitTuner, make_oracle, tune
+from tlkit.engine.tuner import TlkitTuner, make_oracle
+from tlkit.engine.tuning import TlkitHyperModel
+from tlkit.verbs.tune import tune
 
 # KerasTuner deep-copies callbacks for every execution: what they see goes to module-level lists.
 FITS: list[dict] = []

@@ -13,7 +13,7 @@ import re
 import sys
 import traceback
 import typing
-from typing import Any, Callable
+from typing import Any
 
 from tlkit.core import config as C
 from tlkit.core.errors import ConfigError, TlkitError
@@ -267,9 +267,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-VERB_REGISTRY: list[Callable[[Any], None]] = []
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
     from tlkit.verbs.finetune import finetune
 
@@ -408,7 +405,8 @@ def add_tune_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from tlkit.verbs.tune import load_tune_config, tune, tune_config_from_dict
+    from tlkit.core.tune_config import load_tune_config, tune_config_from_dict
+    from tlkit.verbs.tune import tune
 
     cfg, tc = load_tune_config(args.config) if getattr(args, "config", None) else (C.FinetuneConfig(), C.TuneConfig())
     index = C.field_index()
@@ -533,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"tlkit: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during training (tlkit.engine.resume.Interrupted)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during training (tlkit.engine.interrupts.Interrupted)
         from tlkit.engine.resume import interrupt_message
 
         print(interrupt_message(e, list(sys.argv[1:] if argv is None else argv)), file=sys.stderr)

@@ -68,7 +68,8 @@ def make_tiny_backbone(path: str, size: int = 32, width: int = 16, seed: int | N
 
 
 def write_image_folder(root: str, classes: Sequence[str] = ("red", "green", "blue"), per_class: int = 8,
-                       size: tuple[int, int] = (48, 40), seed: int = 0) -> str:
+                       size: tuple[int, int] = (48, 40), seed: int = 0,
+                       kinds: Sequence[str] = ("jpeg", "png")) -> str:
     """Writes real JPEG and PNG files, one sub-folder per class, each class with its own colour cast.
 
     Args:
@@ -77,6 +78,8 @@ def write_image_folder(root: str, classes: Sequence[str] = ("red", "green", "blu
         per_class: Images per class. Defaults to `8`.
         size: `(width, height)` of the images. Defaults to `(48, 40)`.
         seed: Seed of the pixel noise. Defaults to `0`.
+        kinds: The files written in turn: `jpeg`, `png` (RGB), `gray` (grayscale PNG), `rgba` (RGBA PNG), named
+            `img{i}.jpg`, `img{i}.png`, `img{i}_gray.png`, `img{i}_rgba.png`. Defaults to `("jpeg", "png")`.
 
     Returns:
         `root`, ready for `DataConfig(image_dir=root)`.
@@ -96,10 +99,17 @@ def write_image_folder(root: str, classes: Sequence[str] = ("red", "green", "blu
             arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
             arr[..., ci % 3] = 220  # a learnable colour cast per class
             img = Image.fromarray(arr)
-            if i % 2:
-                img.save(os.path.join(folder, f"{name}_{i}.png"))
+            kind = kinds[i % len(kinds)]
+            if kind == "jpeg":
+                img.save(os.path.join(folder, f"img{i}.jpg"), quality=90)
+            elif kind == "png":
+                img.save(os.path.join(folder, f"img{i}.png"))
+            elif kind == "gray":
+                img.convert("L").save(os.path.join(folder, f"img{i}_gray.png"))
+            elif kind == "rgba":
+                img.convert("RGBA").save(os.path.join(folder, f"img{i}_rgba.png"))
             else:
-                img.save(os.path.join(folder, f"{name}_{i}.jpg"), quality=90)
+                raise ValueError(f"Unknown image kind {kind!r}. Choose from: jpeg, png, gray, rgba.")
     return str(root)
 
 

@@ -549,6 +549,30 @@ def absolute_paths(cfg: FinetuneConfig, folder: str | None = None) -> FinetuneCo
         model=dataclasses.replace(m, base=base, weights=fix(m.weights, keep=("imagenet", "none"))))
 
 
+def differences(old: Any, new: Any, *, ignore: tuple[str, ...] = (), paths: tuple[str, ...] = (),
+                prefix: str = "") -> list[str]:
+    """`key: old -> new` for every setting that differs between two (nested) dicts of settings, as
+    `config_to_dict` writes them; a nested key is named by its path (`train.epochs`).
+
+    Keys in `ignore` are skipped; values of keys in `paths` are compared as normalised paths.
+
+    Example:
+        >>> differences({"train": {"epochs": 3}}, {"train": {"epochs": 5}})
+        ['train.epochs: 3 -> 5']
+    """
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out: list[str] = []
+        for key in dict.fromkeys([*old, *new]):
+            if key not in ignore:
+                out += differences(old.get(key), new.get(key), ignore=ignore, paths=paths,
+                                   prefix=f"{prefix}{key}.")
+        return out
+    key = prefix.rstrip(".")
+    if key.rpartition(".")[2] in paths and old and new:
+        old, new = os.path.normpath(str(old)), os.path.normpath(str(new))
+    return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
+
+
 def dump_yaml(values: Mapping[str, Any]) -> str:
     """YAML text of a mapping, keys in insertion order."""
     return yaml.safe_dump(dict(values), sort_keys=False, default_flow_style=False)

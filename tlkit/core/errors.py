@@ -48,3 +48,17 @@ def suggest(name: str, choices: Iterable[str]) -> str:
     if not close:
         return ""
     return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type's name when the message is empty), at most `limit`
+    characters: for the one-line messages that wrap a library's error.
+
+    Example:
+        >>> first_line(ValueError("bad shape\\nin layer dense"))
+        'bad shape'
+        >>> first_line(KeyError())
+        'KeyError'
+    """
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:limit]

@@ -163,3 +163,14 @@ def refuse_existing(paths: list[str], overwrite: bool, flag: str = "--output") -
         if (os.path.isdir(p) and os.listdir(p)) or (os.path.exists(p) and not os.path.isdir(p)):
             raise OutputExistsError(f"Output {p!r} already exists; pass --overwrite to replace it or choose another "
                                     f"{flag}.")
+
+
+def remove_stale_cache_files(cache_dir: str) -> None:
+    """Removes what a killed process leaves of a half-written tf.data disk cache in `cache_dir` (a lock file and
+    temporary state): otherwise the next run fails with "There appears to be a concurrent caching iterator
+    running"."""
+    import glob
+
+    for stale in glob.glob(os.path.join(cache_dir, "*.lockfile")) + glob.glob(os.path.join(cache_dir, "*.tempstate*")):
+        with contextlib.suppress(OSError):
+            os.remove(stale)

@@ -4,7 +4,7 @@ What each setting means:
 
 - precision: `auto` picks `mixed_float16` on a GPU of compute capability >= 7.0, `mixed_bfloat16` on a TPU and
   `float32` otherwise. Under a mixed policy the variables stay float32, the layers compute in 16 bits, and the
-  classifier's last `Activation` is float32 (see `model.build_classifier`); with `mixed_float16` Keras's `compile`
+  classifier's last `Activation` is float32 (see `models.classifier.build_classifier`); with `mixed_float16` Keras's `compile`
   wraps the optimizer in a `LossScaleOptimizer` (dynamic loss scaling).
 - xla: `on` means `compile(jit_compile=True)` even where Keras's own `"auto"` would turn it off (a CPU, any
   `tf.distribute` strategy); `auto` turns it on only on a single GPU. After compiling, `Runtime.verify_compiled`
@@ -43,8 +43,9 @@ import os
 import keras
 import tensorflow as tf
 
+from tlkit.core import private
 from tlkit.core.config import DISTRIBUTE_CHOICES, PRECISIONS, XLA_CHOICES, RuntimeConfig
-from tlkit.core.errors import ConfigError
+from tlkit.core.errors import ConfigError, first_line
 
 log = logging.getLogger("tlkit")
 
@@ -98,7 +99,8 @@ class Runtime:
         (e.g. `RandomRotation` inside a user's backbone); `--xla on` must not silently mean off.
         """
         if self.jit_compile and not model.jit_compile:
-            bad = [layer.name for layer in model._flatten_layers() if not getattr(layer, "supports_jit", True)]
+            bad = [layer.name for layer in private.all_layers(model, include_self=True)
+                   if not getattr(layer, "supports_jit", True)]
             why = f"layer(s) {', '.join(bad[:5])} do not support XLA" if bad else "Keras turned XLA off"
             raise ConfigError(f"--xla on, but {why}; use --xla off (or auto), or remove those layers from the "
                               "backbone (augment in the input pipeline instead).")
@@ -244,7 +246,7 @@ def setup(cfg: RuntimeConfig) -> Runtime:
             tf.config.experimental_connect_to_cluster(resolver)
             tf.tpu.experimental.initialize_tpu_system(resolver)
         except Exception as e:
-            raise ConfigError(f"--distribute tpu: no TPU found ({str(e).splitlines()[0][:200]}).") from None
+            raise ConfigError(f"--distribute tpu: no TPU found ({first_line(e, 200)}).") from None
         strategy = tf.distribute.TPUStrategy(resolver)
         device = "tpu"
     keras.mixed_precision.set_dtype_policy(precision)
@@ -259,7 +261,7 @@ def setup(cfg: RuntimeConfig) -> Runtime:
         jit = False
     else:
         jit = device == "gpu" and dist == "none" and not cfg.deterministic
-    from tensorflow.python.framework import config as tf_config  # enable_op_determinism has no public off switch
+    tf_config = private.tf_framework_config()  # enable_op_determinism has no public off switch
 
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()

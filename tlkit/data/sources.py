@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from tlkit.core.config import DataConfig
-from tlkit.core.errors import DataError, OfflineError, suggest
+from tlkit.core.errors import DataError, OfflineError, first_line, suggest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # Larger images are skipped: decoding one takes gigabytes (PIL's own decompression-bomb limit).
@@ -245,7 +245,7 @@ def image_problem(path: str) -> str | None:
             with Image.open(path, formats=[_PIL_FORMATS[kind]]) as img:  # the header only
                 w, h = img.size
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        return f"truncated or corrupt: {str(e).splitlines()[0][:80] if str(e) else type(e).__name__}"
+        return f"truncated or corrupt: {first_line(e, 80)}"
     if w * h > MAX_IMAGE_PIXELS:
         return f"too large ({w}x{h} pixels)"
     if kind == "bmp":
@@ -347,7 +347,7 @@ def _from_tfds(name: str, data_dir: str | None, val_split: float) -> Datasets:
             names = list(BUILTIN_DATASETS) + list(DATASET_ALIASES) + list(tfds.list_builders())
             raise DataError(f"Unknown dataset {name!r}.{suggest(name, names)} Use a TensorFlow Datasets name, "
                             "'shapes', or --image-dir DIR.") from None
-        raise DataError(f"Could not open dataset {name!r}: {str(e).splitlines()[0]}") from None
+        raise DataError(f"Could not open dataset {name!r}: {first_line(e, 10**6)}") from None
     features = builder.info.features
     image_key = next((k for k, f in features.items() if isinstance(f, tfds.features.Image)), None)
     label_key = next((k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)), None)
@@ -359,7 +359,7 @@ def _from_tfds(name: str, data_dir: str | None, val_split: float) -> Datasets:
         builder.download_and_prepare()
     except Exception as e:
         raise OfflineError(
-            f"Could not download or prepare dataset {name!r} ({str(e).strip().splitlines()[0][:200]}). To work "
+            f"Could not download or prepare dataset {name!r} ({first_line(e, 200)}). To work "
             f"offline, run `tfds build {name}` on a machine with internet and copy its data folder here, then pass "
             "--data-dir DIR."
         ) from None

@@ -17,7 +17,7 @@ the fine-tuning stage starts, the `Adapter` decides, on the validation split:
    fine-tuning and the probe is the model. (`Adapter.__call__`.)
 
 The selection of the kept epoch then gives the probe a margin of one validation image
-(`resume.Checkpointer(head_margin=...)`): fine-tuning replaces it only when it beats it clearly.
+(`checkpoints.Checkpointer(head_margin=...)`): fine-tuning replaces it only when it beats it clearly.
 
 The decision and its evidence are printed, written to `checkpoints/adapt.json` (a resumed run continues with it)
 and returned for `metrics.json` (`recipe`).
@@ -73,7 +73,7 @@ def choose_augment(model: keras.Model, split, size: int, num_classes: int, batch
     from tlkit.data.pipeline import make_dataset
 
     extractor, head = F.split_model(model)
-    forward = F._compiled_forward(extractor, jit_compile)
+    forward = F.compiled_forward(extractor, jit_compile)
 
     def accuracy(augment: str, flip: bool | None) -> float:
         ds = make_dataset(split, size, batch_size, num_classes, training=True, augment=augment, cache="none",
@@ -157,7 +157,7 @@ class Adapter:
             print(f"[tlkit] {text}", flush=True)
 
     def __call__(self, index: int, stage, train_ds, resumed: bool):
-        from tlkit.engine.loop import NaNGuard, _compile_classifier, stage_optimizer
+        from tlkit.engine.loop import NaNGuard, compile_classifier, stage_optimizer
 
         if resumed and self.path and os.path.isfile(self.path):
             with open(self.path, encoding="utf-8") as f:
@@ -198,8 +198,8 @@ class Adapter:
             model.set_weights(start)
             clf.set_trainable(None if cand.trainable is None else set(cand.trainable), cfg.model.bn_trains)
             with self.rt.scope():
-                _compile_classifier(model, stage_optimizer(cfg, cand.lr, clf), cfg, feats.y_train.shape[-1],
-                                    self.rt.jit_compile)
+                compile_classifier(model, stage_optimizer(cfg, cand.lr, clf), cfg, feats.y_train.shape[-1],
+                                   self.rt.jit_compile)
             guard, c0 = NaNGuard(), time.time()
             hist = model.fit(train_ds.repeat(), steps_per_epoch=trial_steps, epochs=1, validation_data=self.val_ds,
                              callbacks=[guard], verbose=0, shuffle=False)

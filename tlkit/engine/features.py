@@ -41,7 +41,8 @@ def _base_index(model: keras.Model) -> int:
     return [layer.name for layer in model.layers].index(base.name)
 
 
-def _compiled_forward(extractor: keras.Model, jit_compile: bool):
+def compiled_forward(extractor: keras.Model, jit_compile: bool):
+    """`extractor(x, training=False)` in float32 as one traced function of any batch size."""
     # One trace for every batch (the last, partial one and the validation batches included): tracing a large
     # backbone costs seconds each time.
     spec = tf.TensorSpec([None, *extractor.input_shape[1:]], tf.float32)
@@ -66,7 +67,7 @@ def extract_features(extractor: keras.Model, ds: tf.data.Dataset, jit_compile: b
     Example:
         f, y = extract_features(extractor, val_ds, what="val")
     """
-    forward = forward or _compiled_forward(extractor, jit_compile)
+    forward = forward or compiled_forward(extractor, jit_compile)
     steps = int(ds.cardinality())
     bar = keras.utils.Progbar(steps if steps > 0 else None, unit_name="batch")
     print(f"[tlkit] computing base features of the {what} split (once)", flush=True)
@@ -87,7 +88,7 @@ def extract_splits(extractor: keras.Model, train_ds: tf.data.Dataset, val_ds: tf
     Returns:
         `(x_train, y_train, x_val, y_val)`, the last two `None` without `val_ds`.
     """
-    forward = _compiled_forward(extractor, jit_compile)
+    forward = compiled_forward(extractor, jit_compile)
     x_train, y_train = extract_features(extractor, train_ds, jit_compile, "train", forward)
     if val_ds is None:
         return x_train, y_train, None, None
@@ -95,7 +96,8 @@ def extract_splits(extractor: keras.Model, train_ds: tf.data.Dataset, val_ds: tf
     return x_train, y_train, x_val, y_val
 
 
-def _fresh_metrics(model: keras.Model) -> list:
+def fresh_metrics(model: keras.Model) -> list:
+    """New, unbuilt copies of the compiled `model`'s metrics (for a model that shares its layers)."""
     config = model.get_compile_config() or {}
     metrics = config.get("metrics") or []
     return [keras.metrics.deserialize(m) if isinstance(m, dict) else m for m in metrics]

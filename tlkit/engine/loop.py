@@ -33,7 +33,7 @@ import numpy as np
 
 from tlkit.core import rundir
 from tlkit.core.errors import TrainingError
-from tlkit.engine import class_weights, ema
+from tlkit.engine import checkpoints, class_weights, ema, weights_format
 from tlkit.engine import features as F
 from tlkit.models import param_groups, schedules
 from tlkit.models.classifier import Classifier
@@ -114,10 +114,11 @@ def compile_model(model: keras.Model, cfg, learning_rate, num_classes: int, jit_
     With `clf` (the record of `model`), the optimizer applies the discriminative learning rates of
     `cfg.train.lr_mult` / `stage_lrs` to the backbone's stages (`Classifier.lr_factors`).
     """
-    _compile_classifier(model, stage_optimizer(cfg, learning_rate, clf), cfg, num_classes, jit_compile)
+    compile_classifier(model, stage_optimizer(cfg, learning_rate, clf), cfg, num_classes, jit_compile)
 
 
-def _compile_classifier(model: keras.Model, optimizer, cfg, num_classes: int, jit_compile: bool) -> None:
+def compile_classifier(model: keras.Model, optimizer, cfg, num_classes: int, jit_compile: bool) -> None:
+    """Compiles the classifier with `optimizer`, label-smoothed cross-entropy, top-1 and top-5 accuracy."""
     model.compile(optimizer=optimizer,
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),
                   metrics=classifier_metrics(num_classes), jit_compile=jit_compile)
@@ -156,25 +157,43 @@ class HeadFeatures:
         return self
 
 
-class _KeepBestHead(keras.callbacks.Callback):
-    """In memory: the weights and logs of the best pass of the head (val accuracy, then val loss)."""
+class KeepBest(keras.callbacks.Callback):
+    """In memory: the weights and logs of the best epoch by `monitor` (maximised); ties go to the later epoch.
 
-    def __init__(self, monitor: str):
+    Args:
+        monitor: The metric.
+        target: The model whose weights are kept. Defaults to `None` (the fitted model).
+        by_loss: Break ties by the lower loss (`val_loss`, or `loss` without validation) and skip an epoch whose
+            loss is not finite (the head's passes on cached features); else skip an epoch whose `monitor` is not
+            finite (the `distill` student). Defaults to `True`.
+
+    Example:
+        keep = KeepBest("val_accuracy")
+        model.fit(..., callbacks=[keep]); model.set_weights(keep.weights)
+    """
+
+    def __init__(self, monitor: str, target: keras.Model | None = None, by_loss: bool = True):
         super().__init__()
-        self.monitor = monitor
+        self.monitor, self.target, self.by_loss = monitor, target, by_loss
         self.loss_key = "val_loss" if monitor.startswith("val_") else "loss"
-        self.key: tuple[float, float] | None = None
+        self.key: tuple[float, ...] | None = None
         self.weights: list | None = None
         self.logs: dict[str, float] = {}
         self.epoch = 0
 
     def on_epoch_end(self, epoch, logs=None):
         logs = {k: float(v) for k, v in (logs or {}).items() if np.ndim(v) == 0}
-        if not math.isfinite(logs.get("loss", float("nan"))):
-            return
-        key = (logs.get(self.monitor, -math.inf), -logs.get(self.loss_key, math.inf))
-        if self.key is None or key >= self.key:  # ties: the later pass (further converged)
-            self.key, self.weights, self.logs, self.epoch = key, self.model.get_weights(), logs, epoch + 1
+        if self.by_loss:
+            if not math.isfinite(logs.get("loss", float("nan"))):
+                return
+            key: tuple[float, ...] = (logs.get(self.monitor, -math.inf), -logs.get(self.loss_key, math.inf))
+        else:
+            if not math.isfinite(logs.get(self.monitor, float("nan"))):
+                return
+            key = (logs[self.monitor],)
+        if self.key is None or key >= self.key:  # ties: the later epoch (further converged)
+            self.key, self.logs, self.epoch = key, logs, epoch + 1
+            self.weights = (self.target or self.model).get_weights()
 
 
 def fit_head_on_features(model: keras.Model, feats: HeadFeatures, cfg, rt, batch_size: int, monitor: str,
@@ -192,8 +211,8 @@ def fit_head_on_features(model: keras.Model, feats: HeadFeatures, cfg, rt, batch
     if feats.x_val is not None:
         val = F.features_dataset(feats.x_val, feats.y_val, batch_size, training=False)
     with rt.scope():
-        head.compile(optimizer=model.optimizer, loss=model.loss, metrics=F._fresh_metrics(model), jit_compile=jit)
-    keep, guard = _KeepBestHead(monitor), NaNGuard()
+        head.compile(optimizer=model.optimizer, loss=model.loss, metrics=F.fresh_metrics(model), jit_compile=jit)
+    keep, guard = KeepBest(monitor), NaNGuard()
     t0 = time.time()
     head.fit(train, validation_data=val, epochs=epochs, callbacks=[guard, keep], verbose=0, shuffle=False)
     if keep.weights is not None:
@@ -205,6 +224,19 @@ def fit_head_on_features(model: keras.Model, feats: HeadFeatures, cfg, rt, batch
         print(f"[tlkit] head trained on cached features: {epochs} passes ({steps} steps, batch {batch_size}) in "
               f"{time.time() - t0:.1f} s; kept pass {keep.epoch}: {shown}", flush=True)
     return keep.logs, guard
+
+
+def nan_message(epoch: int, stage, optimizer: keras.optimizers.Optimizer, precision: str) -> str:
+    """The one line for a NaN/inf loss: the epoch, the stage, the learning rate at the time and the likely cause."""
+    try:
+        lr = f"{schedules.current_lr(optimizer):.3g}"
+    except Exception:  # an exotic optimizer: its peak rate will do
+        lr = f"{stage.lr:g}"
+    text = (f"The loss became NaN or infinite in epoch {epoch} (stage {stage.name!r}, learning rate {lr} at the time, "
+            f"peak {stage.lr:g}): the learning rate is likely too high; lower --lr (or --finetune-lr-scale)")
+    if "float16" in str(precision):
+        text += (f", or {precision} overflowed: use --precision float32 (or mixed_bfloat16 where supported)")
+    return text + "."
 
 
 def run_stages(clf: Classifier, plan: Sequence, train_ds, val_ds, cfg, rt, *, num_classes: int,
@@ -232,9 +264,11 @@ def run_stages(clf: Classifier, plan: Sequence, train_ds, val_ds, cfg, rt, *, nu
         features: Cached head features, or `None` (head stages train on the images). Defaults to `None`.
         compile_fn: `compile_fn(optimizer)` compiles the stage and returns the model to fit. Defaults to `None`.
         callbacks: Extra callbacks of every stage. Defaults to `()`.
-        checkpointer: A `resume.Checkpointer` (best and per-epoch checkpoints), or `None`. Defaults to `None`.
+        checkpointer: A `checkpoints.Checkpointer` (best and per-epoch checkpoints), or `None`; the rows returned
+            are its `history`. Defaults to `None`.
         history_path: Where `history.csv` is rewritten after each epoch, or `None`. Defaults to `None`.
-        state: A `resume.RunState` to continue from, or `None`. Defaults to `None`.
+        state: A `checkpoints.RunState` to continue from (where each stage starts: `RunState.start_of`), or
+            `None`. Defaults to `None`.
         epoch_range: `(initial_epoch, end_epoch)` of the plan to run (Hyperband), or `None` (all of it).
         early_stopping_monitor: Metric of `cfg.train.early_stopping`. Defaults to `None` (val_accuracy, or
             accuracy without validation).
@@ -250,137 +284,163 @@ def run_stages(clf: Classifier, plan: Sequence, train_ds, val_ds, cfg, rt, *, nu
     Raises:
         TrainingError: The loss became NaN or infinite (`error.history` holds the rows so far).
     """
-    from tlkit.engine import resume
-
-    rows: list[dict[str, Any]] = []
-    monitor = "val_accuracy" if val_ds is not None else "accuracy"
-    es_monitor = early_stopping_monitor or monitor
-    epoch_log = EpochLog(history_path, rows)
-    guard = NaNGuard()
-    if checkpointer is not None:
-        checkpointer.history = rows
-        checkpointer.bad_epoch = lambda: guard.bad_epoch
-        if state is not None:
-            checkpointer.restore(state)
-    base_cbs: list[keras.callbacks.Callback] = [*callbacks, guard, epoch_log]
-    verbose = (1 if sys.stdout.isatty() else 2) if verbose is None else verbose
-    model, spec = clf.model, clf.spec
-    num_stages = clf.num_stages
+    runner = _StageRunner(clf, cfg, rt, train_ds, val_ds, num_classes, steps_per_epoch, features, compile_fn,
+                          callbacks, checkpointer, history_path, early_stopping_monitor, trainable_fn, verbose,
+                          describe)
+    if checkpointer is not None and state is not None:
+        checkpointer.restore(state)  # the best so far and the history rows
     first, last = epoch_range if epoch_range is not None else (0, sum(s.epochs for s in plan))
-    batch = cfg.data.batch_size  # the split's batch (fit_batch_size has capped it to the training split)
-    if compile_fn is None:  # --class-weight: per-example weights in the training batches (engine.class_weights)
-        train_ds = class_weights.weighted_dataset(train_ds, class_weights.weight_vector(cfg, num_classes))
-    elif cfg.train.ema or class_weights.parse_class_weight(cfg.train.class_weight) != "none":
-        print("[tlkit] ema and class_weight apply to finetune and tune; this training runs without them", flush=True)
     epoch = 0
     for index, stage in enumerate(plan):
-        s0, s1 = epoch, epoch + stage.epochs
-        epoch = s1
-        if state is not None and index < state.next_stage:
+        s0, epoch = epoch, epoch + stage.epochs
+        start = checkpoints.stage_start(state, index)
+        if start.done or max(s0, first) >= min(epoch, last):
             continue
-        a, b = max(s0, first), min(s1, last)
-        if a >= b:
-            continue
-        weights_ready = False  # the adaptive stage's trials leave the model at the chosen trial's weights
         if stage.adaptive and adapt is not None:
-            resumed_inside = bool(state is not None and index == state.next_stage and state.next_stage_epoch)
-            if state is not None and index == state.next_stage and not resumed_inside:
-                with rt.scope():  # the trials start from the head stage's result
-                    resume.load_weights(model, os.path.join(checkpointer.dir, state.weights))
-            decided, train_ds = adapt(index, stage, train_ds, resumed_inside)
-            weights_ready = not resumed_inside
+            inside = bool(start.epochs_done)
+            if start.from_checkpoint and not inside:  # the trials start from the head stage's result
+                runner.load(start.weights)
+            decided, runner.train_ds = adapt(index, stage, runner.train_ds, inside)
+            if not inside:  # the trials leave the model at the chosen trial's weights
+                start = dataclasses.replace(start, weights=None)
             if decided is None:  # no trial beat the head: no fine-tuning
                 break
-            if decided.epochs != stage.epochs:  # the trials used part of the budget
-                s1 = s0 + decided.epochs
-                b = min(s1, last)
-                epoch = s1
+            epoch = s0 + decided.epochs  # the trials may have used part of the budget
             stage = decided
-            if a >= b:
+            if max(s0, first) >= min(epoch, last):
                 continue
-        if trainable_fn is not None:
-            n = trainable_fn(stage)
-        else:
-            n = clf.set_trainable(None if stage.trainable is None else set(stage.trainable), cfg.model.bn_trains)
-        if describe:
-            print(f"[tlkit] stage {stage.describe(num_stages)}; {n} trainable weight tensors", flush=True)
-            factors = param_groups.describe_factors(num_stages, cfg.train, stage.lr) if spec is not None else ""
-            if stage.trainable != frozenset() and factors:
-                print(f"[tlkit] {factors}", flush=True)
+        runner.run(index, stage, s0, max(s0, first), min(epoch, last), start)
+    if state is not None and state.finished(len(plan)) and checkpointer is not None:
+        runner.load(state.weights)  # a finished run resumed
+    return runner.rows
+
+
+class _StageRunner:
+    """Runs one stage of `run_stages`: what trains, a fresh optimizer, compile, callbacks, fit, the NaN check."""
+
+    def __init__(self, clf, cfg, rt, train_ds, val_ds, num_classes, steps_per_epoch, features, compile_fn,
+                 callbacks, checkpointer, history_path, early_stopping_monitor, trainable_fn, verbose, describe):
+        self.clf, self.cfg, self.rt, self.val_ds = clf, cfg, rt, val_ds
+        self.num_classes, self.steps_per_epoch, self.features = num_classes, steps_per_epoch, features
+        self.compile_fn, self.checkpointer, self.trainable_fn = compile_fn, checkpointer, trainable_fn
+        self.own_compile = compile_fn is None  # the classifier compiles itself (cross-entropy), finetune and tune
+        self.describe = describe
+        self.verbose = (1 if sys.stdout.isatty() else 2) if verbose is None else verbose
+        self.monitor = "val_accuracy" if val_ds is not None else "accuracy"
+        self.es_monitor = early_stopping_monitor or self.monitor
+        self.rows: list[dict[str, Any]] = checkpointer.history if checkpointer is not None else []
+        self.epoch_log = EpochLog(history_path, self.rows)
+        self.guard = NaNGuard()
+        self.callbacks = [*callbacks, self.guard, self.epoch_log]
+        if self.own_compile:  # --class-weight: per-example weights in the training batches (engine.class_weights)
+            train_ds = class_weights.weighted_dataset(train_ds, class_weights.weight_vector(cfg, num_classes))
+        elif cfg.train.ema or class_weights.parse_class_weight(cfg.train.class_weight) != "none":
+            print("[tlkit] ema and class_weight apply to finetune and tune; this training runs without them",
+                  flush=True)
+        self.train_ds = train_ds
+
+    def load(self, weights: str, optimizer: str | None = None) -> None:
+        """Loads a checkpoint's weights (and optimizer state) from the run's `checkpoints/`."""
+        with self.rt.scope():
+            weights_format.load_weights(self.clf.model, os.path.join(self.checkpointer.dir, weights))
+            if optimizer is not None:
+                checkpoints.restore_optimizer(self.clf.model, os.path.join(self.checkpointer.dir, optimizer))
+
+    def run(self, index: int, stage, s0: int, a: int, b: int, start) -> None:
+        """Fits `stage` (index `index`, starting at global epoch `s0`) for the epochs `[a, b)`, from `start`."""
+        cfg = self.cfg
+        self._set_trainable(stage)
         on_features = bool(stage.passes)
-        if on_features and (features is None or compile_fn is not None or stage.trainable != frozenset()):
+        if on_features and (self.features is None or not self.own_compile or stage.trainable != frozenset()):
             raise ValueError(f"Stage {stage.name!r} is planned on cached features, which need the classifier's "
                              "own compile, a frozen backbone and the run's HeadFeatures.")
         # a head stage on features: its schedule spans all its passes; a stage of fixed-step rounds: its steps
-        stage_steps = stage.steps or steps_per_epoch
-        lr = schedules.make_schedule(cfg.train, stage.lr, stage.passes or stage.epochs, stage_steps)
-        averaging = bool(cfg.train.ema and compile_fn is None and not on_features)  # engine.ema: image stages
-        with rt.scope():
-            optimizer = stage_optimizer(cfg, lr, clf if spec is not None else None,
-                                        cfg.train.ema_steps if averaging else None)
-            if compile_fn is None:
-                _compile_classifier(model, optimizer, cfg, num_classes, rt.jit_compile)
-                fit_model = model
-            else:
-                fit_model = compile_fn(optimizer)
-        rt.verify_compiled(fit_model)  # --xla on must not silently fall back to off
-        epoch_log.stage = stage.name
-        stage_cbs = list(base_cbs)
+        stage_steps = stage.steps or self.steps_per_epoch
+        averaging = bool(cfg.train.ema and self.own_compile and not on_features)  # engine.ema: image stages
+        fit_model = self._compile(stage, stage_steps, averaging)
+        self.epoch_log.stage = stage.name
+        cbs = list(self.callbacks)
         if cfg.train.early_stopping:
-            stage_cbs.append(keras.callbacks.EarlyStopping(
-                monitor=es_monitor, mode="min" if es_monitor.endswith("loss") else "max",
+            cbs.append(keras.callbacks.EarlyStopping(
+                monitor=self.es_monitor, mode="min" if self.es_monitor.endswith("loss") else "max",
                 patience=cfg.train.early_stopping))
-        if checkpointer is not None:
-            stage_cbs.append(checkpointer)  # last: it records what the others did in the epoch
-        start = a
-        if state is not None and index == state.next_stage and state.next_stage_epoch:
-            start = s0 + state.next_stage_epoch  # resuming inside a stage: weights, optimizer, schedule step
-        if state is not None and index == state.next_stage and not weights_ready:
-            with rt.scope():
-                resume.load_weights(model, os.path.join(checkpointer.dir, state.weights))
-                if state.next_stage_epoch:
-                    resume.restore_optimizer(model, os.path.join(checkpointer.dir, state.optimizer))
-        elif start > s0:  # Hyperband continues inside a stage: the schedule goes on where it was
-            fit_model.optimizer.iterations.assign((start - s0) * stage_steps)
+        begin = s0 + start.epochs_done if start.epochs_done else a  # resuming inside: weights, optimizer, step
+        if start.from_checkpoint:
+            self.load(start.weights, start.optimizer)
+        elif begin > s0:  # Hyperband continues inside a stage: the schedule goes on where it was
+            fit_model.optimizer.iterations.assign((begin - s0) * stage_steps)
         if averaging:  # before the checkpointer: it saves the average; a resumed epoch's model holds the average
-            resumed = bool(state is not None and index == state.next_stage and state.next_stage_epoch)
-            stage_cbs.insert(len(stage_cbs) - (checkpointer is not None), ema.EMAWeights(resumed=resumed))
-        if checkpointer is not None:
-            es_state = state.early_stopping if state is not None and index == state.next_stage and start > s0 else None
-            checkpointer.begin_stage(index, stage, s0, stage_cbs, es_state)
+            cbs.append(ema.EMAWeights(resumed=bool(start.epochs_done)))
+        if self.checkpointer is not None:
+            cbs.append(self.checkpointer)  # last: it records what the others did in the epoch
+            self.checkpointer.begin_stage(index, stage, s0, cbs, start.early_stopping if begin > s0 else None)
         if on_features:
-            feats = features.get(model, bool(model.jit_compile))
-            # The run's callbacks see the stage as one epoch, the last of the stage: it begins before the head trains
-            # (the learning rate at its start, its seconds) and ends with the kept pass's logs.
-            cbl = keras.callbacks.CallbackList(stage_cbs, add_history=False, add_progbar=False, model=model)
-            cbl.on_train_begin()
-            cbl.on_epoch_begin(b - 1)
-            logs, head_guard = fit_head_on_features(model, feats, cfg, rt, batch, monitor, stage.passes,
-                                                    verbose)
-            if head_guard.bad_epoch is not None and not logs:
-                guard.bad_epoch = s0 + 1
-            else:
-                cbl.on_epoch_end(b - 1, logs)
-            cbl.on_train_end()
+            self._fit_on_features(stage, s0, b, cbs)
         else:
             with warnings.catch_warnings():
                 # Keras 3.15 warns "Your input ran out of data" at the end of each epoch of a dataset of unknown
                 # length; it is spurious (fixed upstream, keras-team/keras#23360).
                 warnings.filterwarnings("ignore", message=".*Your input ran out of data.*")
                 # a stage of fixed-step rounds repeats the training split; otherwise an epoch is one pass over it
-                fit_model.fit(train_ds.repeat() if stage.steps else train_ds, steps_per_epoch=stage.steps or None,
-                              validation_data=val_ds, epochs=b, initial_epoch=start, callbacks=stage_cbs,
-                              verbose=verbose, shuffle=False)
-        if features is not None and stage.trainable != frozenset():
-            features.fresh = False  # the backbone moved: features of a later head stage are computed again
-        if guard.bad_epoch is not None:
-            if checkpointer is not None and checkpointer.last is not None:  # the last good checkpoint
-                resume.load_weights(model, os.path.join(checkpointer.dir, checkpointer.last.weights))
-            err = TrainingError(resume.nan_message(guard.bad_epoch, stage, fit_model.optimizer, rt.precision))
-            err.history = rows  # type: ignore[attr-defined]
-            err.stage = stage  # type: ignore[attr-defined]
-            err.epoch = guard.bad_epoch  # type: ignore[attr-defined]
-            raise err
-    if state is not None and state.next_stage >= len(plan) and checkpointer is not None:
-        resume.load_weights(model, os.path.join(checkpointer.dir, state.weights))  # a finished run resumed
-    return rows
+                fit_model.fit(self.train_ds.repeat() if stage.steps else self.train_ds,
+                              steps_per_epoch=stage.steps or None, validation_data=self.val_ds, epochs=b,
+                              initial_epoch=begin, callbacks=cbs, verbose=self.verbose, shuffle=False)
+        if self.features is not None and stage.trainable != frozenset():
+            self.features.fresh = False  # the backbone moved: features of a later head stage are computed again
+        if self.guard.bad_epoch is not None:
+            self._nan_stop(stage, fit_model)
+
+    def _set_trainable(self, stage) -> None:
+        clf, cfg = self.clf, self.cfg
+        if self.trainable_fn is not None:
+            n = self.trainable_fn(stage)
+        else:
+            n = clf.set_trainable(None if stage.trainable is None else set(stage.trainable), cfg.model.bn_trains)
+        if self.describe:
+            print(f"[tlkit] stage {stage.describe(clf.num_stages)}; {n} trainable weight tensors", flush=True)
+            factors = (param_groups.describe_factors(clf.num_stages, cfg.train, stage.lr)
+                       if clf.spec is not None else "")
+            if stage.trainable != frozenset() and factors:
+                print(f"[tlkit] {factors}", flush=True)
+
+    def _compile(self, stage, stage_steps: int, averaging: bool) -> keras.Model:
+        cfg, clf = self.cfg, self.clf
+        lr = schedules.make_schedule(cfg.train, stage.lr, stage.passes or stage.epochs, stage_steps)
+        with self.rt.scope():
+            optimizer = stage_optimizer(cfg, lr, clf if clf.spec is not None else None,
+                                        cfg.train.ema_steps if averaging else None)
+            if self.own_compile:
+                compile_classifier(clf.model, optimizer, cfg, self.num_classes, self.rt.jit_compile)
+                fit_model = clf.model
+            else:
+                fit_model = self.compile_fn(optimizer)
+        self.rt.verify_compiled(fit_model)  # --xla on must not silently fall back to off
+        return fit_model
+
+    def _fit_on_features(self, stage, s0: int, b: int, cbs: list) -> None:
+        """The head on cached features; the run's callbacks see the stage as one epoch, the last of the stage: it
+        begins before the head trains (the learning rate at its start, its seconds) and ends with the kept pass's
+        logs."""
+        model = self.clf.model
+        feats = self.features.get(model, bool(model.jit_compile))
+        cbl = keras.callbacks.CallbackList(cbs, add_history=False, add_progbar=False, model=model)
+        cbl.on_train_begin()
+        cbl.on_epoch_begin(b - 1)
+        logs, head_guard = fit_head_on_features(model, feats, self.cfg, self.rt, self.cfg.data.batch_size,
+                                                self.monitor, stage.passes, self.verbose)
+        if head_guard.bad_epoch is not None and not logs:
+            self.guard.bad_epoch = s0 + 1
+        else:
+            cbl.on_epoch_end(b - 1, logs)
+        cbl.on_train_end()
+
+    def _nan_stop(self, stage, fit_model: keras.Model) -> None:
+        """Back to the last good checkpoint, then the NaN error (`error.history`: the rows so far)."""
+        if self.checkpointer is not None and self.checkpointer.last is not None:
+            weights_format.load_weights(self.clf.model,
+                                        os.path.join(self.checkpointer.dir, self.checkpointer.last.weights))
+        err = TrainingError(nan_message(self.guard.bad_epoch, stage, fit_model.optimizer, self.rt.precision))
+        err.history = self.rows  # type: ignore[attr-defined]
+        err.stage = stage  # type: ignore[attr-defined]
+        err.epoch = self.guard.bad_epoch  # type: ignore[attr-defined]
+        raise err

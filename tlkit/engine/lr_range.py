@@ -18,6 +18,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -222,7 +223,7 @@ def find_lr(clf: Classifier, cfg: FinetuneConfig, train_ds: tf.data.Dataset,
             verbose: int | None = None) -> LRFindResult:
     """Runs the LR range test on an already built classifier and dataset, then restores the model exactly.
 
-    The stage's layers are made trainable as `train.run_stages` would, the model is compiled with the configured
+    The stage's layers are made trainable as `engine.loop.run_stages` would, the model is compiled with the configured
     optimizer and loss, and `fit` runs one batch per "epoch" (so distribution strategies and mixed precision
     work as in training). Afterwards every model variable (weights, BatchNorm statistics, dropout seeds) and
     every layer's `trainable` flag is as before; the model is left compiled with the finder's optimizer, so
@@ -267,7 +268,7 @@ def find_lr(clf: Classifier, cfg: FinetuneConfig, train_ds: tf.data.Dataset,
         if verbose:
             print(f"[tlkit] lr-find on stage {chosen.name!r}: lr {start_lr:.0e} -> {end_lr:.0e} over at most "
                   f"{num_steps} batches", flush=True)
-        with (scope() if scope is not None else _nullcontext()):
+        with (scope() if scope is not None else contextlib.nullcontext()):
             compile_model(model, run_cfg, float(start_lr), num_classes, jit_compile, clf=clf)
         model.fit(train_ds.repeat(), epochs=num_steps, steps_per_epoch=1, callbacks=[finder], verbose=0,
                   shuffle=False)
@@ -306,14 +307,6 @@ def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
         out.append(layer)
         stack.extend(getattr(layer, "layers", []) or [])
     return out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def resolve_auto_lr(cfg: FinetuneConfig, clf: Classifier, data, image_size: int,

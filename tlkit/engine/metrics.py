@@ -10,20 +10,30 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-def predict_split(model: keras.Model, ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Runs `model` over a batched dataset of `(images, one-hot labels)`.
+def predict_split(model: keras.Model, ds: tf.data.Dataset, forward=None) -> tuple[np.ndarray, np.ndarray]:
+    """Runs `model` over a batched dataset of `(images, one-hot labels)`: THE prediction loop of the engine.
+
+    Args:
+        model: The model (its outputs: probabilities, or logits for a logits model).
+        ds: Batches of `(images, one-hot labels)`.
+        forward: A traced forward pass to reuse across calls (`forward_fn(model)`). Defaults to `None` (traced here).
 
     Returns:
-        `(y_true int [N], probs float [N, C])`.
+        `(y_true int [N], outputs float32 [N, C])`.
     """
     ys, ps = [], []
-    predict = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    predict = forward or forward_fn(model)
     for x, y in ds:
         ps.append(np.asarray(predict(x), np.float32))
         ys.append(np.argmax(np.asarray(y), axis=-1))
     if not ys:
         return np.zeros((0,), np.int64), np.zeros((0, model.output_shape[-1]), np.float32)
     return np.concatenate(ys), np.concatenate(ps)
+
+
+def forward_fn(model: keras.Model):
+    """`model(x, training=False)` as one traced function, reused for every batch (and every call given it)."""
+    return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
 
 
 def predict_with_errors(model: keras.Model, ds: tf.data.Dataset, keep: int = 16,

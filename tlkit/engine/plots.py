@@ -293,3 +293,34 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequen
     ax.legend(loc="best", fontsize=8)
     _save(fig, path)
     return fig
+
+
+def plot_objective_vs_lr(rows: list[dict[str, Any]], objective: str, lr_name: str, path: str) -> None:
+    """Writes a PNG of the objective against the learning rate (log scale), one colour per batch size,
+    failed trials as red crosses at the bottom."""
+    fig = Figure(figsize=(7.0, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    done = [r for r in rows if r["status"] == "COMPLETED" and r.get(lr_name) and r.get(objective) is not None]
+    for bs in sorted({r["batch_size"] for r in done}):
+        pts = sorted((float(r[lr_name]), float(r[objective])) for r in done if r["batch_size"] == bs)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=f"batch size {bs}", alpha=0.8)
+    failed = [float(r[lr_name]) for r in rows if r["status"] != "COMPLETED" and r.get(lr_name)]
+    if failed:
+        ys = [float(r[objective]) for r in done] or [0.0]
+        ax.plot(failed, [min(ys)] * len(failed), "x", color="red", markersize=9, label="failed trial")
+    if done:
+        best = (max if objective.endswith("accuracy") else min)(done, key=lambda r: r[objective])
+        ax.plot([float(best[lr_name])], [float(best[objective])], "*", color="black", markersize=14,
+                label=f"best (trial {best['trial']})")
+    ax.set_xscale("log")
+    label = {"lr": "learning rate", "finetune_lr": "fine-tuning stage learning rate"}.get(lr_name, lr_name)
+    ax.set_xlabel(f"{label} (log scale)")
+    ax.set_ylabel(objective)
+    ax.set_title(f"{objective} against {label}: {len(done)} completed, {len(failed)} failed trial(s)")
+    ax.grid(True, which="both", alpha=0.3)
+    if done or failed:
+        ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    with rundir.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from tlkit.core.errors import ConfigError, DataError
+from tlkit.core.errors import ConfigError, DataError, first_line
 from tlkit.models.classifier import load_model_and_labels, read_labels
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -57,7 +57,8 @@ def read_image(path: str) -> np.ndarray:
     try:
         return decode(tf.constant(path), "path").numpy()
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.UnknownError) as e:
-        msg = re.sub(r"\{\{.*?\}\}\s*", "", (e.message or str(e)).strip().splitlines()[0])
+        text = (e.message or str(e)).strip()
+        msg = re.sub(r"\{\{.*?\}\}\s*", "", text.splitlines()[0] if text else type(e).__name__)
         raise DataError(f"{path}: cannot decode image ({msg.split('. ')[0].rstrip('.')[:160]}).") from None
 
 
@@ -189,7 +190,7 @@ class Predictor:
 
 def call_model(model, x):
     """`model(x, training=False)`, passing `x` in the structure the model was built with (a one-input list for
-    models saved by `train.save_model`), so Keras does not warn about the structure on every call."""
+    models saved by `models.classifier.save_model`), so Keras does not warn about the structure on every call."""
     struct = getattr(model, "_inputs_struct", None)
     return model([x] if isinstance(struct, list) and len(struct) == 1 else x, training=False)
 
@@ -221,7 +222,7 @@ class SavedModelPredictor(Predictor):
         try:
             self.loaded = tf.saved_model.load(path)
         except Exception as e:
-            raise ConfigError(f"Could not load SavedModel {path!r}: {str(e).splitlines()[0][:200]}") from None
+            raise ConfigError(f"Could not load SavedModel {path!r}: {first_line(e, 200)}") from None
         sigs = self.loaded.signatures
         if "serving_default" not in sigs:
             raise ConfigError(f"SavedModel {path!r} has no serving_default signature (signatures: {list(sigs)}).")
@@ -309,7 +310,7 @@ class TFLitePredictor(Predictor):
             self.interpreter = interpreter_cls(model_path=path)
             self.interpreter.allocate_tensors()
         except Exception as e:
-            raise ConfigError(f"Could not load TFLite model {path!r}: {str(e).splitlines()[0][:200]}") from None
+            raise ConfigError(f"Could not load TFLite model {path!r}: {first_line(e, 200)}") from None
         self.inp = self.interpreter.get_input_details()[0]
         self.out = self.interpreter.get_output_details()[0]
         self._batch = int(self.inp["shape"][0])
@@ -351,7 +352,7 @@ class OnnxPredictor(Predictor):
         try:
             self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         except Exception as e:
-            raise ConfigError(f"Could not load ONNX model {path!r}: {str(e).splitlines()[0][:200]}") from None
+            raise ConfigError(f"Could not load ONNX model {path!r}: {first_line(e, 200)}") from None
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         out_shape = self.session.get_outputs()[0].shape

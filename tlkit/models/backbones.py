@@ -19,7 +19,7 @@ from typing import Callable
 
 import keras
 
-from tlkit.core.errors import BackboneError, ConfigError, OfflineError, TlkitError, suggest
+from tlkit.core.errors import BackboneError, ConfigError, OfflineError, TlkitError, first_line, suggest
 
 # How raw 0-255 RGB is turned into what the backbone expects (keras.applications' preprocess_input modes, and
 # `scale_offset`: x * scale + offset per channel, what a keras-hub ImageConverter does after its resize).
@@ -93,11 +93,11 @@ class BackboneSpec:
                 cache = os.path.join(os.path.expanduser(os.environ.get("KERAS_HOME", "~/.keras")), "models")
                 place = f"place {fname} in {cache}/" if fname else f"place the weights file in {cache}/"
                 raise OfflineError(
-                    f"Could not download the ImageNet weights of {self.name} ({_first_line(e)}). "
+                    f"Could not download the ImageNet weights of {self.name} ({first_line(e)}). "
                     f"To work offline, {place} or pass --weights PATH (a local weights file) or --weights none."
                 ) from None
             if w not in ("imagenet", None):
-                raise BackboneError(f"Could not load weights file {weights!r} into {self.name}: {_first_line(e)}") from None
+                raise BackboneError(f"Could not load weights file {weights!r} into {self.name}: {first_line(e)}") from None
             raise
 
     def stages(self, base: keras.Model) -> list[int]:
@@ -138,11 +138,6 @@ def _looks_like_download_failure(e: Exception) -> bool:
 def _weights_file_name(message: str) -> str | None:
     m = re.search(r"https?://\S*/([^/\s:]+\.(?:h5|keras|weights\.h5))", message)
     return m.group(1) if m else None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
 
 
 def _resnet_stage(name: str) -> int | None:
@@ -281,7 +276,7 @@ def _load_user_backbone(spec: BackboneSpec, size: int | None, weights: str | Non
     try:
         base = keras.models.load_model(spec.path, compile=False, safe_mode=True)
     except Exception as e:
-        raise BackboneError(f"Could not load backbone {spec.path!r}: {_first_line(e)}") from None
+        raise BackboneError(f"Could not load backbone {spec.path!r}: {first_line(e)}") from None
     shape = base.input_shape
     if isinstance(shape, list):
         raise BackboneError(f"Backbone {spec.path!r} has {len(shape)} inputs; a backbone takes one image input.")
@@ -294,7 +289,7 @@ def _load_user_backbone(spec: BackboneSpec, size: int | None, weights: str | Non
         try:
             base.load_weights(w)
         except Exception as e:
-            raise BackboneError(f"Could not load weights file {w!r} into {spec.path!r}: {_first_line(e)}") from None
+            raise BackboneError(f"Could not load weights file {w!r} into {spec.path!r}: {first_line(e)}") from None
     return base
 
 
@@ -383,7 +378,7 @@ def _hub_load(preset: str, load_weights: bool, image_size: int | None = None):
         if isinstance(e, OSError) or _looks_like_download_failure(e):
             cache = os.environ.get("KAGGLEHUB_CACHE", os.path.join("~", ".cache", "kagglehub"))
             raise OfflineError(
-                f"Could not download the keras-hub preset {preset!r} ({_first_line(e)}). To work offline, on a "
+                f"Could not download the keras-hub preset {preset!r} ({first_line(e)}). To work offline, on a "
                 f"machine with internet run keras_hub.models.Backbone.from_preset({preset!r}).save_to_preset(DIR) "
                 f"and keras_hub.layers.ImageConverter.from_preset({preset!r}).save_to_preset(DIR), copy DIR here "
                 f"and pass --base hub:DIR (or copy the kagglehub cache, {cache})."
@@ -393,7 +388,7 @@ def _hub_load(preset: str, load_weights: bool, image_size: int | None = None):
             raise ConfigError(f"Unknown keras-hub preset {preset!r}.{suggest(preset, names)} Image backbones: "
                               f"{', '.join(sorted(names)[:12])}, ... (tlkit info lists the families), or "
                               "hub:PATH of a preset folder.") from None
-        raise BackboneError(f"Could not load the keras-hub preset {preset!r}: {_first_line(e)}") from None
+        raise BackboneError(f"Could not load the keras-hub preset {preset!r}: {first_line(e)}") from None
 
 
 def _hub_converter(preset: str):
@@ -501,7 +496,7 @@ def _build_hub_backbone(spec: BackboneSpec, size: int, weights: str | None) -> k
         try:
             hub.load_weights(w)
         except Exception as e:
-            raise BackboneError(f"Could not load weights file {w!r} into {spec.name}: {_first_line(e)}") from None
+            raise BackboneError(f"Could not load weights file {w!r} into {spec.name}: {first_line(e)}") from None
     # A plain keras.Model over the same layers: the classifier then saves as built-in layers (no keras-hub
     # class in model.keras), and the feature cache and exports see an ordinary functional backbone.
     return keras.Model(hub.inputs, hub.outputs[0], name=spec.name.replace("-", "_"))

@@ -17,7 +17,7 @@ import keras
 
 from tlkit.core import rundir
 from tlkit.core.config import ModelConfig, TrainConfig
-from tlkit.core.errors import ConfigError, DataError
+from tlkit.core.errors import ConfigError, DataError, first_line
 from tlkit.models import param_groups
 from tlkit.models.backbones import BackboneSpec
 
@@ -263,7 +263,7 @@ def load_model_and_labels(path: str) -> tuple[keras.Model, list[str] | None, str
     try:
         model = keras.models.load_model(model_path, compile=False, safe_mode=True)
     except Exception as e:
-        raise ConfigError(f"Could not load model {model_path!r}: {str(e).splitlines()[0][:300]}") from None
+        raise ConfigError(f"Could not load model {model_path!r}: {first_line(e)}") from None
     from tlkit.core.sidecars import find_sidecar
 
     labels_path = find_sidecar(model_path, "labels.txt")  # NAME.labels.txt beside NAME.keras, else labels.txt

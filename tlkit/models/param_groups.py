@@ -9,7 +9,7 @@ keeps the factors exact for adaptive optimizers such as Adam, whose step does no
 scale. The factors are Python floats fixed at trace time, so the step compiles with XLA; the mixed
 precision `LossScaleOptimizer` wraps this optimizer and calls its `update_step` with unscaled gradients.
 Decoupled weight decay is scaled by the same factor. The optimizer is never saved with `model.keras`
-(`train.save_model` stores the model without its optimizer), so plain `keras.models.load_model` reads it.
+(`classifier.save_model` stores the model without its optimizer), so plain `keras.models.load_model` reads it.
 
 Example:
     opt = scaled_optimizer(keras.optimizers.SGD(0.1), multipliers={id(v): 0.1 for v in base.weights})

@@ -1,7 +1,7 @@
 """Fine-tuning strategies as plans of `Stage`s: which backbone stages train, for how long, at which LR.
 
 fastai's `fine_tune` is freeze -> fit -> unfreeze -> fit at a lower rate; here every strategy is a list
-of stages that `train.run_stages` runs in order, recompiling at each change.
+of stages that `engine.loop.run_stages` runs in order, recompiling at each change.
 """
 from __future__ import annotations
 

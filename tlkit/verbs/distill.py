@@ -3,7 +3,7 @@
 The loss is `alpha * CE(labels, student) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T))`.
 The teacher runs in inference mode (BatchNorm statistics and dropout off) inside the training step, or,
 when the training split has no augmentation, once over the data with its logits fed next to the labels.
-The student is built with `model.build_classifier` and trained with the same stage plans, schedules,
+The student is built with `models.classifier.build_classifier` and trained with the same stage plans, schedules,
 optimizers and discriminative learning rates as `finetune`; what is saved is the plain student, so its
 run folder (`model.keras`, `labels.txt`, `config.yaml`, `metrics.json`, `history.csv`) works with
 `evaluate`, `export` and `predict`. `metrics.json` adds a `distillation` section comparing teacher and
@@ -29,12 +29,13 @@ import tensorflow as tf
 from keras import ops
 
 from tlkit.core import rundir
-from tlkit.core.config import DistillConfig, FinetuneConfig, config_to_dict, dump_yaml, load_config
+from tlkit.core.config import DistillConfig, FinetuneConfig, load_config
 from tlkit.core.errors import ConfigError, DataError, TrainingError
 from tlkit.data import make_dataset
 from tlkit.engine import setup as engine_setup
-from tlkit.engine.loop import run_stages
-from tlkit.engine.metrics import compute_metrics, predict_split
+from tlkit.engine.loop import KeepBest, run_stages
+from tlkit.engine import run_folder
+from tlkit.engine.metrics import predict_split
 from tlkit.engine.setup import RunResult
 from tlkit.models import strategies
 from tlkit.models.classifier import load_model_and_labels
@@ -162,20 +163,6 @@ class Distiller(keras.Model):
         return self.get_metrics_result()
 
 
-class _KeepBest(keras.callbacks.Callback):
-    """Keeps the student's weights of the best epoch by `monitor` in memory."""
-
-    def __init__(self, student: keras.Model, monitor: str):
-        super().__init__()
-        self.student, self.monitor = student, monitor
-        self.best, self.weights = -math.inf, None
-
-    def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
-        if value is not None and math.isfinite(float(value)) and float(value) >= self.best:  # ties: the later
-            self.best, self.weights = float(value), self.student.get_weights()
-
-
 def teacher_paths(teacher: str) -> tuple[str, str | None]:
     """`(model.keras path, run folder or None)` of a teacher given as a run folder or a .keras file."""
     if os.path.isdir(teacher):
@@ -226,12 +213,6 @@ def cpu_latency_ms(path: str, image_size: int | None = None, runs: int = 30) -> 
     return float(np.median(times) * 1000.0)
 
 
-def _predict_logits(model: keras.Model, ds: tf.data.Dataset) -> np.ndarray:
-    fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    out = [np.asarray(ops.cast(fn(x), "float32")) for x, _ in ds]
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-
 def with_teacher_logits(split, teacher: keras.Model, image_size: int, batch_size: int, num_classes: int, *,
                         training: bool, cache: str, seed: int, cache_dir: str | None = None) -> tf.data.Dataset:
     """A split's batches with the teacher's logits computed once and packed after the one-hot labels.
@@ -244,7 +225,7 @@ def with_teacher_logits(split, teacher: keras.Model, image_size: int, batch_size
     """
     plain = make_dataset(split, image_size, batch_size, num_classes, training=False, cache=cache,
                          cache_dir=cache_dir, seed=seed)
-    logits = _predict_logits(teacher, plain)
+    _, logits = predict_split(teacher, plain)
     ds = plain.unbatch().map(lambda x, y: (tf.cast(x, tf.uint8), y))  # uint8 in the shuffle buffer
     ds = tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensor_slices(logits.astype(np.float32))))
     ds = ds.map(lambda xy, t: (xy[0], tf.concat([xy[1], t], axis=-1)))
@@ -314,27 +295,21 @@ def distill(cfg: FinetuneConfig, dcfg: DistillConfig) -> RunResult:
     rundir.prepare_run_dir(out_dir, cfg.overwrite)
     resolved = dataclasses.replace(cfg, output_dir=os.path.abspath(out_dir),
                                    data=dataclasses.replace(cfg.data, image_size=size))
-    rundir.write_text(os.path.join(out_dir, "config.yaml"), dump_yaml(config_to_dict(resolved)))
-    rundir.write_text(os.path.join(out_dir, "labels.txt"), "\n".join(data.class_names) + "\n")
+    run_folder.write_config(out_dir, resolved)
+    run_folder.write_labels(out_dir, data.class_names)
 
     d = resolved.data
-    common = dict(image_size=size, batch_size=d.batch_size, num_classes=data.num_classes, seed=cfg.seed,
-                  cache_dir=os.path.join(out_dir, "cache"))
+    train_ds, val_ds, test_ds, plain = engine_setup.make_pipelines(resolved, data, size, out_dir)
+    val_fit = val_ds
     t_logits = logits_model(teacher, size)
     if cached:
         print("[tlkit] computing the teacher's logits once (no augmentation)", flush=True)
         # own disk-cache folders: make_dataset names every non-training cache "eval"
-        packed = dict(common, cache_dir=os.path.join(out_dir, "cache", "teacher-train"))
+        packed = dict(image_size=size, batch_size=d.batch_size, num_classes=data.num_classes, seed=cfg.seed,
+                      cache_dir=os.path.join(out_dir, "cache", "teacher-train"))
         train_ds = with_teacher_logits(data.train, t_logits, training=True, cache=d.cache, **packed)
         packed["cache_dir"] = os.path.join(out_dir, "cache", "teacher-val")
         val_fit = with_teacher_logits(data.val, t_logits, training=False, cache=d.cache, **packed) if data.val else None
-    else:
-        train_ds = make_dataset(data.train, training=True, augment=d.augment, cache=d.cache, **common)
-        val_fit = make_dataset(data.val, cache=d.cache, **common) if data.val else None
-    val_ds = make_dataset(data.val, cache=d.cache, **common) if data.val else None
-    test_ds = make_dataset(data.test, cache="none", **common) if data.test else None
-
-    plain = make_dataset(data.train, cache="none", **common)
     # The student's head standardises its backbone's features of the training images, as finetune's does.
     clf, _ = engine_setup.build_model(spec, run.base, data.num_classes, cfg, size, rt, plain, None,
                                       class_names=data.class_names)
@@ -352,7 +327,7 @@ def distill(cfg: FinetuneConfig, dcfg: DistillConfig) -> RunResult:
           f"alpha={dcfg.alpha:g}, teacher logits {'cached' if cached else 'computed each step'}; {rt.describe()}",
           flush=True)
     monitor = "val_accuracy" if val_fit is not None else "accuracy"
-    keep = _KeepBest(student, monitor)
+    keep = KeepBest(monitor, target=student, by_loss=False)
     t0 = time.time()
 
     def compile_fn(optimizer):  # the stage's optimizer (the student's variables), the distillation loss
@@ -373,14 +348,27 @@ def distill(cfg: FinetuneConfig, dcfg: DistillConfig) -> RunResult:
 
     student_path = os.path.join(out_dir, "model.keras")
     clf.save(student_path)
+    metrics = run_folder.split_metrics(student, {"val": val_ds, "test": test_ds}, data.class_names)
+    summary = _comparison(teacher, teacher_file, teacher_dir, student, student_path, spec.name, metrics,
+                          {"val": val_ds, "test": test_ds}, size, dcfg, cached)
+    t, s = summary["teacher"], summary["student"]
+    out_metrics = run_folder.run_metrics(metrics, train_seconds=train_seconds, epochs=len(rows), stages=plan,
+                                         skipped_files=data.skipped, distillation=summary)
+    run_folder.write_metrics(out_dir, out_metrics)
+    print(comparison_table([t, s]), flush=True)
+    print(f"[tlkit] student run folder: {out_dir}", flush=True)
+    return RunResult(student, rows, out_metrics, out_dir, data.class_names, resolved)
+
+
+def _comparison(teacher: keras.Model, teacher_file: str, teacher_dir: str | None, student: keras.Model,
+                student_path: str, student_backbone: str, metrics: dict[str, Any], splits: dict[str, Any],
+                size: int, dcfg: DistillConfig, cached: bool) -> dict[str, Any]:
+    """`metrics.json`'s `distillation`: teacher and student side by side (accuracy, parameters, size, CPU latency)."""
     teacher_eval = probs_at_size(teacher, size)
-    metrics: dict[str, Any] = {}
-    compare = {"teacher": {}, "student": {}}
-    for name, ds in (("val", val_ds), ("test", test_ds)):
+    compare: dict[str, dict[str, Any]] = {"teacher": {}, "student": {}}
+    for name, ds in splits.items():
         if ds is None:
             continue
-        y, p = predict_split(student, ds)
-        metrics[name] = compute_metrics(y, p, data.class_names)
         compare["student"][f"{name}_accuracy"] = metrics[name]["accuracy"]
         yt, pt = predict_split(teacher_eval, ds)
         compare["teacher"][f"{name}_accuracy"] = float(np.mean(pt.argmax(-1) == yt))
@@ -388,24 +376,13 @@ def distill(cfg: FinetuneConfig, dcfg: DistillConfig) -> RunResult:
     if teacher_dir and os.path.isfile(os.path.join(teacher_dir, "config.yaml")):
         teacher_backbone = os.path.basename(load_config(os.path.join(teacher_dir, "config.yaml")).model.base)
     for who, model, path, backbone in (("teacher", teacher, teacher_file, teacher_backbone or teacher.name),
-                                       ("student", student, student_path, spec.name)):
+                                       ("student", student, student_path, student_backbone)):
         compare[who].update({"model": who, "backbone": backbone, "params": _count_params(model),
                              "size_bytes": model_size_bytes(path),
                              "cpu_ms_per_image": cpu_latency_ms(path, runs=dcfg.latency_runs), "path": path})
     t, s = compare["teacher"], compare["student"]
-    summary = {"teacher": t, "student": s, "temperature": dcfg.temperature, "alpha": dcfg.alpha,
-               "teacher_logits_cached": bool(cached),
-               "compression": t["params"] / max(s["params"], 1),
-               "speedup": t["cpu_ms_per_image"] / max(s["cpu_ms_per_image"], 1e-9),
-               "config": dataclasses.asdict(dcfg)}
-    out_metrics: dict[str, Any] = dict(metrics)
-    out_metrics["train_seconds"] = round(train_seconds, 2)
-    out_metrics["epochs"] = len(rows)
-    out_metrics["stages"] = [dataclasses.asdict(st) | {"trainable": None if st.trainable is None else sorted(st.trainable)}
-                             for st in plan]
-    out_metrics["skipped_files"] = data.skipped
-    out_metrics["distillation"] = summary
-    rundir.write_json(os.path.join(out_dir, "metrics.json"), out_metrics)
-    print(comparison_table([t, s]), flush=True)
-    print(f"[tlkit] student run folder: {out_dir}", flush=True)
-    return RunResult(student, rows, out_metrics, out_dir, data.class_names, resolved)
+    return {"teacher": t, "student": s, "temperature": dcfg.temperature, "alpha": dcfg.alpha,
+            "teacher_logits_cached": bool(cached),
+            "compression": t["params"] / max(s["params"], 1),
+            "speedup": t["cpu_ms_per_image"] / max(s["cpu_ms_per_image"], 1e-9),
+            "config": dataclasses.asdict(dcfg)}

@@ -32,11 +32,13 @@ import tensorflow as tf
 
 from tlkit.models import param_groups
 from tlkit.core import rundir, runtime
-from tlkit.core.config import FinetuneConfig, PruneConfig, config_to_dict, dump_yaml, load_config, parse_sparsities
-from tlkit.data import load_sources, make_dataset
+from tlkit.core.config import FinetuneConfig, PruneConfig, load_config, parse_sparsities
+from tlkit.data import load_sources
 from tlkit.core.errors import ConfigError, DataError, TrainingError
 from tlkit.engine.loop import run_stages
-from tlkit.engine.metrics import compute_metrics
+from tlkit.engine import run_folder
+from tlkit.engine.metrics import forward_fn, predict_split
+from tlkit.engine import setup as engine_setup
 from tlkit.engine.setup import RunResult
 from tlkit.models.classifier import Classifier, save_model
 from tlkit.models.strategies import Stage
@@ -205,15 +207,11 @@ class _Evaluator:
     """Predicts the evaluation splits with one traced function, reused as the weights change."""
 
     def __init__(self, model: keras.Model, splits: list[tuple[str, Any]]):
-        self.splits = splits
-        self.fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        self.model, self.splits = model, splits
+        self.fn = forward_fn(model)
 
     def predict(self, ds) -> tuple[np.ndarray, np.ndarray]:
-        ys, ps = [], []
-        for x, y in ds:
-            ps.append(np.asarray(self.fn(x), np.float32))
-            ys.append(np.argmax(np.asarray(y), axis=-1))
-        return np.concatenate(ys), np.concatenate(ps)
+        return predict_split(self.model, ds, forward=self.fn)
 
     def accuracies(self) -> dict[str, float | None]:
         out = {}
@@ -283,12 +281,9 @@ def prune(cfg: PruneConfig) -> RunResult:
     if os.path.abspath(out_dir) == os.path.abspath(cfg.run_dir):
         raise ConfigError(f"The output folder must differ from the run folder {cfg.run_dir!r}.")
     rundir.prepare_run_dir(out_dir, cfg.overwrite)
-    d = run_cfg.data
-    common = dict(image_size=size, batch_size=batch, num_classes=data.num_classes, seed=run_cfg.seed,
-                  cache_dir=os.path.join(out_dir, "cache"))
-    train_ds = make_dataset(data.train, training=True, augment=d.augment, cache=d.cache, **common)
-    val_ds = make_dataset(data.val, cache=d.cache, **common) if data.val else None
-    test_ds = make_dataset(data.test, cache="none", **common) if data.test else None
+    resolved = dataclasses.replace(run_cfg, output_dir=os.path.abspath(out_dir),
+                                   data=dataclasses.replace(run_cfg.data, image_size=size, batch_size=batch))
+    train_ds, val_ds, test_ds, _ = engine_setup.make_pipelines(resolved, data, size, out_dir)  # the run's pipelines
     splits = [(n, ds) for n, ds in (("val", val_ds), ("test", test_ds)) if ds is not None]
 
     pruner = Pruner(kernels)
@@ -321,24 +316,17 @@ def prune(cfg: PruneConfig) -> RunResult:
 
     model_path = os.path.join(out_dir, "model.keras")
     save_model(model, model_path)
-    metrics: dict[str, Any] = {}
-    for name, ds in splits:
-        y, p = evaluator.predict(ds)
-        metrics[name] = compute_metrics(y, p, data.class_names)
+    metrics = run_folder.split_metrics(model, dict(splits), data.class_names, predict=evaluator.predict)
     report = pruner.report()
-    resolved = dataclasses.replace(run_cfg, output_dir=os.path.abspath(out_dir),
-                                   data=dataclasses.replace(run_cfg.data, image_size=size, batch_size=batch))
-    rundir.write_text(os.path.join(out_dir, "config.yaml"), dump_yaml(config_to_dict(resolved)))
-    rundir.write_text(os.path.join(out_dir, "labels.txt"), "\n".join(data.class_names) + "\n")
-    out_metrics: dict[str, Any] = dict(metrics)
-    out_metrics["train_seconds"] = round(train_seconds, 2)
-    out_metrics["epochs"] = len(history)
-    out_metrics["pruning"] = {"source": os.path.abspath(cfg.run_dir), "target_sparsity": cfg.sparsity,
+    run_folder.write_config(out_dir, resolved)
+    run_folder.write_labels(out_dir, data.class_names)
+    pruning = {"source": os.path.abspath(cfg.run_dir), "target_sparsity": cfg.sparsity,
                               "sparsity": report["sparsity"], "pruned_params": report["pruned_params"],
                               "total_params": int(sum(int(np.prod(w.shape)) for w in model.weights)),
                               "zeros": report["zeros"], "lr": lr, "table": rows, "layers": report["layers"],
                               "config": dataclasses.asdict(cfg)}
-    rundir.write_json(os.path.join(out_dir, "metrics.json"), out_metrics)
+    out_metrics = run_folder.run_metrics(metrics, train_seconds=train_seconds, epochs=len(history), pruning=pruning)
+    run_folder.write_metrics(out_dir, out_metrics)
     print(sparsity_table(rows), flush=True)
     print(f"[tlkit] pruned run folder: {out_dir}", flush=True)
     return RunResult(model, history, out_metrics, out_dir, data.class_names, resolved)

@@ -1,0 +1,76 @@
+"""The files of a run folder that `finetune`, `distill` and `prune` all write, written one way: `config.yaml`,
+`labels.txt`, the per-split metrics and the common fields of `metrics.json`. The folder rules themselves are
+`core.rundir`'s; what a verb adds to `metrics.json` (`pruning`, `distillation`, `recipe`) is the verb's.
+
+Example:
+    write_config(out_dir, resolved)
+    write_labels(out_dir, data.class_names)
+    metrics = split_metrics(model, {"val": val_ds, "test": test_ds}, data.class_names)
+    write_metrics(out_dir, run_metrics(metrics, train_seconds=12.3, epochs=4, skipped_files=[]))
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+from tlkit.core import rundir
+from tlkit.core.config import config_to_dict, dump_yaml
+from tlkit.engine.metrics import compute_metrics, predict_split
+
+CONFIG_FILE = "config.yaml"
+LABELS_FILE = "labels.txt"
+METRICS_FILE = "metrics.json"
+
+
+def write_config(out_dir: str, cfg) -> None:
+    """Writes the resolved configuration as `config.yaml` (`tlkit finetune --config` repeats the run)."""
+    rundir.write_text(os.path.join(out_dir, CONFIG_FILE), dump_yaml(config_to_dict(cfg)))
+
+
+def write_labels(out_dir: str, class_names: Sequence[str]) -> None:
+    """Writes `labels.txt`: one class name a line, line i = output column i."""
+    rundir.write_text(os.path.join(out_dir, LABELS_FILE), "\n".join(class_names) + "\n")
+
+
+def split_metrics(model, splits: Mapping[str, Any], class_names: Sequence[str],
+                  predict: Callable[[Any], tuple] | None = None) -> dict[str, dict[str, Any]]:
+    """`{split: compute_metrics(...)}` of `model` on every dataset in `splits` that is not `None`.
+
+    Args:
+        model: The classifier.
+        splits: `{name: batched (images, one-hot labels) dataset or None}`, e.g. `{"val": ..., "test": ...}`.
+        class_names: Names of the output columns.
+        predict: `predict(ds) -> (y_true, probs)`, a prediction loop to reuse. Defaults to `predict_split`.
+    """
+    predict = predict or (lambda ds: predict_split(model, ds))
+    out: dict[str, dict[str, Any]] = {}
+    for name, ds in splits.items():
+        if ds is not None:
+            y, p = predict(ds)
+            out[name] = compute_metrics(y, p, class_names)
+    return out
+
+
+def stage_records(stages: Sequence) -> list[dict[str, Any]]:
+    """The stages as `metrics.json` lists them (`trainable` as a sorted list, `None` for the whole model)."""
+    return [dataclasses.asdict(s) | {"trainable": None if s.trainable is None else sorted(s.trainable)}
+            for s in stages]
+
+
+def run_metrics(metrics: Mapping[str, Any], *, train_seconds: float, epochs: int, stages: Sequence | None = None,
+                **extra: Any) -> dict[str, Any]:
+    """The content of `metrics.json`: the per-split metrics, `train_seconds`, `epochs`, the `stages` (when given),
+    then the verb's own fields (`extra`, in the order given: `skipped_files`, `pruning`, `distillation`, ...)."""
+    out: dict[str, Any] = dict(metrics)
+    out["train_seconds"] = round(train_seconds, 2)
+    out["epochs"] = epochs
+    if stages is not None:
+        out["stages"] = stage_records(stages)
+    out.update(extra)
+    return out
+
+
+def write_metrics(out_dir: str, metrics: Mapping[str, Any]) -> None:
+    """Writes `metrics.json` atomically."""
+    rundir.write_json(os.path.join(out_dir, METRICS_FILE), metrics)
