@@ -3,6 +3,7 @@ folder, and a CSV run end to end through finetune, evaluate, predict, export and
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 
@@ -119,8 +120,8 @@ def test_a_csv_run_end_to_end_finetune_evaluate_predict_export_tune(table, tiny_
     run = str(tmp_path / "run")
     tiny = ["--base", tiny_backbone, "--weights", "none", "--image-size", "32", "--batch-size", "8",
             "--augment", "none"]
-    assert cli.main(["finetune", "--labels", path, "--image-dir", root, *tiny, "--epochs", "1", "--head-steps", "0",
-                     "--output-dir", run]) == 0
+    assert cli.main(["finetune", "--labels", path, "--image-dir", root, *tiny, "--strategy", "feature_extraction",
+                     "--epochs", "1", "--head-steps", "4", "--output-dir", run]) == 0
     with open(os.path.join(run, "config.yaml")) as f:
         saved = yaml.safe_load(f)["data"]
     assert saved["labels"] == path and saved["image_dir"] == root
@@ -165,7 +166,7 @@ def test_python_api_with_pairs_keeps_the_table_in_the_run_folder(table, tiny_bac
     run = str(tmp_path / "run")
     cfg = FinetuneConfig(data=DataConfig(labels=pairs, image_size=32, batch_size=8, augment="none"),
                          model=ModelConfig(base=tiny_backbone, weights="none"),
-                         train=TrainConfig(epochs=1, head_steps=0), output_dir=run)
+                         train=TrainConfig(strategy="feature_extraction", epochs=1, head_steps=4), output_dir=run)
     result = finetune(cfg)
     assert result.class_names == ["kitty", "puppy"]
     with open(os.path.join(run, "config.yaml")) as f:
@@ -175,3 +176,13 @@ def test_python_api_with_pairs_keeps_the_table_in_the_run_folder(table, tiny_bac
     capsys.readouterr()
     assert cli.main(["evaluate", run, "--split", "val", "--json"]) == 0  # the same val split from data.csv
     assert json.loads(capsys.readouterr().out)["num_examples"] == result.metrics["val"]["num_examples"]
+
+    from tlkit.core.config import TuneConfig
+    from tlkit.verbs.tune import tune
+
+    out = str(tmp_path / "tune")  # tune keeps the in-memory table too: its best_config.yaml names out/data.csv
+    tune(dataclasses.replace(cfg, output_dir=out),
+         TuneConfig(tuner="random", max_trials=1, batch_sizes=(8,), trial_epochs=1))
+    with open(os.path.join(out, "best_config.yaml")) as f:
+        assert yaml.safe_load(f)["data"]["labels"] == os.path.join(out, "data.csv")
+    assert os.path.isfile(os.path.join(out, "data.csv"))
