@@ -565,7 +565,8 @@ def absolute_paths(cfg: FinetuneConfig, folder: str | None = None) -> FinetuneCo
     return dataclasses.replace(
         cfg, output_dir=fix(cfg.output_dir),
         data=dataclasses.replace(d, image_dir=fix(d.image_dir), data_dir=fix(d.data_dir),
-                                 labels=d.labels if not isinstance(d.labels, str) else fix(d.labels)),
+                                 labels=fix(os.fspath(d.labels)) if isinstance(d.labels, (str, os.PathLike))
+                                 else d.labels),  # a CSV path; pairs or a DataFrame stay (in Python only)
         model=dataclasses.replace(m, base=base, weights=fix(m.weights, keep=("imagenet", "none"))))
 
 
