@@ -329,3 +329,59 @@ def test_image_problem_names_each_kind_of_bad_file(tmp_path, monkeypatch):
     assert ok == [True, False] and list(bad) == [str(d / "text.jpg")]
     monkeypatch.setattr(sources, "MAX_IMAGE_PIXELS", 10_000)
     assert sources.image_problem(str(d / "huge.jpg")) == "too large (8000x8000 pixels)"
+
+
+# ---------------------------------------------------------------- labels tables (--labels FILE.csv)
+
+
+def _table_args(tiny_backbone, tmp_path, rows, header=("file", "label", "split"), *extra):
+    """finetune argv on a CSV of `rows` (paths relative to a written image folder of cat/dog), with an output
+    folder that must stay unwritten."""
+    import csv as _csv
+
+    root = tmp_path / "imgs"
+    if not root.exists():
+        write_image_folder(root, per_class=4)
+    path = tmp_path / "labels.csv"
+    with open(path, "w", newline="") as f:
+        w = _csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return ["finetune", "--base", tiny_backbone, "--labels", str(path), "--image-dir", str(root), *TINY,
+            "--output-dir", str(tmp_path / "out"), *extra]
+
+
+GOOD_ROWS = [("cat/img0.jpg", "cat", "train"), ("cat/img1.png", "cat", "train"), ("dog/img0.jpg", "dog", "train"),
+             ("dog/img1.png", "dog", "train"), ("cat/img2_gray.png", "cat", "val"), ("dog/img2_gray.png", "dog", "val")]
+
+
+@pytest.mark.parametrize("rows, header, extra, needles", [
+    (GOOD_ROWS, ("path", "label", "split"), (), ("labels.csv has no column 'file'", "its columns: path, label, split",
+                                                 "--file-column")),
+    (GOOD_ROWS, ("file", "label", "split"), ("--label-column", "class"), ("has no column 'class'",)),
+    (GOOD_ROWS, ("file", "label", "fold"), ("--split-column", "part"), ("has no column 'part'", "--split-column")),
+    (GOOD_ROWS + [("dog/img3_rgba.png", "dog", "holdout")], ("file", "label", "split"), (),
+     ("labels.csv, line 8: unknown split 'holdout'", "train, val or test")),
+    (GOOD_ROWS + [("dog/img3_rgba.png", "", "train")], ("file", "label", "split"), (),
+     ("labels.csv, line 8: the 'label' cell of 'dog/img3_rgba.png' is empty",)),
+    (GOOD_ROWS + [("dog/img3_rgba.png", "bird", "val")], ("file", "label", "split"), (),
+     ("line 8: label 'bird' of the val split never appears in the train split",)),
+    (GOOD_ROWS + [("cat/img0.jpg", "dog", "train")], ("file", "label", "split"), (),
+     ("'cat/img0.jpg' is listed twice with different labels: 'cat' (", "line 2) and 'dog' (", "line 8)")),
+    ([(r[0].replace("img", "gone"), r[1], r[2]) for r in GOOD_ROWS], ("file", "label", "split"), (),
+     ("names no usable image files (4 missing or unreadable",)),
+    ([r for r in GOOD_ROWS if r[1] == "cat"], ("file", "label", "split"), (), ("has only one label",)),
+])
+def test_bad_labels_table_is_one_line_and_writes_nothing(capsys, tiny_backbone, tmp_path, rows, header, extra,
+                                                         needles):
+    assert_one_line(capsys, _table_args(tiny_backbone, tmp_path, rows, header, *extra), *needles)
+    assert not (tmp_path / "out").exists()
+
+
+def test_labels_table_missing_or_given_with_dataset(capsys, tiny_backbone, tmp_path):
+    argv = _table_args(tiny_backbone, tmp_path, GOOD_ROWS)
+    os.remove(tmp_path / "labels.csv")
+    assert_one_line(capsys, argv, "--labels", "labels.csv' does not exist or is not a file")
+    argv = _table_args(tiny_backbone, tmp_path, GOOD_ROWS) + ["--dataset", "shapes"]
+    assert_one_line(capsys, argv, "Give either --dataset or --image-dir/--labels, not both")
+    assert not (tmp_path / "out").exists()

@@ -60,7 +60,7 @@ def __dir__():
 
 
 def load_dataset(data: DataConfig, image_size: int = 224, seed: int = 42) -> "Datasets":
-    """Loads the splits of a dataset (TFDS name, `shapes`, or `image_dir`) without a model.
+    """Loads the splits of a dataset (TFDS name, `shapes`, `image_dir`, or a `labels` table) without a model.
 
     Args:
         data: A `DataConfig`.

@@ -22,7 +22,7 @@ CHOICES = {
     "augment": C.AUGMENT_PRESETS, "cache": C.CACHE_CHOICES, "strategy": C.STRATEGIES, "optimizer": C.OPTIMIZERS,
     "schedule": C.SCHEDULES, "precision": C.PRECISIONS, "xla": C.XLA_CHOICES, "distribute": C.DISTRIBUTE_CHOICES,
 }
-METAVARS = {"dataset": "NAME", "image_dir": "DIR", "data_dir": "DIR", "base": "NAME|PATH.keras",
+METAVARS = {"dataset": "NAME", "image_dir": "DIR", "labels": "FILE.csv", "data_dir": "DIR", "base": "NAME|PATH.keras",
             "weights": "imagenet|none|PATH", "output_dir": "DIR", "early_stopping": "PATIENCE",
             "lr": "LR|auto", "class_weight": "none|balanced|W1,W2,..."}
 
@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: RUN/eval-SPLIT for a run folder; a .keras file needs it to write files).")
     p.add_argument("--labels", metavar="FILE", default=None,
                    help="Class names, one per line, index = label (default: labels.txt beside the model, else the "
-                   "data's class names).")
+                   "data's class names); a .csv file is a table of images and labels to evaluate on instead, its "
+                   "relative paths under --image-dir.")
     p.add_argument("--num-misclassified", type=int, default=None, metavar="N",
                    help="Worst errors drawn in misclassified.png and listed in metrics.json (default: 16).")
     p.add_argument("--tta", type=int, default=None, metavar="N",
@@ -284,14 +285,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if run_cfg and os.path.isfile(run_cfg):
         rc = C.load_config(run_cfg)
         data, seed = rc.data, rc.seed
-    if args.dataset or args.image_dir:
-        data = dataclasses.replace(data, dataset=args.dataset, image_dir=args.image_dir)
+    table = args.labels if args.labels and args.labels.lower().endswith(".csv") else None  # data, not class names
+    if args.dataset or args.image_dir or table:
+        data = dataclasses.replace(data, dataset=args.dataset, image_dir=args.image_dir, labels=table)
     if args.data_dir:
         data = dataclasses.replace(data, data_dir=args.data_dir)
-    if data.dataset is None and data.image_dir is None:
+    if data.dataset is None and data.image_dir is None and data.labels is None:
         raise ConfigError("evaluate needs --dataset NAME or --image-dir DIR (or a run folder that names its data).")
     labels = None
-    if args.labels:
+    if args.labels and not table:
         from tlkit.models.classifier import read_labels
 
         if not os.path.isfile(args.labels):

@@ -42,7 +42,18 @@ class DataConfig:
         dataset: A TensorFlow Datasets name (`oxford_flowers102`, alias `oxford_flowers`) or `shapes`, the
             built-in synthetic dataset. Defaults to `None` (then `image_dir` must be given).
         image_dir: A folder with one sub-folder per class, or with `train/`, `val/` and `test/` sub-folders
-            that each hold class sub-folders. Defaults to `None`.
+            that each hold class sub-folders; with `labels`, the folder that the table's relative file names are
+            relative to. Defaults to `None`.
+        labels: A CSV table of the images and their labels instead of class sub-folders: a header row, a
+            `file_column` (a path, relative to `image_dir`, else to the CSV's folder), a `label_column` and an
+            optional `split_column` (`train`, `val`, `test`; without it `val_split` holds out a stratified
+            validation split). Rows naming a missing or unreadable file are skipped and counted. In Python also a
+            sequence of `(path, label)` or `(path, label, split)` tuples, or a pandas DataFrame; a run folder then
+            keeps it as `data.csv`. Defaults to `None`.
+        file_column: The table's column of image files. Defaults to `"file"`.
+        label_column: The table's column of labels. Defaults to `"label"`.
+        split_column: The table's column of splits, used when present (a name other than the default must be
+            present). Defaults to `"split"`.
         data_dir: TensorFlow Datasets data folder (for offline use). Defaults to `None` (tfds's own).
         val_split: Fraction of the training data held out for validation when the data has no validation
             split. Defaults to `0.1`.
@@ -64,6 +75,10 @@ class DataConfig:
 
     dataset: str | None = None
     image_dir: str | None = None
+    labels: str | None = None
+    file_column: str = "file"
+    label_column: str = "label"
+    split_column: str = "split"
     data_dir: str | None = None
     val_split: float = 0.1
     image_size: int | None = None
@@ -266,10 +281,14 @@ class FinetuneConfig:
         _choice("precision", r.precision, PRECISIONS)
         _choice("xla", r.xla, XLA_CHOICES)
         _choice("distribute", r.distribute, DISTRIBUTE_CHOICES)
-        if d.dataset is None and d.image_dir is None:
-            raise ConfigError("No data given: pass --dataset NAME (e.g. shapes, oxford_flowers102) or --image-dir DIR.")
-        if d.dataset is not None and d.image_dir is not None:
-            raise ConfigError("Give either --dataset or --image-dir, not both.")
+        if d.dataset is None and d.image_dir is None and d.labels is None:
+            raise ConfigError("No data given: pass --dataset NAME (e.g. shapes, oxford_flowers102), --image-dir DIR "
+                              "or --labels FILE.csv.")
+        if d.dataset is not None and (d.image_dir is not None or d.labels is not None):
+            raise ConfigError("Give either --dataset or --image-dir/--labels, not both.")
+        for name in ("file_column", "label_column", "split_column"):
+            if not str(getattr(d, name)).strip():
+                raise ConfigError(f"{name} must not be empty.")
         _range("val_split", d.val_split, 0.0, 0.9)
         _positive("batch_size", d.batch_size)
         _positive("shapes_per_class", d.shapes_per_class)
@@ -513,7 +532,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 def load_config(path: str | os.PathLike, base: FinetuneConfig | None = None) -> FinetuneConfig:
     """Reads a `FinetuneConfig` from YAML.
 
-    Relative paths (image_dir, data_dir, a .keras base, a weights file, output_dir) are resolved against the
+    Relative paths (image_dir, labels, data_dir, a .keras base, a weights file, output_dir) are resolved against the
     YAML file's folder, not the working directory.
     """
     values = load_yaml(path)
@@ -521,7 +540,7 @@ def load_config(path: str | os.PathLike, base: FinetuneConfig | None = None) -> 
 
 
 def absolute_paths(cfg: FinetuneConfig, folder: str | None = None) -> FinetuneConfig:
-    """The config with image_dir, data_dir, a .keras base or keras-hub preset folder, a weights file and output_dir
+    """The config with image_dir, labels, data_dir, a .keras base or keras-hub preset folder, a weights file and output_dir
     made absolute.
 
     Args:
@@ -545,7 +564,9 @@ def absolute_paths(cfg: FinetuneConfig, folder: str | None = None) -> FinetuneCo
         base = fix(m.base) if (m.base.endswith(".keras") or os.sep in m.base) else m.base
     return dataclasses.replace(
         cfg, output_dir=fix(cfg.output_dir),
-        data=dataclasses.replace(d, image_dir=fix(d.image_dir), data_dir=fix(d.data_dir)),
+        data=dataclasses.replace(d, image_dir=fix(d.image_dir), data_dir=fix(d.data_dir),
+                                 labels=fix(os.fspath(d.labels)) if isinstance(d.labels, (str, os.PathLike))
+                                 else d.labels),  # a CSV path; pairs or a DataFrame stay (in Python only)
         model=dataclasses.replace(m, base=base, weights=fix(m.weights, keep=("imagenet", "none"))))
 
 

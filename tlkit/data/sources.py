@@ -1,4 +1,5 @@
-"""Where examples come from: TensorFlow Datasets, a folder of class sub-folders, or built-in `shapes`.
+"""Where examples come from: TensorFlow Datasets, a folder of class sub-folders, a table of files and labels
+(`tlkit.data.table`), or built-in `shapes`.
 
 Every source gives the same thing: a `Datasets` of `Split`s, each an unbatched `tf.data.Dataset` of
 `(image, label)` where `image` is either encoded bytes / a file path (decoded later, in parallel, by the
@@ -86,6 +87,8 @@ def load_sources(cfg: DataConfig, image_size: int, seed: int = 42) -> Datasets:
     Raises:
         DataError: the data is missing or unusable. OfflineError: a download failed.
     """
+    if cfg.labels is not None:  # a table of files and labels (tlkit.data.table)
+        return _from_table(cfg, seed)
     if cfg.image_dir is not None:
         return _from_folder(cfg.image_dir, cfg.val_split, seed)
     name = (cfg.dataset or "").strip()
@@ -183,6 +186,42 @@ def _from_folder(root: str, val_split: float, seed: int) -> Datasets:
         files, labels, vf, vl = _stratified_split(files, labels, val_split, seed, classes)
         val = _path_split(vf, vl)
     return _with_skipped(Datasets(_path_split(files, labels), val, None, classes, name), reasons)
+
+
+def _from_table(cfg: DataConfig, seed: int) -> Datasets:
+    """The splits of a labels table (`tlkit.data.table.read_table`): unusable files skipped and counted, and a
+    stratified validation split when the table has no `val` rows."""
+    from tlkit.data.table import read_table
+
+    table = read_table(cfg)
+    classes, reasons = table.class_names, {}
+
+    def usable(files: list[str], labels: list[int]) -> tuple[list[str], list[int]]:
+        good, bad = check_images(files)
+        reasons.update(bad)
+        return [f for f, ok in zip(files, good) if ok], [l for l, ok in zip(labels, good) if ok]
+
+    files, labels = usable(*table.splits["train"])
+    if not files:
+        first = next(iter(reasons), "?")
+        raise DataError(f"{table.description} names no usable image files ({len(reasons)} missing or unreadable, "
+                        f"e.g. {first!r}: {reasons.get(first, '')}).")
+    counts = np.bincount(labels, minlength=len(classes))
+    empty = [c for c, n in zip(classes, counts) if n == 0]
+    if empty:
+        raise DataError(f"Label(s) with no usable training images in {table.description}: {', '.join(empty[:5])} "
+                        "(their files are missing or unreadable).")
+    val = test = None
+    if table.splits["val"][0]:
+        vf, vl = usable(*table.splits["val"])
+        val = _path_split(vf, vl) if vf else None
+    if table.splits["test"][0]:
+        tf_, tl = usable(*table.splits["test"])
+        test = _path_split(tf_, tl) if tf_ else None
+    if not table.splits["val"][0] and cfg.val_split > 0:
+        files, labels, vf, vl = _stratified_split(files, labels, cfg.val_split, seed, classes)
+        val = _path_split(vf, vl)
+    return _with_skipped(Datasets(_path_split(files, labels), val, test, classes, table.name), reasons)
 
 
 def _with_skipped(data: Datasets, reasons: dict[str, str]) -> Datasets:

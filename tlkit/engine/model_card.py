@@ -57,7 +57,8 @@ def model_card(info: dict[str, Any], run_cfg: Any, metrics: dict[str, Any] | Non
     data = "unknown"
     if run_cfg is not None:
         d = run_cfg.data
-        data = f"`{d.dataset}`" if d.dataset else f"image folder `{d.image_dir}`"
+        data = (f"`{d.dataset}`" if d.dataset else f"table `{d.labels}`" if getattr(d, "labels", None)
+                else f"image folder `{d.image_dir}`")
     lines = [f"# Model card: {os.path.basename(info['source'].rstrip('/')) or info['source']} "
              f"({info['format']}{'' if info['quantize'] == 'none' else ', ' + info['quantize']})", "",
              "| | |", "|---|---|",

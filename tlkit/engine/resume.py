@@ -18,7 +18,7 @@ from tlkit.engine.checkpoints import STATE_FILE, checkpoint_dir, epochs_saved
 
 # Fields that may differ between an interrupted run and its resumption.
 RESUME_FREE_FIELDS = ("output_dir", "overwrite", "resume", "cache", "tensorboard", "cache_features", "deterministic")
-PATH_FIELDS = ("image_dir", "data_dir", "base", "weights", "output_dir")
+PATH_FIELDS = ("image_dir", "labels", "data_dir", "base", "weights", "output_dir")
 
 
 def open_run_dir(out_dir: str, cfg):

@@ -24,7 +24,11 @@ METRICS_FILE = "metrics.json"
 
 
 def write_config(out_dir: str, cfg) -> None:
-    """Writes the resolved configuration as `config.yaml` (`tlkit finetune --config` repeats the run)."""
+    """Writes the resolved configuration as `config.yaml` (`tlkit finetune --config` repeats the run); a labels table
+    given in memory is written beside it as `data.csv`, which config.yaml names."""
+    from tlkit.data.table import recorded
+
+    cfg = recorded(cfg, out_dir)
     rundir.write_text(os.path.join(out_dir, CONFIG_FILE), dump_yaml(config_to_dict(cfg)))
 
 

@@ -242,8 +242,9 @@ def _load_data(run_cfg, dataset: str | None, image_dir: str | None, data_dir: st
     data_cfg = None
     if dataset or image_dir:
         base = run_cfg.data if run_cfg is not None else C.DataConfig()
-        data_cfg = dataclasses.replace(base, dataset=dataset, image_dir=image_dir, data_dir=data_dir or base.data_dir)
-    elif run_cfg is not None and (run_cfg.data.dataset or run_cfg.data.image_dir):
+        data_cfg = dataclasses.replace(base, dataset=dataset, image_dir=image_dir, labels=None,
+                                       data_dir=data_dir or base.data_dir)
+    elif run_cfg is not None and (run_cfg.data.dataset or run_cfg.data.image_dir or run_cfg.data.labels):
         data_cfg = run_cfg.data
     if data_cfg is None:
         return None

@@ -41,6 +41,7 @@ from tlkit.core.config import FinetuneConfig, TuneConfig, absolute_paths, config
 from tlkit.core.errors import ConfigError, OutputExistsError, TrainingError, first_line
 from tlkit.core.tune_config import load_tune_config, search_identity, settings_yaml
 from tlkit.data import Datasets, make_dataset
+from tlkit.data.table import TABLE_FILE, is_in_memory, recorded
 from tlkit.engine import class_weights
 from tlkit.engine import setup as engine_setup
 from tlkit.engine.plots import plot_objective_vs_lr
@@ -120,6 +121,10 @@ def tune(cfg: FinetuneConfig, tune_cfg: TuneConfig | None = None,
     _check_data(data, tc)
     cfg, _ = class_weights.resolve(cfg, data)  # --class-weight balanced -> numbers (tune.yaml, best_config.yaml)
     out = cfg.output_dir or os.path.join("runs", _safe(f"tune-{spec.name}-{data.name}"))
+    if is_in_memory(cfg.data.labels) and role != "worker":  # pairs or a DataFrame: kept as out/data.csv
+        rundir.check_output_dir(out, overwrite=True)
+        os.makedirs(out, exist_ok=True)
+        cfg = recorded(cfg, out)
     _prepare(out, cfg, tc, role)
     tuner_id = os.environ.get("KERASTUNER_TUNER_ID", "tuner0")
     cache_dir = os.path.join(out, "cache", _safe(tuner_id))  # one per process: tf.data disk caches lock
@@ -242,7 +247,7 @@ def _prepare(out: str, cfg: FinetuneConfig, tc: TuneConfig, role: str) -> None:
     settings = os.path.join(out, SETTINGS_FILE)
     entries = set(os.listdir(out)) if os.path.isdir(out) else set()
     # Workers started before the chief may already have made these (a fresh search all the same).
-    fresh = entries <= {SEARCH_DIR, "cache"} and not os.path.exists(os.path.join(out, SEARCH_DIR, "oracle.json"))
+    fresh = entries <= {SEARCH_DIR, "cache", TABLE_FILE} and not os.path.exists(os.path.join(out, SEARCH_DIR, "oracle.json"))
     if entries and not fresh and not cfg.overwrite:
         if not os.path.isfile(settings):
             raise OutputExistsError(f"Output folder {out!r} exists, is not empty and holds no tlkit search; pass "
