@@ -12,7 +12,8 @@ import typing
 from typing import Any, Mapping
 
 from tlkit.core import config as C
-from tlkit.core.config import FinetuneConfig, TuneConfig, absolute_paths, config_to_dict, dump_yaml
+from tlkit.core.verb_configs import TuneConfig
+from tlkit.core.config import FinetuneConfig, absolute_paths, config_to_dict, dump_yaml
 from tlkit.core.errors import ConfigError, suggest
 
 RESUMABLE_CHANGES = ("max_trials", "then_finetune", "max_consecutive_failures")

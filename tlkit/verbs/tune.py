@@ -37,7 +37,8 @@ import keras
 
 from tlkit.core import config as C
 from tlkit.core import rundir
-from tlkit.core.config import FinetuneConfig, TuneConfig, absolute_paths, config_to_dict, differences, dump_yaml
+from tlkit.core.verb_configs import TuneConfig
+from tlkit.core.config import FinetuneConfig, absolute_paths, config_to_dict, differences, dump_yaml
 from tlkit.core.errors import ConfigError, OutputExistsError, TrainingError, first_line
 from tlkit.core.tune_config import load_tune_config, search_identity, settings_yaml
 from tlkit.data import Datasets, make_dataset
