@@ -18,6 +18,7 @@ import tensorflow as tf
 from tlkit import cli
 from tlkit.models import schedules
 from tlkit.core import config as C
+from tlkit.core import config_io
 from tlkit.core import verb_configs as V
 from tlkit.core.errors import ConfigError
 from tlkit.engine.tuner import TlkitTuner, make_oracle
@@ -163,7 +164,7 @@ def test_failed_trials_are_recorded_and_resume_skips_finished_trials(tiny_backbo
     assert len(rows5b) == 5 and rows5b[:4] == rows and rows5b[4]["status"] == "COMPLETED"
     assert rows5b[4]["lr"] == rows5[4]["lr"] and rows5b[4]["batch_size"] == rows5[4]["batch_size"]
     assert (out / "finetune" / "model.keras").is_file()
-    final = C.load_config(out / "finetune" / "config.yaml")
+    final = config_io.load_config(out / "finetune" / "config.yaml")
     assert final.train.lr == result.best_config.train.lr and final.data.batch_size == result.best_config.data.batch_size
     # Other settings are refused, not mixed into the old search; --overwrite starts over.
     with pytest.raises(ConfigError, match="lr_range"):
@@ -301,4 +302,4 @@ def test_chief_and_two_workers_on_loopback(tiny_backbone, tmp_path, monkeypatch,
     rows = _read_csv(out / "trials.csv")
     assert len(rows) == 3 and all(r["status"] == "COMPLETED" for r in rows)
     assert {r["worker"] for r in rows} <= {"tuner0", "tuner1"}
-    assert C.load_config(out / "best_config.yaml").data.batch_size in (4, 8)
+    assert config_io.load_config(out / "best_config.yaml").data.batch_size in (4, 8)

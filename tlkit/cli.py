@@ -17,6 +17,7 @@ import typing
 from typing import Any
 
 from tlkit.core import config as C
+from tlkit.core import config_io
 from tlkit.core import verb_configs as V
 from tlkit.core.errors import ConfigError, TlkitError
 
@@ -166,9 +167,9 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
 def config_from_args(args: argparse.Namespace, base: C.FinetuneConfig | None = None) -> C.FinetuneConfig:
     """`base` (else the YAML of `--config`, else the defaults) <- flags."""
     if base is None:
-        base = C.load_config(args.config) if getattr(args, "config", None) else C.FinetuneConfig()
-    index = C.field_index()
-    return C.config_from_dict({k: v for k, v in vars(args).items() if k in index and v is not None}, base)
+        base = config_io.load_config(args.config) if getattr(args, "config", None) else C.FinetuneConfig()
+    index = config_io.field_index()
+    return config_io.config_from_dict({k: v for k, v in vars(args).items() if k in index and v is not None}, base)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -364,7 +365,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.student is None:  # distill has no --base: the student is the base
         raise ConfigError("distill needs a student backbone: --student NAME (e.g. mobilenetv2) or --student PATH.keras.")
     cfg = config_from_args(args, None if getattr(args, "config", None) else teacher_run_config(dcfg.teacher))
-    distill(C.config_from_dict({"base": args.student}, cfg), dcfg)
+    distill(config_io.config_from_dict({"base": args.student}, cfg), dcfg)
     return 0
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from tlkit.core.config import DataConfig, _choice, _positive, _range, load_config
+from tlkit.core.config import DataConfig, _choice, _positive, _range
+from tlkit.core.config_io import load_config
 from tlkit.core.errors import ConfigError, suggest
 
 EXPORT_FORMATS = ("keras", "savedmodel", "tflite", "onnx")

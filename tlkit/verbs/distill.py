@@ -29,7 +29,8 @@ import tensorflow as tf
 from keras import ops
 
 from tlkit.core import rundir
-from tlkit.core.config import FinetuneConfig, load_config
+from tlkit.core.config import FinetuneConfig
+from tlkit.core.config_io import load_config
 from tlkit.core.verb_configs import DistillConfig, run_data
 from tlkit.core.errors import ConfigError, DataError, TrainingError
 from tlkit.data import make_dataset

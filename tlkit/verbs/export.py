@@ -233,11 +233,11 @@ def _check_arguments(format: str, quantize: str, int8_input: str, calibration_st
 
 def _run_record(run_dir: str | None) -> tuple[Any, dict[str, Any] | None]:
     """`(config, metrics)` of the run folder the model came from (`None` for what it lacks)."""
-    from tlkit.core import config as C
+    from tlkit.core import config_io
 
     run_cfg, metrics = None, None
     if run_dir is not None and os.path.isfile(os.path.join(run_dir, "config.yaml")):
-        run_cfg = C.load_config(os.path.join(run_dir, "config.yaml"))
+        run_cfg = config_io.load_config(os.path.join(run_dir, "config.yaml"))
     if run_dir is not None and os.path.isfile(os.path.join(run_dir, "metrics.json")):
         with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
             metrics = json.load(f)
