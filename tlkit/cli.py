@@ -1,7 +1,8 @@
 """Command line: YAML -> config -> flag overrides -> one library call -> exit code. argparse only.
 
-Every `FinetuneConfig` field is a flag (`--field-name`), its help taken from the dataclass docstring, so
-flags, YAML keys and the Python API cannot drift apart.
+Every field of a verb's config dataclass (`FinetuneConfig`, `tlkit.core.verb_configs`) is a flag (`--field-name`),
+made by the one builder `add_fields`, its help taken from the dataclass docstring and its default from the
+dataclass, so flags, YAML keys and the Python API cannot drift apart.
 """
 from __future__ import annotations
 

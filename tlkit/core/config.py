@@ -1,4 +1,5 @@
-"""Configuration dataclasses: the ONLY home of tlkit's defaults.
+"""Configuration dataclasses of a run (`FinetuneConfig` and its sections): the ONLY home of their defaults;
+the other verbs' in `tlkit.core.verb_configs`, reading and writing them (YAML, mappings) in `tlkit.core.config_io`.
 
 A configuration is layered as in timm: defaults here, then a YAML file (`--config`), then command-line
 flags; the resolved configuration is written as `config.yaml` next to the outputs so any run can be
