@@ -24,7 +24,8 @@ def main() -> None:
     a = ap.parse_args()
     import tlkit
     from tlkit.testing import make_tiny_backbone
-    from tlkit.core.config import DataConfig, DistillConfig, FinetuneConfig, ModelConfig, PruneConfig, RuntimeConfig, TrainConfig
+    from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig, TrainConfig
+    from tlkit.core.verb_configs import DistillConfig, PruneConfig
     from tlkit.verbs.distill import comparison_table
     from tlkit.verbs.prune import sparsity_table
 

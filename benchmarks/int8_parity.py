@@ -33,14 +33,14 @@ def main() -> int:
     import keras
     import tensorflow as tf
 
-    from tlkit.core import config as C
+    from tlkit.core import config_io
     from tlkit.data import load_sources
     from tlkit.models.classifier import load_model_and_labels
     from tlkit.verbs.export import split_images, tflite_bytes
     from tlkit.engine.predictors import TFLitePredictor, call_model, resize_batch
 
     model, _, _ = load_model_and_labels(args.run)
-    cfg = C.load_config(os.path.join(args.run, "config.yaml"))
+    cfg = config_io.load_config(os.path.join(args.run, "config.yaml"))
     size = int(model.input_shape[1])
     ds = load_sources(cfg.data, size, cfg.seed)
     split = {}

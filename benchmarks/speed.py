@@ -365,7 +365,8 @@ def bench_c_prune(photos: str, work: str, size: int = 32, batch: int = 16, epoch
     from tlkit.core import runtime
     from tlkit.models import schedules
     from tlkit.models.backbones import get_backbone
-    from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig, PruneConfig, RuntimeConfig
+    from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig
+    from tlkit.core.verb_configs import PruneConfig
     from tlkit.data import load_sources, make_dataset
     from tlkit.models.classifier import build_classifier
     import tlkit.verbs.prune  # noqa: F401

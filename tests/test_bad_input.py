@@ -149,7 +149,7 @@ def test_yaml_malformed(capsys, tmp_path):
 
 
 def test_config_paths_are_relative_to_the_config_file(tmp_path):
-    from tlkit.core.config import load_config
+    from tlkit.core.config_io import load_config
 
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "c.yaml").write_text(

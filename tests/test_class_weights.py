@@ -14,6 +14,7 @@ import tensorflow as tf
 from conftest import write_image_folder
 from tlkit import cli
 from tlkit.core import config as C
+from tlkit.core import verb_configs as V
 from tlkit.engine import class_weights as CW
 from tlkit.core.errors import ConfigError
 
@@ -109,7 +110,7 @@ def test_tune_trials_train_with_the_resolved_weights_and_ema(tmp_path, tiny_back
         train=C.TrainConfig(strategy="two_stage", epochs=1, head_steps=2, unfreeze_stages=1, class_weight="balanced",
                             ema=True, ema_steps=10),  # the weighted head on features, then an averaged image stage
         runtime=C.RuntimeConfig(precision="float32", xla="off"), output_dir=str(tmp_path / "tune"), seed=1)
-    result = tune(cfg, C.TuneConfig(tuner="random", max_trials=1, batch_sizes=(4,)))
+    result = tune(cfg, V.TuneConfig(tuner="random", max_trials=1, batch_sizes=(4,)))
     assert result.best_config.train.ema and result.best_value is not None
     assert result.best_config.train.class_weight == [round(19 / 27, 4), round(19 / 27, 4), round(19 / 3, 4)]
     with open(tmp_path / "tune" / "best_config.yaml") as f:

@@ -7,7 +7,8 @@ import keras
 import numpy as np
 import pytest
 
-from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig, config_to_dict, dump_yaml
+from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
+from tlkit.core.config_io import config_to_dict, dump_yaml
 from tlkit.core.errors import ConfigError
 from tlkit.models.backbones import get_backbone
 from tlkit.models.classifier import Classifier

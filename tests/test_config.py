@@ -3,8 +3,8 @@ import dataclasses
 
 import pytest
 
-from tlkit.core.config import (DataConfig, FinetuneConfig, TrainConfig, config_from_dict, config_to_dict, dump_yaml,
-                          load_config)
+from tlkit.core.config import DataConfig, FinetuneConfig, TrainConfig
+from tlkit.core.config_io import config_from_dict, config_to_dict, dump_yaml, load_config
 from tlkit.core.errors import ConfigError
 
 
@@ -61,7 +61,7 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
 
 
 def test_absolute_paths_resolves_a_keras_hub_preset_folder_but_not_a_preset_name():
-    from tlkit.core.config import absolute_paths, config_from_dict
+    from tlkit.core.config_io import absolute_paths, config_from_dict
 
     assert absolute_paths(config_from_dict({"base": "hub:presets/r50"}), "/data").model.base == "hub:/data/presets/r50"
     assert absolute_paths(config_from_dict({"base": "hub:resnet_50_imagenet"}), "/data").model.base == \

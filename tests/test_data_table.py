@@ -177,7 +177,7 @@ def test_python_api_with_pairs_keeps_the_table_in_the_run_folder(table, tiny_bac
     assert cli.main(["evaluate", run, "--split", "val", "--json"]) == 0  # the same val split from data.csv
     assert json.loads(capsys.readouterr().out)["num_examples"] == result.metrics["val"]["num_examples"]
 
-    from tlkit.core.config import TuneConfig
+    from tlkit.core.verb_configs import TuneConfig
     from tlkit.verbs.tune import tune
 
     out = str(tmp_path / "tune")  # tune keeps the in-memory table too: its best_config.yaml names out/data.csv

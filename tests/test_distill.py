@@ -15,7 +15,9 @@ import tlkit
 from tlkit.verbs.distill import distillation_terms, logits_model, with_teacher_logits
 from tlkit.models.backbones import get_backbone
 from tlkit.cli import main
-from tlkit.core.config import DataConfig, DistillConfig, FinetuneConfig, ModelConfig, config_to_dict, dump_yaml
+from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig
+from tlkit.core.config_io import config_to_dict, dump_yaml
+from tlkit.core.verb_configs import DistillConfig
 from tlkit.models.classifier import build_classifier
 from tlkit.models.classifier import save_model
 from tlkit.data import make_dataset

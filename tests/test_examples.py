@@ -21,7 +21,7 @@ import sys
 import pytest
 
 from tlkit import cli
-from tlkit.core import config as C
+from tlkit.core import config_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EX = os.path.join(ROOT, "examples")
@@ -72,14 +72,14 @@ def _run_recorded(script: str, tmp_path, args=(), **env) -> list[dict]:
 # ------------------------------------------------------------------ finetune_flowers.yaml
 
 def test_yaml_is_the_recommended_flowers_configuration():
-    cfg = C.load_config(YAML).validate()
+    cfg = config_io.load_config(YAML).validate()
     assert (cfg.data.dataset, cfg.data.image_size, cfg.model.base, cfg.model.weights) == \
         ("oxford_flowers102", 224, "resnet50", "imagenet")
     assert cfg.train.strategy == "two_stage" and cfg.train.optimizer == "adamw"
     assert cfg.train.weight_decay == pytest.approx(1e-4) and cfg.train.lr == pytest.approx(1e-3)
     # Every value written in the file is taken (nothing silently dropped): compare with the raw YAML.
-    raw = C.load_yaml(YAML)
-    resolved = C.config_to_dict(cfg)
+    raw = config_io.load_yaml(YAML)
+    resolved = config_io.config_to_dict(cfg)
     for section, values in raw.items():
         if isinstance(values, dict):
             for key, value in values.items():
@@ -97,7 +97,7 @@ def test_yaml_loads_with_cli_and_runs_a_smoke(tmp_path, tiny, capsys):
     assert rc == 0, capsys.readouterr().err
     for name in ("config.yaml", "labels.txt", "model.keras", "history.csv", "metrics.json"):
         assert (out / name).is_file(), name
-    saved = C.load_config(str(out / "config.yaml"))
+    saved = config_io.load_config(str(out / "config.yaml"))
     assert saved.data.dataset == "shapes" and saved.data.image_size == 32  # overrides won
     assert saved.train.optimizer == "adamw" and saved.train.warmup_epochs == 0.5  # the rest came from the YAML
     metrics = json.loads((out / "metrics.json").read_text())
@@ -157,7 +157,7 @@ def test_tune_then_finetune_commands_parse(tmp_path, tiny, smoke):
     if smoke == "1":
         assert tune.dataset == "shapes" and tune.base == tiny and tune.weights == "none"
     else:
-        assert C.load_config(tune.config).data.dataset == "oxford_flowers102"
+        assert config_io.load_config(tune.config).data.dataset == "oxford_flowers102"
 
 
 def test_two_gpu_example(tmp_path):

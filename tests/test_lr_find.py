@@ -12,7 +12,8 @@ import importlib
 
 from tlkit.engine import plots
 from tlkit.cli import main
-from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig, config_from_dict
+from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
+from tlkit.core.config_io import config_from_dict
 from tlkit.core.errors import ConfigError
 from test_plots import png_size, px
 from conftest import write_image_folder

@@ -96,10 +96,10 @@ def test_evaluate_ood_reports_scores_and_stores_the_threshold(run, data, capsys)
 
 
 def _val_probs(run, known):
-    from tlkit.core import config as C
+    from tlkit.core import config_io
     from tlkit.data import load_sources, make_dataset
 
-    cfg = C.load_config(os.path.join(run, "config.yaml"))
+    cfg = config_io.load_config(os.path.join(run, "config.yaml"))
     src = load_sources(cfg.data, 32, cfg.seed)
     clf = tlkit.load(run)
     xs = np.concatenate([np.asarray(x) for x, _ in make_dataset(src.val, 32, 16, src.num_classes, cache="none")])

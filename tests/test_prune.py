@@ -13,7 +13,9 @@ import keras
 import tlkit
 from tlkit.cli import main
 from tlkit.models.backbones import get_backbone
-from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig, PruneConfig, RuntimeConfig, config_to_dict, dump_yaml
+from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig
+from tlkit.core.config_io import config_to_dict, dump_yaml
+from tlkit.core.verb_configs import PruneConfig
 from tlkit.models.classifier import build_classifier
 from tlkit.models.classifier import save_model
 from tlkit.models.param_groups import scaled_optimizer

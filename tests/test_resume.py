@@ -22,7 +22,8 @@ from conftest import write_image_folder
 from tlkit import cli
 from tlkit.core import rundir
 from tlkit.engine import checkpoints, interrupts, loop, resume, weights_format
-from tlkit.core.config import DataConfig, FinetuneConfig, TrainConfig, config_to_dict, dump_yaml
+from tlkit.core.config import DataConfig, FinetuneConfig, TrainConfig
+from tlkit.core.config_io import config_to_dict, dump_yaml
 from tlkit.core.errors import ConfigError, OutputExistsError
 
 # Imported by the child interpreter (PYTHONPATH): once epoch 1's checkpoint is on disk, the child stops

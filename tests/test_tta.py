@@ -14,7 +14,8 @@ import tensorflow as tf
 
 from conftest import write_image_folder
 from tlkit import cli
-from tlkit.core.config import DataConfig, FinetuneConfig, config_to_dict, dump_yaml
+from tlkit.core.config import DataConfig, FinetuneConfig
+from tlkit.core.config_io import config_to_dict, dump_yaml
 from tlkit.engine import tta
 
 

@@ -18,6 +18,8 @@ import tensorflow as tf
 from tlkit import cli
 from tlkit.models import schedules
 from tlkit.core import config as C
+from tlkit.core import config_io
+from tlkit.core import verb_configs as V
 from tlkit.core.errors import ConfigError
 from tlkit.engine.tuner import TlkitTuner, make_oracle
 from tlkit.engine.tuning import TlkitHyperModel
@@ -90,7 +92,7 @@ def test_random_search_writes_outputs_and_each_trial_trains_with_its_values(tiny
     FITS.clear()
     out = tmp_path / "run"
     cfg = _cfg(tiny_backbone, out, strategy="two_stage", head_steps=0, unfreeze_stages=1, lr=2e-3)
-    tc = C.TuneConfig(tuner="random", max_trials=3, batch_sizes=(4, 8), lr_range=(1e-4, 1e-1), trial_epochs=1,
+    tc = V.TuneConfig(tuner="random", max_trials=3, batch_sizes=(4, 8), lr_range=(1e-4, 1e-1), trial_epochs=1,
                       search="dropout")
     result = tune(cfg, tc, callbacks=[Recorder()])
 
@@ -128,7 +130,7 @@ def test_failed_trials_are_recorded_and_resume_skips_finished_trials(tiny_backbo
     STARTS.clear()
     out = tmp_path / "run"
     cfg = _cfg(tiny_backbone, out)
-    tc = C.TuneConfig(tuner="random", max_trials=4, batch_sizes=(4, 8), lr_range=(1e-4, 1e-2), trial_epochs=1)
+    tc = V.TuneConfig(tuner="random", max_trials=4, batch_sizes=(4, 8), lr_range=(1e-4, 1e-2), trial_epochs=1)
     FailSome.errors = [None, tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor"),
                        RuntimeError("forced failure"), "nan"]
     result = tune(cfg, tc, callbacks=[FailSome()])
@@ -162,7 +164,7 @@ def test_failed_trials_are_recorded_and_resume_skips_finished_trials(tiny_backbo
     assert len(rows5b) == 5 and rows5b[:4] == rows and rows5b[4]["status"] == "COMPLETED"
     assert rows5b[4]["lr"] == rows5[4]["lr"] and rows5b[4]["batch_size"] == rows5[4]["batch_size"]
     assert (out / "finetune" / "model.keras").is_file()
-    final = C.load_config(out / "finetune" / "config.yaml")
+    final = config_io.load_config(out / "finetune" / "config.yaml")
     assert final.train.lr == result.best_config.train.lr and final.data.batch_size == result.best_config.data.batch_size
     # Other settings are refused, not mixed into the old search; --overwrite starts over.
     with pytest.raises(ConfigError, match="lr_range"):
@@ -176,7 +178,7 @@ def test_config_error_inside_a_trial_stops_the_search_at_once(tiny_backbone, tmp
     FailSome.errors = [ConfigError("something the user must fix"), None, None]
     cfg = _cfg(tiny_backbone, tmp_path / "run")
     with pytest.raises(ConfigError, match="something the user must fix"):
-        tune(cfg, C.TuneConfig(tuner="random", max_trials=3, batch_sizes=(4,), trial_epochs=1),
+        tune(cfg, V.TuneConfig(tuner="random", max_trials=3, batch_sizes=(4,), trial_epochs=1),
              callbacks=[FailSome()])
     assert len(STARTS) == 1
 
@@ -208,8 +210,8 @@ def test_every_tuner_declares_the_space_it_should(tiny_backbone, tmp_path):
     spec = backbones.get_backbone(cfg.model.base)
     data = load_sources(cfg.data, 32, cfg.seed)
     rt = runtime.setup(cfg.runtime)
-    for name in C.TUNERS:
-        tc = C.TuneConfig(tuner=name, max_trials=5, lr_range=(1e-4, 1e-1), batch_sizes=(8, 4), grid_points=4,
+    for name in V.TUNERS:
+        tc = V.TuneConfig(tuner=name, max_trials=5, lr_range=(1e-4, 1e-1), batch_sizes=(8, 4), grid_points=4,
                           two_stage_lr="both", search="unfreeze_stages,optimizer", trial_epochs=2).validate()
         hm = TlkitHyperModel(cfg, tc, spec, data, 32, rt, num_stages=3)
         tuner = TlkitTuner(make_oracle(tc, 1, hm.total_epochs()), hm, hyperband=name == "hyperband",
@@ -232,7 +234,7 @@ def test_every_tuner_declares_the_space_it_should(tiny_backbone, tmp_path):
     # KerasTuner clears the session before each build, which resets the dtype policy: build() sets it again.
     rt_mixed = runtime.setup(C.RuntimeConfig(precision="mixed_bfloat16", xla="off"))
     try:
-        hm = TlkitHyperModel(cfg, C.TuneConfig(tuner="random", batch_sizes=(4,)), spec, data, 32, rt_mixed,
+        hm = TlkitHyperModel(cfg, V.TuneConfig(tuner="random", batch_sizes=(4,)), spec, data, 32, rt_mixed,
                              num_stages=3)
         keras.backend.clear_session()
         assert keras.mixed_precision.dtype_policy().name == "float32"
@@ -243,7 +245,7 @@ def test_every_tuner_declares_the_space_it_should(tiny_backbone, tmp_path):
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
     # The default for two_stage: the fine-tuning stage's rate is searched, the warm-up stays at --lr.
-    tc = C.TuneConfig(tuner="random", lr_range=(1e-5, 1e-3), batch_sizes=(4,)).validate()
+    tc = V.TuneConfig(tuner="random", lr_range=(1e-5, 1e-3), batch_sizes=(4,)).validate()
     hm = TlkitHyperModel(cfg, tc, spec, data, 32, rt, num_stages=3)
     values = {"finetune_lr": 3e-5, "batch_size": 4}
     t = hm.trial_config(values, epochs=1)
@@ -300,4 +302,4 @@ def test_chief_and_two_workers_on_loopback(tiny_backbone, tmp_path, monkeypatch,
     rows = _read_csv(out / "trials.csv")
     assert len(rows) == 3 and all(r["status"] == "COMPLETED" for r in rows)
     assert {r["worker"] for r in rows} <= {"tuner0", "tuner1"}
-    assert C.load_config(out / "best_config.yaml").data.batch_size in (4, 8)
+    assert config_io.load_config(out / "best_config.yaml").data.batch_size in (4, 8)

@@ -19,10 +19,9 @@ import os as _os
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Light modules (dataclasses, YAML, exceptions): imported at once.
-from tlkit.core.config import (  # noqa: E402
-    DataConfig, DistillConfig, FinetuneConfig, ModelConfig, PruneConfig, RuntimeConfig, TrainConfig, TuneConfig,
-    config_from_dict, load_config,
-)
+from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig, TrainConfig  # noqa: E402
+from tlkit.core.config_io import config_from_dict, load_config  # noqa: E402
+from tlkit.core.verb_configs import DistillConfig, PruneConfig, TuneConfig  # noqa: E402
 from tlkit.core.errors import ConfigError, DataError, OfflineError, TlkitError  # noqa: E402
 
 from tlkit.core import VERSION as __version__  # noqa: E402

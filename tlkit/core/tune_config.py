@@ -11,8 +11,10 @@ import os
 import typing
 from typing import Any, Mapping
 
-from tlkit.core import config as C
-from tlkit.core.config import FinetuneConfig, TuneConfig, absolute_paths, config_to_dict, dump_yaml
+from tlkit.core import config_io
+from tlkit.core.verb_configs import TuneConfig
+from tlkit.core.config import FinetuneConfig
+from tlkit.core.config_io import absolute_paths, config_to_dict, dump_yaml
 from tlkit.core.errors import ConfigError, suggest
 
 RESUMABLE_CHANGES = ("max_trials", "then_finetune", "max_consecutive_failures")
@@ -46,7 +48,7 @@ def tune_config_from_dict(values: Mapping[str, Any], base: TuneConfig | None = N
                 value = ",".join(str(v) for v in value)
             kwargs[key] = "" if value is None else str(value)
         else:
-            kwargs[key] = C._coerce(key, value, hints[key])
+            kwargs[key] = config_io._coerce(key, value, hints[key])
     return dataclasses.replace(base, **kwargs)
 
 
@@ -72,11 +74,11 @@ def load_tune_config(path: str | os.PathLike) -> tuple[FinetuneConfig, TuneConfi
     A plain finetune `config.yaml` works too (the search settings keep their defaults). Relative paths
     are resolved against the file's folder, as `load_config` does.
     """
-    values = C.load_yaml(path)
+    values = config_io.load_yaml(path)
     if "tune" not in values:
-        return C.load_config(path), TuneConfig()
+        return config_io.load_config(path), TuneConfig()
     tune_values = values.pop("tune") or {}
-    cfg = C.config_from_dict(values)
+    cfg = config_io.config_from_dict(values)
     folder = os.path.dirname(os.path.abspath(path))
     return absolute_paths(cfg, folder), tune_config_from_dict(tune_values)
 

@@ -40,6 +40,18 @@ def _parallel(parallel: bool, deterministic: bool | None) -> dict:
     return dict(num_parallel_calls=AUTOTUNE, deterministic=deterministic) if parallel else {}
 
 
+def _cached(ds: tf.data.Dataset, cache: str, cache_dir: str | None, name: str) -> tf.data.Dataset:
+    """`ds` cached in memory, on disk (`cache_dir/name`) or not at all (`none`)."""
+    if cache == "memory":
+        return ds.cache()
+    if cache == "disk":
+        if not cache_dir:
+            raise ValueError("cache='disk' needs a cache_dir")
+        os.makedirs(cache_dir, exist_ok=True)
+        return ds.cache(os.path.join(cache_dir, name))
+    return ds
+
+
 def make_dataset(split: Split, image_size: int, batch_size: int, num_classes: int, *, training: bool = False,
                  augment: str = "none", cache: str = "memory", cache_dir: str | None = None, seed: int = 42,
                  drop_remainder: bool = False, deterministic: bool | None = None,
@@ -133,13 +145,7 @@ def make_dataset(split: Split, image_size: int, batch_size: int, num_classes: in
                      num_parallel_calls=AUTOTUNE, deterministic=det)
         if kind != "decoded":
             ds = ds.ignore_errors(log_warning=True)
-        if cache == "memory":
-            ds = ds.cache()
-        elif cache == "disk":
-            if not cache_dir:
-                raise ValueError("cache='disk' needs a cache_dir")
-            os.makedirs(cache_dir, exist_ok=True)
-            ds = ds.cache(os.path.join(cache_dir, "train" if training else "eval"))
+        ds = _cached(ds, cache, cache_dir, "train" if training else "eval")
         if training:  # decoded images: the buffer holds at most SHUFFLE_BYTES of them
             decoded_n = max(1, min(shuffle_n, max(SHUFFLE_MIN, SHUFFLE_BYTES // (image_size * image_size * 3))))
             ds = ds.shuffle(decoded_n, seed=seed, reshuffle_each_iteration=True)

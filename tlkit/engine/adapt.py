@@ -160,15 +160,7 @@ class Adapter:
         from tlkit.engine.loop import NaNGuard, compile_classifier, stage_optimizer
 
         if resumed and self.path and os.path.isfile(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                self.decision = json.load(f)
-            chosen = self.decision.get("stage")
-            if chosen is None:
-                return None, train_ds
-            trainable = None if chosen["trainable"] is None else frozenset(chosen["trainable"])
-            self._say(f"resumed with the decision of {self.path}: {self.decision.get('summary', '')}")
-            self.stage = dataclasses.replace(stage, epochs=chosen["epochs"], lr=chosen["lr"], trainable=trainable)
-            return self.stage, train_ds
+            return self._resumed(stage), train_ds
         cfg, model, clf = self.cfg, self.clf.model, self.clf
         t0 = time.time()
         if self.val_ds is None:
@@ -239,6 +231,18 @@ class Adapter:
         self._finish(decision)
         self.stage = decided
         return decided, train_ds
+
+    def _resumed(self, stage):
+        """The stage decided before the interruption (read back from `path`), or None: no fine-tuning."""
+        with open(self.path, encoding="utf-8") as f:
+            self.decision = json.load(f)
+        chosen = self.decision.get("stage")
+        if chosen is None:
+            return None
+        trainable = None if chosen["trainable"] is None else frozenset(chosen["trainable"])
+        self._say(f"resumed with the decision of {self.path}: {self.decision.get('summary', '')}")
+        self.stage = dataclasses.replace(stage, epochs=chosen["epochs"], lr=chosen["lr"], trainable=trainable)
+        return self.stage
 
     def _finish(self, decision: dict[str, Any]) -> None:
         self.decision = decision

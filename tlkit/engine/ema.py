@@ -30,6 +30,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from tlkit.models.param_groups import with_mixin
+
 WARMUP = 10.0  # d_t = (1 + t) / (WARMUP + t) until it reaches 1 - 1/ema_steps
 
 
@@ -64,17 +66,6 @@ class _WarmEMA:
         self._ema_updates.assign_add(1)
 
 
-_CLASSES: dict[type, type] = {}
-
-
-def _ema_class(cls: type) -> type:
-    if issubclass(cls, _WarmEMA):
-        return cls
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"EMA{cls.__name__}", (_WarmEMA, cls), {})
-    return _CLASSES[cls]
-
-
 def with_ema(optimizer: keras.optimizers.Optimizer, ema_steps: int) -> keras.optimizers.Optimizer:
     """A copy of the unbuilt `optimizer` that keeps the moving average of its variables (`use_ema=True`).
 
@@ -85,7 +76,7 @@ def with_ema(optimizer: keras.optimizers.Optimizer, ema_steps: int) -> keras.opt
         raise ValueError(f"ema_steps must be >= 1, got {ema_steps}.")
     config = dict(optimizer.get_config(), use_ema=True, ema_momentum=1.0 - 1.0 / ema_steps,
                   ema_overwrite_frequency=None)
-    return _ema_class(type(optimizer)).from_config(config)
+    return with_mixin(_WarmEMA, type(optimizer), "EMA").from_config(config)
 
 
 def averaged_optimizer(optimizer) -> keras.optimizers.Optimizer | None:

@@ -8,6 +8,8 @@ Example:
 """
 from __future__ import annotations
 
+from tlkit.core.verb_configs import EXPORT_FORMATS, INT8_INPUTS, QUANTIZATIONS
+
 import os
 import tempfile
 from typing import Any, Callable, Iterator, Sequence
@@ -18,9 +20,7 @@ from tlkit.core import private, rundir
 from tlkit.core.errors import ConfigError, first_line
 from tlkit.engine.predictors import call_model
 
-FORMATS = ("keras", "savedmodel", "tflite", "onnx")
-QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
-INT8_INPUTS = ("uint8", "int8", "float32")
+FORMATS, QUANTIZATIONS, INT8_INPUTS = EXPORT_FORMATS, QUANTIZATIONS, INT8_INPUTS  # the choices: tlkit.core.verb_configs
 EXTENSIONS = {"keras": ".keras", "tflite": ".tflite", "onnx": ".onnx"}
 
 

@@ -8,6 +8,8 @@ Example:
 """
 from __future__ import annotations
 
+from tlkit.core.verb_configs import ExportConfig
+
 import dataclasses
 import os
 import sys
@@ -29,8 +31,8 @@ MAX_ABS_DIFF: dict[str, float | None] = {"none": 1e-3, "float16": 2e-2, "dynamic
 TIE_TOLERANCE = 1e-5
 # A mixed-precision model is exported in float32: its float16 reference answers differ by ~1e-3.
 MIXED_TIE_TOLERANCE = 2e-3
-DEFAULT_CHECK_IMAGES = 32
-DEFAULT_CALIBRATION_STEPS = 100
+DEFAULT_CHECK_IMAGES = ExportConfig.num_check
+DEFAULT_CALIBRATION_STEPS = ExportConfig.calibration_steps
 
 
 class ParityError(TlkitError, RuntimeError):

@@ -64,7 +64,7 @@ def open_run_dir(out_dir: str, cfg):
 
 
 def _saved_config(path: str):
-    from tlkit.core.config import config_from_dict, load_yaml
+    from tlkit.core.config_io import config_from_dict, load_yaml
 
     try:
         return config_from_dict(load_yaml(path))
@@ -75,7 +75,7 @@ def _saved_config(path: str):
 def config_differences(saved, cfg) -> list[str]:
     """`section.key: saved -> now` for every setting that differs from a run's saved config (a `config.yaml` path
     or a `FinetuneConfig`), paths compared as absolute paths; what may change on resume left out."""
-    from tlkit.core.config import absolute_paths, config_to_dict, differences
+    from tlkit.core.config_io import absolute_paths, config_to_dict, differences
 
     if isinstance(saved, (str, os.PathLike)):
         saved = _saved_config(os.fspath(saved))

@@ -11,7 +11,8 @@ import time
 import keras
 
 from tlkit.core import rundir
-from tlkit.core.config import AUTO_LR, FinetuneConfig, absolute_paths
+from tlkit.core.config import AUTO_LR, FinetuneConfig
+from tlkit.core.config_io import absolute_paths
 from tlkit.core.errors import TrainingError
 from tlkit.engine import adapt, checkpoints, class_weights, features, interrupts, resume, run_folder, weights_format
 from tlkit.engine import setup as engine_setup

@@ -15,7 +15,7 @@ import os
 from typing import Any, Callable, Mapping, Sequence
 
 from tlkit.core import rundir
-from tlkit.core.config import config_to_dict, dump_yaml
+from tlkit.core.config_io import config_to_dict, dump_yaml
 from tlkit.engine.metrics import compute_metrics, predict_split
 
 CONFIG_FILE = "config.yaml"

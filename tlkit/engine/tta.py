@@ -66,7 +66,7 @@ def run_augment(model_path: str | None) -> str | None:
     if not os.path.isfile(cfg_path):
         return None
     try:
-        from tlkit.core.config import load_yaml
+        from tlkit.core.config_io import load_yaml
 
         values = load_yaml(cfg_path)
     except Exception:  # not a tlkit config: the default crop

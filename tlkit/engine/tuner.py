@@ -18,7 +18,7 @@ from keras_tuner.engine.trial import TrialStatus  # public
 
 from tlkit.core import config as C
 from tlkit.core import rundir
-from tlkit.core.config import TuneConfig
+from tlkit.core.verb_configs import TUNERS, TuneConfig
 from tlkit.core.errors import (BackboneError, ConfigError, DataError, OfflineError, OutputExistsError,
                                TrainingError, first_line)
 from tlkit.core import private
@@ -184,7 +184,7 @@ def make_oracle(tc: TuneConfig, seed: int, max_epochs: int) -> kt.Oracle:
         oracle = kt.oracles.HyperbandOracle(max_epochs=max(int(max_epochs), 1), factor=3, **common)
         oracle.max_trials = tc.max_trials  # a cap: Hyperband itself decides how many brackets it runs
         return oracle
-    raise ConfigError(f"Unknown tuner {tc.tuner!r}. Choose one of: {', '.join(C.TUNERS)}.")
+    raise ConfigError(f"Unknown tuner {tc.tuner!r}. Choose one of: {', '.join(TUNERS)}.")
 
 
 def run_search(tuner: TlkitTuner, callbacks: list) -> None:

@@ -23,7 +23,8 @@ import keras_tuner as kt
 
 from tlkit.core import config as C
 from tlkit.core import runtime
-from tlkit.core.config import FinetuneConfig, TuneConfig
+from tlkit.core.config import FinetuneConfig
+from tlkit.core.verb_configs import TuneConfig
 from tlkit.core.errors import TrainingError
 from tlkit.data import Datasets, make_dataset
 from tlkit.engine import features as F

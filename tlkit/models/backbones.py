@@ -20,6 +20,8 @@ from typing import Callable
 import keras
 
 from tlkit.core.errors import BackboneError, ConfigError, OfflineError, TlkitError, first_line, suggest
+from tlkit.models.stage_maps import (efficientnet_stage, mobilenetv2_stage, resnet_stage, stages_by_resolution,
+                                     vgg_stage)
 
 # How raw 0-255 RGB is turned into what the backbone expects (keras.applications' preprocess_input modes, and
 # `scale_offset`: x * scale + offset per channel, what a keras-hub ImageConverter does after its resize).
@@ -140,73 +142,6 @@ def _weights_file_name(message: str) -> str | None:
     return m.group(1) if m else None
 
 
-def _resnet_stage(name: str) -> int | None:
-    m = re.match(r"conv(\d)_", name)
-    if m:
-        return int(m.group(1)) - 1
-    if name.startswith("pool1"):
-        return 0
-    if name.startswith("post_"):
-        return -1
-    return None
-
-
-def _vgg_stage(name: str) -> int | None:
-    m = re.match(r"block(\d)_", name)
-    return int(m.group(1)) - 1 if m else None
-
-
-def _efficientnet_stage(name: str) -> int | None:
-    if name.startswith("stem_"):
-        return 0
-    m = re.match(r"block(\d)", name)
-    if m:
-        return int(m.group(1))
-    if name.startswith("top_"):
-        return -1
-    return None
-
-
-_MOBILENETV2_BLOCKS = {**{b: 1 for b in (1, 2)}, **{b: 2 for b in (3, 4, 5)},
-                       **{b: 3 for b in range(6, 13)}, **{b: 4 for b in range(13, 17)}}
-
-
-def _mobilenetv2_stage(name: str) -> int | None:
-    if name in ("Conv1", "bn_Conv1", "Conv1_relu") or name.startswith("expanded_conv"):
-        return 0
-    m = re.match(r"block_(\d+)_", name)
-    if m:
-        return _MOBILENETV2_BLOCKS[int(m.group(1))]
-    if name in ("Conv_1", "Conv_1_bn", "out_relu"):
-        return -1
-    return None
-
-
-def stages_by_resolution(base: keras.Model) -> list[int]:
-    """Infers stages of any functional backbone: a new stage starts where the spatial resolution drops.
-
-    Layers before the first downsampling form stage 0. Layers whose output is not a feature map (e.g. a
-    final pooling) stay in the stage before them. Without static shapes, layers are cut into 5 equal runs.
-    """
-    out, stage, res = [], 0, None
-    for layer in base.layers:
-        try:
-            shape = layer.output.shape
-        except (AttributeError, ValueError):
-            shape = None
-        if shape is not None and len(shape) == 4 and shape[1] is not None:
-            if res is None:
-                res = shape[1]
-            elif shape[1] < res:
-                res = shape[1]
-                stage += 1
-        out.append(stage)
-    if res is None or stage == 0:
-        n = len(base.layers)
-        return [min(4, i * 5 // max(n, 1)) for i in range(n)]
-    return out
-
-
 def _app(name: str) -> Callable[..., keras.Model]:
     return getattr(keras.applications, name)
 
@@ -224,19 +159,19 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
 
 
 for _name, _ctor in (("resnet50", "ResNet50"), ("resnet101", "ResNet101"), ("resnet152", "ResNet152")):
-    register_backbone(BackboneSpec(_name, _app(_ctor), "caffe", stage_names=_RESNET_STAGES, stage_of=_resnet_stage))
+    register_backbone(BackboneSpec(_name, _app(_ctor), "caffe", stage_names=_RESNET_STAGES, stage_of=resnet_stage))
 for _name, _ctor in (("resnet50v2", "ResNet50V2"), ("resnet101v2", "ResNet101V2"), ("resnet152v2", "ResNet152V2")):
-    register_backbone(BackboneSpec(_name, _app(_ctor), "tf", stage_names=_RESNET_STAGES, stage_of=_resnet_stage))
+    register_backbone(BackboneSpec(_name, _app(_ctor), "tf", stage_names=_RESNET_STAGES, stage_of=resnet_stage))
 register_backbone(BackboneSpec("mobilenetv2", _app("MobileNetV2"), "tf",
                                stage_names=("stem", "block1-2", "block3-5", "block6-12", "block13-16"),
-                               stage_of=_mobilenetv2_stage))
+                               stage_of=mobilenetv2_stage))
 for _i, _size in enumerate((224, 240, 260, 300)):
     register_backbone(BackboneSpec(f"efficientnetb{_i}", _app(f"EfficientNetB{_i}"), "none", default_size=_size,
                                    stage_names=("stem",) + tuple(f"block{j}" for j in range(1, 8)),
-                                   stage_of=_efficientnet_stage))
+                                   stage_of=efficientnet_stage))
 for _name, _ctor in (("vgg16", "VGG16"), ("vgg19", "VGG19")):
     register_backbone(BackboneSpec(_name, _app(_ctor), "caffe",
-                                   stage_names=tuple(f"block{j}" for j in range(1, 6)), stage_of=_vgg_stage))
+                                   stage_names=tuple(f"block{j}" for j in range(1, 6)), stage_of=vgg_stage))
 register_backbone(BackboneSpec("densenet121", _app("DenseNet121"), "torch"))
 register_backbone(BackboneSpec("efficientnetv2b0", _app("EfficientNetV2B0"), "none"))
 register_backbone(BackboneSpec("convnext_tiny", _app("ConvNeXtTiny"), "none"))

@@ -329,7 +329,7 @@ class Classifier:
         config = os.path.join(run_dir, "config.yaml") if run_dir else None
         if config and os.path.isfile(config):
             try:
-                from tlkit.core.config import config_from_dict, load_yaml
+                from tlkit.core.config_io import config_from_dict, load_yaml
                 from tlkit.models.backbones import get_backbone
 
                 spec = get_backbone(config_from_dict(load_yaml(config)).model.base)

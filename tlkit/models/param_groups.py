@@ -79,15 +79,17 @@ class _ScaledUpdates:
         tf.__internal__.distribute.interim.maybe_merge_call(apply, self._distribution_strategy, variables)
 
 
-_CLASSES: dict[type, type] = {}
+_CLASSES: dict[tuple[type, type], type] = {}
 
 
-def _scaled_class(cls: type) -> type:
-    if issubclass(cls, _ScaledUpdates):
+def with_mixin(mixin: type, cls: type, prefix: str) -> type:
+    """`class <prefix><cls>(mixin, cls)`, made once per pair (an optimizer class with overridden update hooks:
+    here the scaled updates, in `tlkit.engine.ema` the warmed-up average); `cls` itself when it has the mixin."""
+    if issubclass(cls, mixin):
         return cls
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Scaled{cls.__name__}", (_ScaledUpdates, cls), {})
-    return _CLASSES[cls]
+    if (mixin, cls) not in _CLASSES:
+        _CLASSES[(mixin, cls)] = type(f"{prefix}{cls.__name__}", (mixin, cls), {})
+    return _CLASSES[(mixin, cls)]
 
 
 def scaled_optimizer(optimizer: keras.optimizers.Optimizer, multipliers: dict[int, float] | None = None,
@@ -108,7 +110,7 @@ def scaled_optimizer(optimizer: keras.optimizers.Optimizer, multipliers: dict[in
     """
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         raise ValueError("Pass the inner optimizer; compile() adds the LossScaleOptimizer itself.")
-    new = _scaled_class(type(optimizer)).from_config(optimizer.get_config())
+    new = with_mixin(_ScaledUpdates, type(optimizer), "Scaled").from_config(optimizer.get_config())
     new._tl_mult_by_id = dict(multipliers or {})
     new._tl_mask_by_id = dict(masks or {})
     return new

@@ -29,7 +29,9 @@ import tensorflow as tf
 from keras import ops
 
 from tlkit.core import rundir
-from tlkit.core.config import DistillConfig, FinetuneConfig, load_config
+from tlkit.core.config import FinetuneConfig
+from tlkit.core.config_io import load_config
+from tlkit.core.verb_configs import DistillConfig, run_data
 from tlkit.core.errors import ConfigError, DataError, TrainingError
 from tlkit.data import make_dataset
 from tlkit.engine import setup as engine_setup
@@ -178,10 +180,8 @@ def teacher_run_config(teacher: str | None) -> FinetuneConfig:
         teacher_run_config("runs/resnet50-shapes-1").data.dataset
         # -> 'shapes'
     """
-    if teacher and os.path.isfile(os.path.join(teacher, "config.yaml")):
-        tc = load_config(os.path.join(teacher, "config.yaml"))
-        return FinetuneConfig(data=tc.data, seed=tc.seed)
-    return FinetuneConfig()
+    data, seed = run_data(teacher)
+    return FinetuneConfig(data=data, seed=seed)
 
 
 def model_size_bytes(path: str) -> int:

@@ -10,6 +10,7 @@ import keras
 
 from tlkit.core import rundir
 from tlkit.core.config import DataConfig
+from tlkit.core.verb_configs import EvaluateConfig as E
 from tlkit.core.errors import ConfigError, DataError
 from tlkit.data import load_sources, make_dataset
 from tlkit.engine import gradcam
@@ -20,9 +21,9 @@ from tlkit.engine.metrics import compute_metrics, confusion_csv_rows, most_confu
 from tlkit.models.classifier import load_model_and_labels
 
 
-def evaluate(model: str | keras.Model, data: DataConfig, split: str = "test", batch_size: int | None = None,
+def evaluate(model: str | keras.Model, data: DataConfig, split: str = E.split, batch_size: int | None = None,
              output_dir: str | None = None, class_names: list[str] | None = None, seed: int = 42,
-             num_misclassified: int = 16, tta: int = 0, ood: str | None = None,
+             num_misclassified: int = E.num_misclassified, tta: int = E.tta, ood: str | None = None,
              reject_below: float | None = None) -> dict[str, Any]:
     """Evaluates a model (run folder, `.keras` file or a model object) on a split of a dataset.
 

@@ -37,7 +37,8 @@ from tlkit.core.sidecars import sidecar
 from tlkit.engine import tflite_metadata
 from tlkit.engine import export_formats as formats
 from tlkit.engine import model_card, parity
-from tlkit.engine.parity import DEFAULT_CALIBRATION_STEPS, DEFAULT_CHECK_IMAGES, ParityError
+from tlkit.engine.parity import ParityError
+from tlkit.core.verb_configs import ExportConfig as E, run_data
 
 
 @dataclasses.dataclass
@@ -66,11 +67,11 @@ class ExportResult:
 
 
 
-def export(model: str, format: str = "savedmodel", output: str | None = None, *, quantize: str = "none",
-           int8_input: str = "uint8", dataset: str | None = None, image_dir: str | None = None,
-           data_dir: str | None = None, calibration_steps: int = DEFAULT_CALIBRATION_STEPS,
-           check_images: Sequence[str] | None = None, num_check: int = DEFAULT_CHECK_IMAGES,
-           min_agreement: float | None = None, max_diff: float | None = None, overwrite: bool = False,
+def export(model: str, format: str = E.format, output: str | None = None, *, quantize: str = E.quantize,
+           int8_input: str = E.int8_input, dataset: str | None = None, image_dir: str | None = None,
+           data_dir: str | None = None, calibration_steps: int = E.calibration_steps,
+           check_images: Sequence[str] | None = None, num_check: int = E.num_check,
+           min_agreement: float | None = None, max_diff: float | None = None, overwrite: bool = E.overwrite,
            verbose: bool = True) -> ExportResult:
     """Exports a run folder or `.keras` model and checks the export against the Keras model.
 
@@ -107,10 +108,6 @@ def export(model: str, format: str = "savedmodel", output: str | None = None, *,
         export("runs/resnet50-shapes-1", format="savedmodel")
         export("runs/resnet50-shapes-1", format="tflite", quantize="int8", calibration_steps=200)
     """
-    import keras
-    import tensorflow as tf
-
-    from tlkit.core import VERSION
     from tlkit.engine.predictors import load
     from tlkit.models.classifier import load_model_and_labels
 
@@ -130,7 +127,7 @@ def export(model: str, format: str = "savedmodel", output: str | None = None, *,
                            [artifact, sidecar(artifact, "export.json"), sidecar(artifact, "model_card.md")], overwrite)
     datasets = None
     if quantize == "int8" or not check_images:  # the data: given flags, else the run's own
-        datasets = _load_data(run_cfg, dataset, image_dir, data_dir, size, num_classes, seed)
+        datasets = _load_data(run_dir, dataset, image_dir, data_dir, size, num_classes, seed)
     if labels is None:
         labels = list(datasets.class_names) if datasets is not None else [str(i) for i in range(num_classes)]
     elif datasets is not None and list(datasets.class_names) != list(labels):
@@ -161,6 +158,30 @@ def export(model: str, format: str = "savedmodel", output: str | None = None, *,
     if format == "tflite":  # which interpreter produced the parity figures
         check["runtime"] = predictor.runtime
     size_bytes = formats.disk_size(artifact)
+    info = _export_info(format, quantize, int8_input, artifact, export_dir, model_path, size_bytes, size,
+                        num_classes, labels, mixed, check, predictor, calibration_steps, tflite_md)
+    rundir.write_json(sidecar(artifact, "export.json"), info)
+    rundir.write_text(sidecar(artifact, "model_card.md"),
+                      model_card.model_card(info, run_cfg, metrics, model_card.describe_preprocessing(keras_model)))
+    say(parity.summary_line(check, threshold, diff_bound))
+    say(f"[tlkit] {format} export: {artifact} ({formats.human_size(size_bytes)}); "
+        f"{os.path.basename(sidecar(artifact, 'export.json'))} and {os.path.basename(sidecar(artifact, 'model_card.md'))} "
+        f"in {export_dir}")
+    if not check["passed"]:
+        raise ParityError(parity.failure_message(check, format, artifact, sidecar(artifact, "export.json"), threshold,
+                                                 diff_bound))
+    return ExportResult(artifact, export_dir, format, quantize, size_bytes, check, check["passed"], list(labels))
+
+
+def _export_info(format: str, quantize: str, int8_input: str, artifact: str, export_dir: str, model_path: str,
+                 size_bytes: int, size: int, num_classes: int, labels: Sequence[str], mixed: bool, check: dict[str, Any], predictor,
+                 calibration_steps: int, tflite_md: Any) -> dict[str, Any]:
+    """The content of export.json."""
+    import keras
+    import tensorflow as tf
+
+    from tlkit.core import VERSION
+
     info = {
         "format": format, "quantize": quantize, "int8_input": int8_input if quantize == "int8" else None,
         "artifact": os.path.basename(os.path.normpath(artifact)) if format != "savedmodel" else ".",
@@ -178,17 +199,7 @@ def export(model: str, format: str = "savedmodel", output: str | None = None, *,
         info["calibration_images"] = int(calibration_steps)
     if format == "tflite":
         info["metadata"] = tflite_md
-    rundir.write_json(sidecar(artifact, "export.json"), info)
-    rundir.write_text(sidecar(artifact, "model_card.md"),
-                      model_card.model_card(info, run_cfg, metrics, model_card.describe_preprocessing(keras_model)))
-    say(parity.summary_line(check, threshold, diff_bound))
-    say(f"[tlkit] {format} export: {artifact} ({formats.human_size(size_bytes)}); "
-        f"{os.path.basename(sidecar(artifact, 'export.json'))} and {os.path.basename(sidecar(artifact, 'model_card.md'))} "
-        f"in {export_dir}")
-    if not check["passed"]:
-        raise ParityError(parity.failure_message(check, format, artifact, sidecar(artifact, "export.json"), threshold,
-                                                 diff_bound))
-    return ExportResult(artifact, export_dir, format, quantize, size_bytes, check, check["passed"], list(labels))
+    return info
 
 
 def _check_arguments(format: str, quantize: str, int8_input: str, calibration_steps: int, num_check: int,
@@ -222,31 +233,24 @@ def _check_arguments(format: str, quantize: str, int8_input: str, calibration_st
 
 def _run_record(run_dir: str | None) -> tuple[Any, dict[str, Any] | None]:
     """`(config, metrics)` of the run folder the model came from (`None` for what it lacks)."""
-    from tlkit.core import config as C
+    from tlkit.core import config_io
 
     run_cfg, metrics = None, None
     if run_dir is not None and os.path.isfile(os.path.join(run_dir, "config.yaml")):
-        run_cfg = C.load_config(os.path.join(run_dir, "config.yaml"))
+        run_cfg = config_io.load_config(os.path.join(run_dir, "config.yaml"))
     if run_dir is not None and os.path.isfile(os.path.join(run_dir, "metrics.json")):
         with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
             metrics = json.load(f)
     return run_cfg, metrics
 
 
-def _load_data(run_cfg, dataset: str | None, image_dir: str | None, data_dir: str | None, size: int,
+def _load_data(run_dir: str | None, dataset: str | None, image_dir: str | None, data_dir: str | None, size: int,
                num_classes: int, seed: int):
     """The data of the check and of int8 calibration: the given flags, else the run's own; `None` without either."""
-    from tlkit.core import config as C
     from tlkit.data import load_sources
 
-    data_cfg = None
-    if dataset or image_dir:
-        base = run_cfg.data if run_cfg is not None else C.DataConfig()
-        data_cfg = dataclasses.replace(base, dataset=dataset, image_dir=image_dir, labels=None,
-                                       data_dir=data_dir or base.data_dir)
-    elif run_cfg is not None and (run_cfg.data.dataset or run_cfg.data.image_dir or run_cfg.data.labels):
-        data_cfg = run_cfg.data
-    if data_cfg is None:
+    data_cfg, _ = run_data(run_dir, dataset, image_dir, data_dir)
+    if not (data_cfg.dataset or data_cfg.image_dir or data_cfg.labels):
         return None
     datasets = load_sources(dataclasses.replace(data_cfg, image_size=size), size, seed)
     if datasets.num_classes != num_classes:

@@ -14,6 +14,7 @@ import keras
 
 from tlkit.core import rundir
 from tlkit.core.config import FinetuneConfig
+from tlkit.core.verb_configs import LRFindConfig as L
 from tlkit.core.errors import ConfigError
 from tlkit.data import make_dataset
 from tlkit.engine import setup as engine_setup
@@ -23,8 +24,8 @@ from tlkit.models.classifier import Classifier
 __all__ = ["LRFindResult", "lr_find"]
 
 
-def lr_find(cfg: FinetuneConfig, *, model: keras.Model | None = None, start_lr: float = 1e-7, end_lr: float = 10.0,
-            num_steps: int = 100, stage: str | None = None, output_dir: str | None = None,
+def lr_find(cfg: FinetuneConfig, *, model: keras.Model | None = None, start_lr: float = L.start_lr, end_lr: float = L.end_lr,
+            num_steps: int = L.num_steps, stage: str | None = None, output_dir: str | None = None,
             diverge_factor: float = 4.0, verbose: int | None = None) -> LRFindResult:
     """Finds a learning rate for the stage you are about to train (fastai's `lr_find`).
 

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tlkit.core.errors import ConfigError, DataError
+from tlkit.core.verb_configs import PredictConfig as P
 from tlkit.engine import tta as tta_views
 from tlkit.engine.predictors import IMAGE_EXTENSIONS, Predictor, list_images, load, read_image
 
@@ -90,8 +91,8 @@ class PredictResult:
         return "\n".join(f"{r[0]:{widths[0]}s}  {r[1]:{widths[1]}s}  {r[2]:>{widths[2]}s}".rstrip() for r in rows)
 
 
-def predict(model: str | Predictor, inputs: str | Sequence[str], top_k: int = 5, batch_size: int = 32,
-            progress: bool = False, tta: int = 0, reject_below: float | None = None,
+def predict(model: str | Predictor, inputs: str | Sequence[str], top_k: int = P.top_k, batch_size: int = P.batch_size,
+            progress: bool = False, tta: int = P.tta, reject_below: float | None = None,
             explain: str | None = None) -> PredictResult:
     """Predicts the top classes of image files and folders; unreadable files are skipped and reported.
 

@@ -32,7 +32,9 @@ import tensorflow as tf
 
 from tlkit.models import param_groups
 from tlkit.core import rundir, runtime
-from tlkit.core.config import FinetuneConfig, PruneConfig, load_config, parse_sparsities
+from tlkit.core.config import FinetuneConfig
+from tlkit.core.config_io import load_config
+from tlkit.core.verb_configs import PruneConfig, parse_sparsities
 from tlkit.data import load_sources
 from tlkit.core.errors import ConfigError, DataError, TrainingError
 from tlkit.engine.loop import run_stages

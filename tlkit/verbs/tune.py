@@ -35,9 +35,11 @@ from typing import Any, Sequence
 
 import keras
 
-from tlkit.core import config as C
+from tlkit.core import config_io
 from tlkit.core import rundir
-from tlkit.core.config import FinetuneConfig, TuneConfig, absolute_paths, config_to_dict, differences, dump_yaml
+from tlkit.core.verb_configs import TuneConfig
+from tlkit.core.config import FinetuneConfig
+from tlkit.core.config_io import absolute_paths, config_to_dict, differences, dump_yaml
 from tlkit.core.errors import ConfigError, OutputExistsError, TrainingError, first_line
 from tlkit.core.tune_config import load_tune_config, search_identity, settings_yaml
 from tlkit.data import Datasets, make_dataset
@@ -167,7 +169,7 @@ def tune(cfg: FinetuneConfig, tune_cfg: TuneConfig | None = None,
         raise stopped
     result = _write_best(hm, rows, out, seconds)
     if tc.then_finetune:
-        final = C.load_config(os.path.join(out, "best_config.yaml"))  # the very file `tlkit finetune --config` reads
+        final = config_io.load_config(os.path.join(out, "best_config.yaml"))  # the very file `tlkit finetune --config` reads
         final = dataclasses.replace(final, output_dir=os.path.abspath(os.path.join(out, "finetune")), overwrite=True)
         print(f"[tlkit] then-finetune: the best configuration for {final.train.num_epochs} epoch(s) into "
               f"{final.output_dir}", flush=True)
