@@ -133,9 +133,8 @@ def make_pipelines(cfg, data: Datasets, size: int, out_dir: str | None):
     The un-augmented training pipeline feeds the head's features (`HeadFeatures`): the statistics of the head's
     standardisation and the head stage itself.
     """
-    d = cfg.data
     cache, common = _pipeline_options(cfg, data, size, out_dir, log=True)
-    train = make_train_pipeline(cfg, data, size, out_dir)
+    train = make_train_pipeline(cfg, data, size, out_dir, cache=cache)  # train and val: one decision
     val = make_dataset(data.val, cache=cache, **common) if data.val else None
     test = make_dataset(data.test, cache="none", **common) if data.test else None
     plain = make_dataset(data.train, cache="none", **common)
@@ -146,23 +145,25 @@ def _cached_counts(data: Datasets) -> list[int]:
     return [data.train.count] + ([data.val.count] if data.val else [])
 
 
-def _pipeline_options(cfg, data: Datasets, size: int, out_dir: str | None,
-                      log: bool = False) -> tuple[str, dict[str, Any]]:
+def _pipeline_options(cfg, data: Datasets, size: int, out_dir: str | None, log: bool = False,
+                      cache: str | None = None) -> tuple[str, dict[str, Any]]:
+    """`(cache, make_dataset keyword arguments)`; the cache as given, else decided from `--cache`."""
     d = cfg.data
     det = True if cfg.runtime.deterministic else None
     cache_dir = os.path.join(out_dir, "cache") if out_dir else None
-    decision = cache_policy.decide(d.cache, _cached_counts(data), size, cache_dir)
-    cache = decision.mode
-    if log:
-        print(f"[tlkit] {decision.reason}", flush=True)
+    if cache is None:
+        decision = cache_policy.decide(d.cache, _cached_counts(data), size, cache_dir)
+        cache = decision.mode
+        if log:
+            print(f"[tlkit] {decision.reason}", flush=True)
     return cache, dict(image_size=size, batch_size=d.batch_size, num_classes=data.num_classes, seed=cfg.seed,
                        cache_dir=cache_dir, deterministic=det)
 
 
 def make_train_pipeline(cfg, data: Datasets, size: int, out_dir: str | None, augment: str | None = None,
-                        flip: bool | None = None):
-    """The augmented training pipeline of a run (`augment`/`flip` override the configuration's)."""
-    cache, common = _pipeline_options(cfg, data, size, out_dir)
+                        flip: bool | None = None, cache: str | None = None):
+    """The augmented training pipeline of a run (`augment`/`flip`/`cache` override the configuration's)."""
+    cache, common = _pipeline_options(cfg, data, size, out_dir, cache=cache)
     return make_dataset(data.train, training=True, augment=augment or cfg.data.augment, cache=cache,
                         flip=cfg.data.flip if flip is None else flip, **common)
 
