@@ -205,7 +205,9 @@ def test_undecodable_files_are_skipped_and_listed(bad_files_run):
     skipped = sorted(os.path.basename(p) for p in metrics["skipped_files"])
     assert skipped == ["text.jpg", "truncated.jpg"] and metrics["num_skipped_files"] == 2
     assert "skipped 2 unreadable image file(s)" in out  # the summary
-    assert "text.jpg (not a JPEG, PNG, GIF or BMP image)" in out and "truncated.jpg (truncated or corrupt" in out
+    # the warning with the reasons goes to stderr, so that stdout stays the command's output
+    assert "text.jpg (not a JPEG, PNG, GIF or BMP image)" in err and "truncated.jpg (truncated or corrupt" in err
+    assert "text.jpg (not a JPEG" not in out
     # 12 + 4 usable files in cat (whole, gray16, cmyk, huge): 16 -> 12 train / 4 val.
     assert "12 train / 4 val" in out
 

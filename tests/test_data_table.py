@@ -50,8 +50,9 @@ def table(tmp_path):
 
 
 def json_out(out: str):
-    """The JSON document of a `--json` output (after the `[tlkit] skipping ...` line of the skipped file)."""
-    return json.loads(out[out.index("\n{") + 1:] if not out.startswith("{") else out)
+    """The JSON document of a `--json` output: the whole of stdout (the `[tlkit] skipping ...` warning of a skipped
+    file goes to stderr)."""
+    return json.loads(out)
 
 
 def labels_of(split) -> list[int]:
@@ -66,7 +67,7 @@ def test_csv_with_split_column_reads_labels_and_splits_from_the_table(table, tmp
     assert data.class_names == ["kitty", "puppy"] and data.name == "labels"
     n = {s: sum(1 for r in rows[:-1] if r[2] == s) for s in ("train", "val", "test")}
     assert (data.train.count, data.val.count, data.test.count) == (n["train"], n["val"], n["test"])
-    assert data.skipped == [os.path.join(root, "cat", "gone.jpg")] and "gone.jpg" in capsys.readouterr().out
+    assert data.skipped == [os.path.join(root, "cat", "gone.jpg")] and "gone.jpg" in capsys.readouterr().err
     for split, name in ((data.train, "train"), (data.val, "val"), (data.test, "test")):
         want = {os.path.join(root, r[0]): ["kitty", "puppy"].index(r[1]) for r in rows[:-1] if r[2] == name}
         assert dict(zip(split.files, labels_of(split))) == want

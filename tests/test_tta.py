@@ -39,7 +39,7 @@ def test_views_are_the_flip_and_crops_at_the_given_scale():
         tta.check_n(12)
 
 
-def _run_folder(tmp_path, images, augment="light"):
+def _run_folder(tmp_path, images, augment="light", flip=None):
     """A run folder with a tiny position-sensitive model (Flatten -> Dense): every view changes its output."""
     keras.utils.set_random_seed(0)
     inp = keras.Input((32, 32, 3))
@@ -50,7 +50,7 @@ def _run_folder(tmp_path, images, augment="light"):
     run.mkdir()
     keras.Model(inp, out).save(run / "model.keras")
     (run / "labels.txt").write_text("cat\ndog\n")
-    cfg = FinetuneConfig(data=DataConfig(image_dir=images, image_size=32, augment=augment, val_split=0.5))
+    cfg = FinetuneConfig(data=DataConfig(image_dir=images, image_size=32, augment=augment, val_split=0.5, flip=flip))
     (run / "config.yaml").write_text(dump_yaml(config_to_dict(cfg)))
     return str(run)
 
@@ -117,3 +117,30 @@ def test_cli_tta_flags(tmp_path, capsys):
         assert cli.main(verb + ["--tta", "12"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("tlkit: error: tta must be a whole number of extra views from 0 to 11") and "\n" not in err
+
+
+def test_a_model_trained_without_flips_gets_no_flipped_view(tmp_path, capsys):
+    """A run with `flip: false` (glyphs a flip turns into other glyphs): TTA's views are the crops only, in the
+    API, `tlkit.load` and the CLI; more views than the 5 crops is refused in one line."""
+    assert tta.run_views(None) == (tta.DEFAULT_CROP_SIDE, True)
+    images = write_image_folder(tmp_path / "images", per_class=4, size=(40, 30))
+    run = _run_folder(tmp_path, images, augment="light", flip=False)
+    assert tta.run_views(run) == (pytest.approx(math.sqrt(0.8)), False)
+    import tlkit
+    from tlkit.engine.predictors import list_images, read_image, resize_batch
+
+    files, _ = list_images([images])
+    x = resize_batch([read_image(f) for f in files], 32)
+    model = keras.models.load_model(os.path.join(run, "model.keras"))
+    side = math.sqrt(0.8)
+    m = (1 - side) / 2
+    centre = tf.image.crop_and_resize(x.astype(np.float32), [[m, m, m + side, m + side]] * len(x),
+                                      list(range(len(x))), (32, 32)).numpy()
+    want = np.mean([model.predict(x, verbose=0), model.predict(centre, verbose=0)], axis=0)
+    np.testing.assert_allclose(tlkit.load(run).predict(files, tta=1), want, rtol=1e-4, atol=1e-6)
+    assert cli.main(["predict", run, images, "--tta", "5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tta"]["views"] == ["image", *tta.view_names(False)]
+    assert "flip" not in "".join(tta.view_names(False))
+    assert cli.main(["evaluate", run, "--split", "val", "--tta", "6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "from 0 to 5" in err and "without horizontal flips" in err and "\n" not in err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import sys
 from typing import Literal
 
 import numpy as np
@@ -230,7 +231,8 @@ def _with_skipped(data: Datasets, reasons: dict[str, str]) -> Datasets:
     if reasons:
         shown = "; ".join(f"{os.path.basename(p)} ({reasons[p]})" for p in data.skipped[:5])
         more = f"; and {len(reasons) - 5} more" if len(reasons) > 5 else ""
-        print(f"[tlkit] skipping {len(reasons)} unreadable image file(s): {shown}{more}", flush=True)
+        # stderr: a warning, not output (`evaluate --json` and `predict --json` print one JSON document on stdout)
+        print(f"[tlkit] skipping {len(reasons)} unreadable image file(s): {shown}{more}", file=sys.stderr, flush=True)
     return data
 
 

@@ -133,6 +133,7 @@ class Predictor:
         self.num_classes = num_classes
 
     tta_crop_side: float | None = None  # side of the TTA crops: `load` reads the run's augmentation
+    tta_flip: bool = True  # flipped TTA views; `load` turns them off for a run trained without flips
     # Top probability below which `predict_classes` answers "unknown" (`engine.ood`; `load` reads the run's ood.json).
     reject_below: float | None = None
 
@@ -178,7 +179,8 @@ class Predictor:
         from tlkit.engine import tta as tta_views
 
         side = self.tta_crop_side or tta_views.DEFAULT_CROP_SIDE
-        return np.asarray(tta_views.averaged(lambda v: self.predict_resized(np.asarray(v)), tta, side)(x))
+        forward = tta_views.averaged(lambda v: self.predict_resized(np.asarray(v)), tta, side, self.tta_flip)
+        return np.asarray(forward(x))
 
     def predict_resized(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -417,7 +419,7 @@ def load(path: str) -> Predictor:
     predictor = _load(path)
     from tlkit.engine import tta as tta_views
 
-    predictor.tta_crop_side = tta_views.crop_side(tta_views.run_augment(path))
+    predictor.tta_crop_side, predictor.tta_flip = tta_views.run_views(path)
     from tlkit.core.rejection import read_rejection
 
     predictor.reject_below = read_rejection(path)

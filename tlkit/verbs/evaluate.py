@@ -59,10 +59,10 @@ def evaluate(model: str | keras.Model, data: DataConfig, split: str = E.split, b
     """
     if not isinstance(num_misclassified, int) or num_misclassified < 0:
         raise ConfigError(f"num_misclassified must be an integer >= 0, got {num_misclassified!r}.")
-    tta = tta_views.check_n(tta)
+    side, flip = tta_views.run_views(None if isinstance(model, keras.Model) else model)
+    tta = tta_views.check_n(tta, flip)
     reject_below = ood_scores.check_reject_below(reject_below)
     ood = ood_scores.check_ood_dir(ood)
-    side = tta_views.crop_side(tta_views.run_augment(None if isinstance(model, keras.Model) else model)) if tta else 0
     run_dir = None
     if isinstance(model, keras.Model):
         labels = None
@@ -89,11 +89,11 @@ def evaluate(model: str | keras.Model, data: DataConfig, split: str = E.split, b
         raise DataError(f"The data has no {split!r} split.")
     ds = make_dataset(s, size, batch_size or data.batch_size, sources.num_classes, cache="none")
     names = list(sources.class_names)
-    forward = tta_views.averaged(lambda x: model(x, training=False), tta, side) if tta else None
+    forward = tta_views.averaged(lambda x: model(x, training=False), tta, side, flip) if tta else None
     y, p, worst = predict_with_errors(model, ds, keep=num_misclassified, forward=forward)
     metrics = compute_metrics(y, p, names)
     if tta:
-        metrics["tta"] = tta_views.describe(tta, side)
+        metrics["tta"] = tta_views.describe(tta, side, flip)
     metrics["split"] = split
     metrics["class_names"] = names
     if "confusion_matrix" in metrics:

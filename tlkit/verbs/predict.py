@@ -133,6 +133,7 @@ def predict(model: str | Predictor, inputs: str | Sequence[str], top_k: int = P.
             raise ConfigError(f"--explain needs a Keras model (a run folder or .keras file) to take gradients of; "
                               f"{os.fspath(model)} is a TFLite, ONNX or SavedModel export.")
     clf = model if isinstance(model, Predictor) else load(model)
+    tta_views.check_n(tta, clf.tta_flip)  # a model trained without flips has fewer views
     threshold = reject_below if reject_below is not None else clf.reject_below
     if explain is not None and not hasattr(clf, "model"):
         raise ConfigError(f"--explain needs a Keras model (a run folder or .keras file) to take gradients of; "
@@ -183,6 +184,6 @@ def predict(model: str | Predictor, inputs: str | Sequence[str], top_k: int = P.
 
         result.explained = explain_files(clf.model, explained[0], explained[1], explain, clf.class_names)
     if tta:
-        result.tta = tta_views.describe(tta, clf.tta_crop_side or tta_views.DEFAULT_CROP_SIDE)
+        result.tta = tta_views.describe(tta, clf.tta_crop_side or tta_views.DEFAULT_CROP_SIDE, clf.tta_flip)
     return result
 
