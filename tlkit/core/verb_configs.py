@@ -64,7 +64,7 @@ class EvaluateConfig:
         num_misclassified: Worst errors drawn in misclassified.png and listed in metrics.json (default: 16).
         tta: Test-time augmentation: average the probabilities of each image and N deterministic views
             (flip, centre crop, its flip, corner crops, ...; crops at the scale the run was trained on), 0-11;
-            metrics.json records it (default: 0, off).
+            0-5, crops only, for a run trained without flips; metrics.json records it (default: 0, off).
         ood: A folder of images of none of the classes: report AUROC and FPR@95%TPR of the scores msp,
             energy, mahalanobis and knn, and store in the run folder (ood.json) the top-probability threshold below
             which predict answers 'unknown' (the one that accepts 95% of the validation images).
@@ -159,7 +159,8 @@ class PredictConfig:
         top_k: Classes shown per image. Default: 5.
         batch_size: Images per model call. Default: 32.
         tta: Test-time augmentation: average each image's probabilities over it and N deterministic views
-            (flip, centre crop, its flip, corner crops, ...), 0-11 (default: 0, off).
+            (flip, centre crop, its flip, corner crops, ...), 0-11; 0-5, crops only, for a run trained without
+            flips (default: 0, off).
         reject_below: Answer 'unknown' for an image whose top probability is below P, 0 < P < 1 (default: the
             threshold tlkit evaluate --ood stored with the run or export, if any).
         explain: Write Grad-CAM overlays into DIR: IMAGE_gradcam.png (the heat map of the predicted class over
