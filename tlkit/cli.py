@@ -87,7 +87,7 @@ CHOICES = {
 }
 METAVARS = {"dataset": "NAME", "image_dir": "DIR", "labels": "FILE.csv", "data_dir": "DIR", "base": "NAME|PATH.keras",
             "weights": "imagenet|none|PATH", "output_dir": "DIR", "early_stopping": "PATIENCE",
-            "lr": "LR|auto", "class_weight": "none|balanced|W1,W2,..."}
+            "lr": "LR|auto", "class_weight": "none|balanced|W1,W2,...", "label_delimiter": "CHAR"}
 TUNE_CHOICES = {"tuner": V.TUNERS, "objective": V.TUNE_OBJECTIVES, "two_stage_lr": V.TWO_STAGE_LR_CHOICES}
 TUNE_METAVARS = {"lr_range": ("LO", "HI"), "batch_sizes": "N", "search": "DIM[,DIM...]", "max_trials": "N",
                  "executions_per_trial": "N", "trial_epochs": "N", "grid_points": "N", "max_consecutive_failures": "N"}

@@ -32,7 +32,8 @@ class Split:
     """One split of a dataset.
 
     Attributes:
-        ds: Unbatched `tf.data.Dataset` of `(image, label int64)`.
+        ds: Unbatched `tf.data.Dataset` of `(image, label int64)`, or for multi-label data of `(image, multi-hot
+            float32 [C])`.
         count: Number of examples.
         kind: `encoded` (image is encoded bytes), `path` (image is a file path) or `decoded` (uint8 HxWx3).
         files: For `path` splits, the file paths in order (for reporting and pictures).
@@ -56,6 +57,7 @@ class Datasets:
         name: Short name for run folders and reports.
         skipped: Files found but not usable (reported in the summary).
         skip_reasons: Why each skipped file was skipped (`{path: reason}`).
+        multi_label: An image may have several labels: the labels are multi-hot vectors.
     """
 
     train: Split
@@ -65,6 +67,7 @@ class Datasets:
     name: str
     skipped: list[str] = dataclasses.field(default_factory=list)
     skip_reasons: dict[str, str] = dataclasses.field(default_factory=dict)
+    multi_label: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -90,11 +93,30 @@ def load_sources(cfg: DataConfig, image_size: int, seed: int = 42) -> Datasets:
     if cfg.labels is not None:  # a table of files and labels (tlkit.data.table)
         return _from_table(cfg, seed)
     if cfg.image_dir is not None:
-        return _from_folder(cfg.image_dir, cfg.val_split, seed)
-    name = (cfg.dataset or "").strip()
-    if name == "shapes":
-        return _shapes(cfg.shapes_per_class, image_size, cfg.val_split, seed)
-    return _from_tfds(DATASET_ALIASES.get(name, name), cfg.data_dir, cfg.val_split)
+        data = _from_folder(cfg.image_dir, cfg.val_split, seed)
+    elif (cfg.dataset or "").strip() == "shapes":
+        data = _shapes(cfg.shapes_per_class, image_size, cfg.val_split, seed)
+    else:
+        name = (cfg.dataset or "").strip()
+        data = _from_tfds(DATASET_ALIASES.get(name, name), cfg.data_dir, cfg.val_split)
+    if cfg.multi_label is False and data.multi_label:
+        raise DataError(f"Dataset {data.name!r} gives several labels an image (a sequence of class labels); "
+                        "drop --no-multi-label.")
+    return as_multi_label(data) if cfg.multi_label and not data.multi_label else data
+
+
+def as_multi_label(data: Datasets) -> Datasets:
+    """Single-label `data` with its labels as one-hot float32 vectors: multi-label training on it (`--multi-label`)."""
+    n = data.num_classes
+
+    def convert(split: Split | None) -> Split | None:
+        if split is None:
+            return None
+        ds = split.ds.map(lambda x, y: (x, tf.one_hot(y, n, dtype=tf.float32)), num_parallel_calls=tf.data.AUTOTUNE)
+        return dataclasses.replace(split, ds=ds)
+
+    return dataclasses.replace(data, train=convert(data.train), val=convert(data.val), test=convert(data.test),
+                               multi_label=True)
 
 
 def _shapes(per_class: int, size: int, val_split: float, seed: int) -> Datasets:
@@ -142,9 +164,26 @@ def scan_folder(root: str, class_names: list[str] | None = None) -> tuple[list[s
     return files, labels, class_names
 
 
-def _path_split(files: list[str], labels: list[int]) -> Split:
-    ds = tf.data.Dataset.from_tensor_slices((tf.constant(files, tf.string), tf.constant(labels, tf.int64)))
-    return Split(ds, len(files), "path", list(files))
+def _path_split(files: list[str], labels: list, num_classes: int | None = None) -> Split:
+    """A `path` split; with `num_classes`, `labels` are tuples of indices and become multi-hot float32 vectors."""
+    if num_classes is None:
+        y = tf.constant(labels, tf.int64)
+    else:
+        y = tf.constant(multi_hot(labels, num_classes))
+    return Split(tf.data.Dataset.from_tensor_slices((tf.constant(files, tf.string), y)), len(files), "path", list(files))
+
+
+def multi_hot(labels: list, num_classes: int) -> np.ndarray:
+    """float32 [N, C]: row i has 1 at each index of `labels[i]` (a tuple of class indices).
+
+    Example:
+        >>> multi_hot([(0, 2), (1,)], 3).tolist()
+        [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
+    """
+    out = np.zeros((len(labels), num_classes), np.float32)
+    for i, idx in enumerate(labels):
+        out[i, list(idx)] = 1.0
+    return out
 
 
 def _from_folder(root: str, val_split: float, seed: int) -> Datasets:
@@ -190,13 +229,14 @@ def _from_folder(root: str, val_split: float, seed: int) -> Datasets:
 
 def _from_table(cfg: DataConfig, seed: int) -> Datasets:
     """The splits of a labels table (`tlkit.data.table.read_table`): unusable files skipped and counted, and a
-    stratified validation split when the table has no `val` rows."""
+    validation split (stratified; for multi-label data, `_multi_label_split`) when the table has no `val` rows."""
     from tlkit.data.table import read_table
 
     table = read_table(cfg)
     classes, reasons = table.class_names, {}
+    n = len(classes) if table.multi_label else None
 
-    def usable(files: list[str], labels: list[int]) -> tuple[list[str], list[int]]:
+    def usable(files: list[str], labels: list) -> tuple[list[str], list]:
         good, bad = check_images(files)
         reasons.update(bad)
         return [f for f, ok in zip(files, good) if ok], [l for l, ok in zip(labels, good) if ok]
@@ -206,22 +246,60 @@ def _from_table(cfg: DataConfig, seed: int) -> Datasets:
         first = next(iter(reasons), "?")
         raise DataError(f"{table.description} names no usable image files ({len(reasons)} missing or unreadable, "
                         f"e.g. {first!r}: {reasons.get(first, '')}).")
-    counts = np.bincount(labels, minlength=len(classes))
-    empty = [c for c, n in zip(classes, counts) if n == 0]
+    counts = _label_counts(labels, len(classes))
+    empty = [c for c, k in zip(classes, counts) if k == 0]
     if empty:
         raise DataError(f"Label(s) with no usable training images in {table.description}: {', '.join(empty[:5])} "
                         "(their files are missing or unreadable).")
     val = test = None
     if table.splits["val"][0]:
         vf, vl = usable(*table.splits["val"])
-        val = _path_split(vf, vl) if vf else None
+        val = _path_split(vf, vl, n) if vf else None
     if table.splits["test"][0]:
         tf_, tl = usable(*table.splits["test"])
-        test = _path_split(tf_, tl) if tf_ else None
+        test = _path_split(tf_, tl, n) if tf_ else None
     if not table.splits["val"][0] and cfg.val_split > 0:
-        files, labels, vf, vl = _stratified_split(files, labels, cfg.val_split, seed, classes)
-        val = _path_split(vf, vl)
-    return _with_skipped(Datasets(_path_split(files, labels), val, test, classes, table.name), reasons)
+        split = _multi_label_split if table.multi_label else _stratified_split
+        files, labels, vf, vl = split(files, labels, cfg.val_split, seed, classes)
+        val = _path_split(vf, vl, n)
+    data = Datasets(_path_split(files, labels, n), val, test, classes, table.name, multi_label=table.multi_label)
+    return _with_skipped(data, reasons)
+
+
+def _label_counts(labels: list, num_classes: int) -> np.ndarray:
+    """Images per class of a list of labels (indices, or tuples of indices)."""
+    flat = [i for l in labels for i in (l if isinstance(l, tuple) else (l,))]
+    return np.bincount(np.asarray(flat, np.int64), minlength=num_classes)
+
+
+def _multi_label_split(files: list[str], labels: list[tuple[int, ...]], frac: float, seed: int,
+                       classes: list[str]):
+    """Seeded validation split of multi-label data: `frac` of the images (at least one), in a seeded order, each
+    taken only when every one of its labels keeps a training image.
+
+    Example:
+        _multi_label_split(["a", "b", "c"], [(0,), (0, 1), (1,)], 0.34, 42, ["x", "y"])
+        # -> (['a', 'c'], [(0,), (1,)], ['b'], [(0, 1)]) or another split that keeps x and y in train
+    """
+    order = list(range(len(files)))
+    random.Random(seed).shuffle(order)
+    left = _label_counts(labels, len(classes))
+    want = max(1, int(round(len(files) * frac)))
+    val: set[int] = set()
+    for i in order:
+        if len(val) >= want:
+            break
+        if all(left[c] > 1 for c in labels[i]):
+            val.add(i)
+            for c in labels[i]:
+                left[c] -= 1
+    if not val:
+        raise DataError(f"Too few images for a validation split of {frac}: every image holds the last training "
+                        "image of one of its labels (add images or lower --val-split).")
+    keep = [i for i in range(len(files)) if i not in val]
+    chosen = sorted(val)
+    return ([files[i] for i in keep], [labels[i] for i in keep], [files[i] for i in chosen],
+            [labels[i] for i in chosen])
 
 
 def _with_skipped(data: Datasets, reasons: dict[str, str]) -> Datasets:
@@ -390,6 +468,11 @@ def _from_tfds(name: str, data_dir: str | None, val_split: float) -> Datasets:
     features = builder.info.features
     image_key = next((k for k, f in features.items() if isinstance(f, tfds.features.Image)), None)
     label_key = next((k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)), None)
+    multi = False
+    if label_key is None:  # a Sequence(ClassLabel) feature: several labels an image (e.g. voc's `labels`)
+        label_key = next((k for k, f in features.items() if isinstance(f, tfds.features.Sequence)
+                          and isinstance(f.feature, tfds.features.ClassLabel)), None)
+        multi = label_key is not None
     if image_key is None or label_key is None:
         missing = "image feature" if image_key is None else "class-label feature"
         raise DataError(f"Dataset {name!r} has no {missing}: tlkit needs an image classification dataset "
@@ -413,9 +496,17 @@ def _from_tfds(name: str, data_dir: str | None, val_split: float) -> Datasets:
         except Exception:
             return False
 
+    label_feature = features[label_key].feature if multi else features[label_key]
+    num_classes = label_feature.num_classes
+
+    def label(y):
+        if not multi:
+            return tf.cast(y, tf.int64)
+        return tf.minimum(tf.reduce_sum(tf.one_hot(tf.cast(y, tf.int64), num_classes, dtype=tf.float32), 0), 1.0)
+
     def load(split: str) -> Split:
         ds = builder.as_dataset(split=split, decoders={image_key: tfds.decode.SkipDecoding()}, shuffle_files=False)
-        ds = ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int64)), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda ex: (ex[image_key], label(ex[label_key])), num_parallel_calls=tf.data.AUTOTUNE)
         count = int(ds.cardinality())
         if count < 0:
             count = int(ds.reduce(0, lambda c, _: c + 1))
@@ -432,5 +523,5 @@ def _from_tfds(name: str, data_dir: str | None, val_split: float) -> Datasets:
     else:
         train, val = load("train"), None
     test = load("test") if has("test") else None
-    class_names = list(features[label_key].names)
-    return Datasets(train, val, test, class_names, name)
+    class_names = list(label_feature.names)
+    return Datasets(train, val, test, class_names, name, multi_label=multi)

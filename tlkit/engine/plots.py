@@ -218,7 +218,8 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | None = None,
     axes = fig.subplots(1, 2)
     epochs = _series(history, "epoch")
     spans = _stage_spans(history) if history else []
-    for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
+    score = "map" if any("map" in r or "val_map" in r for r in history) else "accuracy"  # multi-label: mAP
+    for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], score, score)):
         for prefix, style, name in (("", "-", "train"), ("val_", "--", "validation")):
             y = _series(history, prefix + key)
             if np.isfinite(y).any():
@@ -241,7 +242,7 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | None = None,
                 ax.set_xticks(range(1, int(epochs.max()) + 1))
         ax.legend(loc="best", fontsize=8)
     axes[0].set_title("loss (lower is better)", fontsize=10)
-    axes[1].set_title("accuracy", fontsize=10)
+    axes[1].set_title("mean average precision (PR AUC)" if score == "map" else "accuracy", fontsize=10)
     if title:
         fig.suptitle(title, fontsize=11)
     _save(fig, path)
