@@ -61,6 +61,8 @@ class EvaluateConfig:
         labels: Class names, one per line, index = label (default: labels.txt beside the model, else the
             data's class names); a .csv file is a table of images and labels to evaluate on instead, its
             relative paths under --image-dir.
+        label_delimiter: With a .csv --labels: several labels a cell, separated by this (multi-label; default: the
+            run's own).
         num_misclassified: Worst errors drawn in misclassified.png and listed in metrics.json (default: 16).
         tta: Test-time augmentation: average the probabilities of each image and N deterministic views
             (flip, centre crop, its flip, corner crops, ...; crops at the scale the run was trained on), 0-11;
@@ -79,6 +81,7 @@ class EvaluateConfig:
     batch_size: int | None = None
     output_dir: str | None = None
     labels: str | None = None
+    label_delimiter: str | None = None
     num_misclassified: int = 16
     tta: int = 0
     ood: str | None = None
