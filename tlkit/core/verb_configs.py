@@ -286,7 +286,17 @@ def parse_sparsities(text: str | None) -> list[float]:
 
 
 TUNERS = ("random", "bayesian", "hyperband", "grid")
-TUNE_OBJECTIVES = ("val_accuracy", "val_loss")
+TUNE_OBJECTIVES = ("val_accuracy", "val_map", "val_loss")
+
+
+def maximised(objective: str) -> bool:
+    """Whether a tuning objective is maximised (`val_accuracy`, `val_map`) rather than minimised (`val_loss`).
+
+    Example:
+        >>> maximised("val_map"), maximised("val_loss")
+        (True, False)
+    """
+    return not objective.endswith("loss")
 TUNE_DIMENSIONS = ("dropout", "label_smoothing", "unfreeze_stages", "optimizer", "augment")
 TWO_STAGE_LR_CHOICES = ("finetune", "head", "both")
 
@@ -307,8 +317,9 @@ class TuneConfig:
         max_trials: Number of trials (hyperparameter combinations) at most; re-running with a larger value
             continues the search. Defaults to `10`.
         executions_per_trial: Trainings per trial (different initialisation), averaged. Defaults to `1`.
-        objective: `val_accuracy` (maximised) or `val_loss` (minimised), the best epoch of a trial counts.
-            Defaults to `"val_accuracy"`.
+        objective: `val_accuracy` (maximised), `val_map` (maximised: the mean average precision of multi-label data,
+            which stands in for `val_accuracy` there) or `val_loss` (minimised), the best epoch of a trial counts.
+            Defaults to `"val_accuracy"` (`val_map` for multi-label data).
         trial_epochs: Epochs of each trial; replaces `epochs` (for `two_stage` the fine-tuning stage: the
             head stage keeps `head_steps`); the best configuration keeps your `epochs`. For `hyperband`
             the most epochs a trial gets. Defaults to `None` (`epochs`).

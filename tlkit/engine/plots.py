@@ -363,7 +363,9 @@ def plot_objective_vs_lr(rows: list[dict[str, Any]], objective: str, lr_name: st
         ys = [float(r[objective]) for r in done] or [0.0]
         ax.plot(failed, [min(ys)] * len(failed), "x", color="red", markersize=9, label="failed trial")
     if done:
-        best = (max if objective.endswith("accuracy") else min)(done, key=lambda r: r[objective])
+        from tlkit.core.verb_configs import maximised
+
+        best = (max if maximised(objective) else min)(done, key=lambda r: r[objective])
         ax.plot([float(best[lr_name])], [float(best[objective])], "*", color="black", markersize=14,
                 label=f"best (trial {best['trial']})")
     ax.set_xscale("log")
