@@ -19,32 +19,15 @@ from tlkit.core.config import DataConfig
 from tlkit.core.errors import DataError
 from tlkit.data import load_sources, make_dataset
 from tlkit.engine import metrics_multilabel as ML
+from tlkit.testing import write_multilabel_table
 
 COLOURS = ("red", "green", "blue")
 
 
 def label_set(i: int) -> list[str]:
-    """Image i's labels: the non-empty subsets of the colours in turn (7 of them)."""
+    """Image i's labels in `write_multilabel_table`: the non-empty subsets of the colours in turn (7 of them)."""
     k = i % 7 + 1
     return [c for j, c in enumerate(COLOURS) if k >> j & 1]
-
-
-def write_images(root, n: int = 42, seed: int = 0) -> list[tuple[str, list[str]]]:
-    """`n` real PNG/JPEG files: noise 0..50, each present label's channel lifted to about 210."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    os.makedirs(root, exist_ok=True)
-    out = []
-    for i in range(n):
-        arr = rng.integers(0, 50, (36, 40, 3), dtype=np.uint8)
-        labels = label_set(i)
-        for c in labels:
-            arr[..., COLOURS.index(c)] += 180
-        name = f"img{i}.{'png' if i % 2 else 'jpg'}"
-        Image.fromarray(arr).save(os.path.join(root, name), **({} if i % 2 else {"quality": 95}))
-        out.append((name, labels))
-    return out
 
 
 def write_csv(path, rows, header=("file", "label", "split")) -> str:
@@ -55,17 +38,13 @@ def write_csv(path, rows, header=("file", "label", "split")) -> str:
     return str(path)
 
 
-def split_of(i: int, n: int) -> str:
-    return "train" if i < n * 2 // 3 else ("val" if i < n * 5 // 6 else "test")
-
-
 @pytest.fixture(scope="module")
 def table(tmp_path_factory):
     """42 colour-coded images and a CSV (space-separated labels, a split column: each split has all 7 sets)."""
-    root = tmp_path_factory.mktemp("ml")
-    images = write_images(root / "imgs")
-    rows = [(name, " ".join(labels), split_of(i, len(images))) for i, (name, labels) in enumerate(images)]
-    return str(root / "imgs"), write_csv(root / "imgs" / "labels.csv", rows), images
+    root = str(tmp_path_factory.mktemp("ml") / "imgs")
+    path = write_multilabel_table(root)
+    images = [(f"img{i}.{'png' if i % 2 else 'jpg'}", label_set(i)) for i in range(42)]
+    return root, path, images
 
 
 # ---------------------------------------------------------------- the table
@@ -302,3 +281,34 @@ def test_multi_label_run_end_to_end(table, tiny_backbone, tmp_path, capsys):
         assert loaded.multi_label
         np.testing.assert_allclose(loaded.predict(two), keras_probs, atol=1e-4)
         assert [sorted(c) for c in loaded.predict_classes(two)] == [["blue", "red"], ["blue", "green", "red"]]
+
+
+def test_multi_label_run_resumes_after_an_interrupt(table, tiny_backbone, tmp_path, capsys, monkeypatch):
+    import signal
+
+    from tlkit.engine import checkpoints
+
+    root, path, _ = table
+    run = str(tmp_path / "run")
+    args = ["finetune", "--labels", path, "--image-dir", root, "--label-delimiter", " ", "--base", tiny_backbone,
+            "--weights", "none", "--image-size", "32", "--batch-size", "8", "--augment", "none", "--strategy",
+            "two_stage", "--head-steps", "40", "--epochs", "2", "--output-dir", run]
+    original = checkpoints.Checkpointer.on_train_batch_end
+
+    def interrupt_in_epoch_3(self, batch, logs=None):  # Ctrl-C inside the second fine-tuning epoch
+        if self.last is not None and self.last.epoch == 2:
+            signal.raise_signal(signal.SIGINT)
+        original(self, batch, logs)
+
+    monkeypatch.setattr(checkpoints.Checkpointer, "on_train_batch_end", interrupt_in_epoch_3)
+    assert cli.main(args) == 130
+    monkeypatch.undo()
+    state = checkpoints.load_state(run)
+    assert (state.epoch, state.monitor) == (2, "val_map") and not os.path.exists(os.path.join(run, "model.keras"))
+    capsys.readouterr()
+    assert cli.main(args + ["--resume"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    with open(os.path.join(run, "history.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and all(r["val_map"] for r in rows)
+    assert os.path.isfile(os.path.join(run, "thresholds.json")) and os.path.isfile(os.path.join(run, "model.keras"))
