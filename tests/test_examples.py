@@ -109,12 +109,17 @@ def test_yaml_loads_with_cli_and_runs_a_smoke(tmp_path, tiny, capsys):
 
 # ------------------------------------------------------------------ custom_folder.py
 
-def test_custom_folder_runs_in_smoke_mode(monkeypatch, capsys):
+def _run_smoke_example(name: str, monkeypatch) -> int:
+    """Imports examples/NAME.py and runs its `main([])` with TLKIT_SMOKE=1."""
     monkeypatch.setenv("TLKIT_SMOKE", "1")
-    spec = importlib.util.spec_from_file_location("custom_folder_example", os.path.join(EX, "custom_folder.py"))
+    spec = importlib.util.spec_from_file_location(f"{name}_example", os.path.join(EX, f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main([]) == 0
+    return mod.main([])
+
+
+def test_custom_folder_runs_in_smoke_mode(monkeypatch, capsys):
+    assert _run_smoke_example("custom_folder", monkeypatch) == 0
     out = capsys.readouterr().out
     assert "classes: ['blue', 'green', 'red']" in out
     lines = [line for line in out.splitlines() if line.split()[:1] and line.split()[0].endswith((".jpg", ".png"))]
@@ -127,11 +132,7 @@ def test_custom_folder_runs_in_smoke_mode(monkeypatch, capsys):
 # ------------------------------------------------------------------ multilabel_csv.py
 
 def test_multilabel_csv_runs_in_smoke_mode(monkeypatch, capsys):
-    monkeypatch.setenv("TLKIT_SMOKE", "1")
-    spec = importlib.util.spec_from_file_location("multilabel_example", os.path.join(EX, "multilabel_csv.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main([]) == 0
+    assert _run_smoke_example("multilabel_csv", monkeypatch) == 0
     out = capsys.readouterr().out
     assert "labels: ['blue', 'green', 'red']" in out and "recipe:" in out  # the auto recipe decided on val_map
     maps = [float(m) for m in re.findall(r"^(?:val|test): mAP ([0-9.]+)", out, re.M)]

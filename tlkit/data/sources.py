@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from tlkit.core.config import DataConfig
 from tlkit.core.errors import DataError, OfflineError, first_line, suggest
+from tlkit.data.multilabel import label_counts, multi_hot, multi_label_split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # Larger images are skipped: decoding one takes gigabytes (PIL's own decompression-bomb limit).
@@ -173,19 +174,6 @@ def _path_split(files: list[str], labels: list, num_classes: int | None = None) 
     return Split(tf.data.Dataset.from_tensor_slices((tf.constant(files, tf.string), y)), len(files), "path", list(files))
 
 
-def multi_hot(labels: list, num_classes: int) -> np.ndarray:
-    """float32 [N, C]: row i has 1 at each index of `labels[i]` (a tuple of class indices).
-
-    Example:
-        >>> multi_hot([(0, 2), (1,)], 3).tolist()
-        [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
-    """
-    out = np.zeros((len(labels), num_classes), np.float32)
-    for i, idx in enumerate(labels):
-        out[i, list(idx)] = 1.0
-    return out
-
-
 def _from_folder(root: str, val_split: float, seed: int) -> Datasets:
     if not os.path.isdir(root):
         raise DataError(f"--image-dir {root!r} does not exist or is not a folder.")
@@ -229,7 +217,7 @@ def _from_folder(root: str, val_split: float, seed: int) -> Datasets:
 
 def _from_table(cfg: DataConfig, seed: int) -> Datasets:
     """The splits of a labels table (`tlkit.data.table.read_table`): unusable files skipped and counted, and a
-    validation split (stratified; for multi-label data, `_multi_label_split`) when the table has no `val` rows."""
+    validation split (stratified; for multi-label data, `multi_label_split`) when the table has no `val` rows."""
     from tlkit.data.table import read_table
 
     table = read_table(cfg)
@@ -246,7 +234,7 @@ def _from_table(cfg: DataConfig, seed: int) -> Datasets:
         first = next(iter(reasons), "?")
         raise DataError(f"{table.description} names no usable image files ({len(reasons)} missing or unreadable, "
                         f"e.g. {first!r}: {reasons.get(first, '')}).")
-    counts = _label_counts(labels, len(classes))
+    counts = label_counts(labels, len(classes))
     empty = [c for c, k in zip(classes, counts) if k == 0]
     if empty:
         raise DataError(f"Label(s) with no usable training images in {table.description}: {', '.join(empty[:5])} "
@@ -259,47 +247,11 @@ def _from_table(cfg: DataConfig, seed: int) -> Datasets:
         tf_, tl = usable(*table.splits["test"])
         test = _path_split(tf_, tl, n) if tf_ else None
     if not table.splits["val"][0] and cfg.val_split > 0:
-        split = _multi_label_split if table.multi_label else _stratified_split
+        split = multi_label_split if table.multi_label else _stratified_split
         files, labels, vf, vl = split(files, labels, cfg.val_split, seed, classes)
         val = _path_split(vf, vl, n)
     data = Datasets(_path_split(files, labels, n), val, test, classes, table.name, multi_label=table.multi_label)
     return _with_skipped(data, reasons)
-
-
-def _label_counts(labels: list, num_classes: int) -> np.ndarray:
-    """Images per class of a list of labels (indices, or tuples of indices)."""
-    flat = [i for l in labels for i in (l if isinstance(l, tuple) else (l,))]
-    return np.bincount(np.asarray(flat, np.int64), minlength=num_classes)
-
-
-def _multi_label_split(files: list[str], labels: list[tuple[int, ...]], frac: float, seed: int,
-                       classes: list[str]):
-    """Seeded validation split of multi-label data: `frac` of the images (at least one), in a seeded order, each
-    taken only when every one of its labels keeps a training image.
-
-    Example:
-        _multi_label_split(["a", "b", "c"], [(0,), (0, 1), (1,)], 0.34, 42, ["x", "y"])
-        # -> (['a', 'c'], [(0,), (1,)], ['b'], [(0, 1)]) or another split that keeps x and y in train
-    """
-    order = list(range(len(files)))
-    random.Random(seed).shuffle(order)
-    left = _label_counts(labels, len(classes))
-    want = max(1, int(round(len(files) * frac)))
-    val: set[int] = set()
-    for i in order:
-        if len(val) >= want:
-            break
-        if all(left[c] > 1 for c in labels[i]):
-            val.add(i)
-            for c in labels[i]:
-                left[c] -= 1
-    if not val:
-        raise DataError(f"Too few images for a validation split of {frac}: every image holds the last training "
-                        "image of one of its labels (add images or lower --val-split).")
-    keep = [i for i in range(len(files)) if i not in val]
-    chosen = sorted(val)
-    return ([files[i] for i in keep], [labels[i] for i in keep], [files[i] for i in chosen],
-            [labels[i] for i in chosen])
 
 
 def _with_skipped(data: Datasets, reasons: dict[str, str]) -> Datasets:
