@@ -12,7 +12,8 @@ the fine-tuning stage starts, the `Adapter` decides, on the validation split:
    (`choose_augment`.)
 2. **What trains and how fast**: short trials from the probe, each a fifth of the budget at a constant rate —
    the top `unfreeze_stages` stages at `lr * finetune_lr_scale`, the whole backbone at that rate, the whole
-   backbone at `lr` — compared by validation accuracy, ties by validation loss. The best continues for the rest of
+   backbone at `lr` — compared by validation accuracy (for multi-label data its `val_map`, the run's objective:
+   `loop.monitor_metric`), ties by validation loss. The best continues for the rest of
    the budget (its cosine schedule from its rate); when none beats the probe on validation, there is no
    fine-tuning and the probe is the model. (`Adapter.__call__`.)
 

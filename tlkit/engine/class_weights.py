@@ -11,6 +11,10 @@ computes the batch loss as `sum_i w_i * loss_i / B`, as `fit(class_weight=...)` 
 trained on cached features. Validation batches carry no weights: `val_loss`, `val_accuracy` and `metrics.json` stay
 comparable with and without class weights (the training `loss`/`accuracy` of history.csv are the weighted ones).
 
+Multi-label data (a sigmoid per class) weights each class's positive examples instead, inside the loss
+(`PositiveWeightedBCE`, as `tf.nn.weighted_cross_entropy_with_logits`'s `pos_weight`); `balanced` is then
+`(n - n_c) / n_c`, a label's negatives over its positives (`positive_weights`).
+
 Example:
     counts = class_counts(data.train, data.num_classes)
     balanced_weights(counts)            # [10, 10, 2] images
