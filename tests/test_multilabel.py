@@ -312,3 +312,22 @@ def test_multi_label_run_resumes_after_an_interrupt(table, tiny_backbone, tmp_pa
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"] and all(r["val_map"] for r in rows)
     assert os.path.isfile(os.path.join(run, "thresholds.json")) and os.path.isfile(os.path.join(run, "model.keras"))
+
+
+def test_tune_optimises_val_map_on_multi_label_data(table, tiny_backbone, tmp_path, capsys):
+    root, path, _ = table
+    out = str(tmp_path / "tune")
+    assert cli.main(["tune", "--labels", path, "--image-dir", root, "--label-delimiter", " ", "--base", tiny_backbone,
+                     "--weights", "none", "--image-size", "32", "--augment", "none", "--strategy",
+                     "feature_extraction", "--head-steps", "20", "--tuner", "random", "--max-trials", "2",
+                     "--batch-sizes", "8", "--trial-epochs", "1", "--output-dir", out]) == 0
+    assert "the objective is val_map" in capsys.readouterr().out
+    with open(os.path.join(out, "trials.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(0.0 < float(r["val_map"]) <= 1.0 for r in rows)
+    with open(os.path.join(out, "tune.yaml")) as f:
+        assert "val_map" in f.read()
+    assert os.path.isfile(os.path.join(out, "best_config.yaml"))
+    assert cli.main(["tune", "--dataset", "shapes", "--objective", "val_map", "--base", tiny_backbone, "--weights",
+                     "none", "--image-size", "32", "--shapes-per-class", "4", "--output-dir", str(tmp_path / "t2")]) == 2
+    assert "--objective val_map is the multi-label objective" in capsys.readouterr().err
