@@ -106,7 +106,7 @@ def read_rows(labels: Any, file_column: str = "file", label_column: str = "label
     fi, li, si = col[file_column], col[label_column], col.get(split_column)
     rows = []
     for rec, at in zip(records, where):
-        if not any(cell.strip() for cell in rec):
+        if not any(_text(cell) for cell in rec):
             continue  # a blank line
         cell = lambda i: _text(rec[i]) if i < len(rec) else ""  # noqa: E731
         if not cell(fi):

@@ -1,5 +1,7 @@
 """`tlkit evaluate`: metrics of a trained classifier on a split (loss, top-1, top-5, mean per-class accuracy,
-per-class report, confusion matrix, worst errors), written next to the run (`engine/metrics.py`)."""
+per-class report, confusion matrix, worst errors), written next to the run (`engine/metrics.py`); for a multi-label
+model mAP, micro/macro F1 at its thresholds, per-class precision-recall curves and the worst examples
+(`engine/metrics_multilabel.py`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -101,10 +103,9 @@ def evaluate(model: str | keras.Model, data: DataConfig, split: str = E.split, b
     if output_dir is None and run_dir is not None:
         output_dir = os.path.join(run_dir, f"eval-{split}")
     if multi:
-        metrics = _evaluate_multi_label(model, model_path, ds, s, split, names, num_misclassified, forward, output_dir)
-        if tta:
-            metrics["tta"] = tta_views.describe(tta, side)
-        return metrics
+        extra = {"tta": tta_views.describe(tta, side)} if tta else {}
+        return _evaluate_multi_label(model, model_path, ds, s, split, names, num_misclassified, forward, output_dir,
+                                     extra)
     y, p, worst = predict_with_errors(model, ds, keep=num_misclassified, forward=forward)
     metrics = compute_metrics(y, p, names)
     if tta:
@@ -144,16 +145,18 @@ def evaluate(model: str | keras.Model, data: DataConfig, split: str = E.split, b
 
 
 def _evaluate_multi_label(model: keras.Model, model_path: str | None, ds, split_data, split: str, names: list[str],
-                          num_misclassified: int, forward, output_dir: str | None) -> dict[str, Any]:
+                          num_misclassified: int, forward, output_dir: str | None,
+                          extra: dict[str, Any]) -> dict[str, Any]:
     """`evaluate` of a multi-label model: mAP, micro/macro F1 and the per-class table at the model's stored thresholds
     (`thresholds.json`, else 0.5), the worst examples (missed and spurious labels) and, with `output_dir`,
-    `metrics.json`, `pr_curves.png` and `worst_examples.png`."""
+    `metrics.json`, `pr_curves.png` and `worst_examples.png`; `extra` (the TTA record) goes into the metrics."""
     from tlkit.engine import metrics_multilabel as ML
 
     stored = ML.thresholds_path(model_path) if model_path else None
     thresholds = ML.thresholds_or_default(model_path, names)
     y, p, worst = ML.predict_with_label_errors(model, ds, thresholds, keep=num_misclassified, forward=forward)
     metrics = ML.compute_multilabel_metrics(y, p, thresholds, names)
+    metrics.update(extra)  # tta
     metrics["split"] = split
     metrics["class_names"] = names
     metrics["thresholds_from"] = stored or f"{ML.DEFAULT_THRESHOLD} for every class (no thresholds.json)"
