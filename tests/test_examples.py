@@ -1,7 +1,7 @@
 """Each file in examples/ is exercised in smoke form.
 
 - finetune_flowers.yaml loads with `tlkit finetune --config` and runs a tiny smoke through flag overrides;
-- custom_folder.py runs with TLKIT_SMOKE=1 (its own image folder, a tiny backbone, 32 px);
+- custom_folder.py and multilabel_csv.py run with TLKIT_SMOKE=1 (their own images, a tiny backbone, 32 px);
 - the shell scripts pass `bash -n`, and run with the `tlkit` command replaced by a recorder: every command
   line they would run parses with tlkit's own parser (so a renamed flag fails here), and the two-host
   example's TF_CONFIG is valid for two workers.
@@ -109,12 +109,17 @@ def test_yaml_loads_with_cli_and_runs_a_smoke(tmp_path, tiny, capsys):
 
 # ------------------------------------------------------------------ custom_folder.py
 
-def test_custom_folder_runs_in_smoke_mode(monkeypatch, capsys):
+def _run_smoke_example(name: str, monkeypatch) -> int:
+    """Imports examples/NAME.py and runs its `main([])` with TLKIT_SMOKE=1."""
     monkeypatch.setenv("TLKIT_SMOKE", "1")
-    spec = importlib.util.spec_from_file_location("custom_folder_example", os.path.join(EX, "custom_folder.py"))
+    spec = importlib.util.spec_from_file_location(f"{name}_example", os.path.join(EX, f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main([]) == 0
+    return mod.main([])
+
+
+def test_custom_folder_runs_in_smoke_mode(monkeypatch, capsys):
+    assert _run_smoke_example("custom_folder", monkeypatch) == 0
     out = capsys.readouterr().out
     assert "classes: ['blue', 'green', 'red']" in out
     lines = [line for line in out.splitlines() if line.split()[:1] and line.split()[0].endswith((".jpg", ".png"))]
@@ -122,6 +127,19 @@ def test_custom_folder_runs_in_smoke_mode(monkeypatch, capsys):
     for line in lines:
         # the top class's probability: of three classes, at least a third
         assert line.split()[1] in ("blue", "green", "red") and 1 / 3 - 1e-3 <= float(line.split()[-1]) <= 1.0
+
+
+# ------------------------------------------------------------------ multilabel_csv.py
+
+def test_multilabel_csv_runs_in_smoke_mode(monkeypatch, capsys):
+    assert _run_smoke_example("multilabel_csv", monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert "labels: ['blue', 'green', 'red']" in out and "recipe:" in out  # the auto recipe decided on val_map
+    maps = [float(m) for m in re.findall(r"^(?:val|test): mAP ([0-9.]+)", out, re.M)]
+    assert len(maps) == 2 and min(maps) >= 0.8, out  # colour-coded labels: learnt from 28 images
+    lines = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0].endswith((".jpg", ".png"))]
+    assert len(lines) == 4 and all(set(w[1:]) <= {"blue", "green", "red", "(none", "above", "its", "threshold)"}
+                                   for w in lines), out
 
 
 # ------------------------------------------------------------------ shell scripts

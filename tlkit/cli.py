@@ -87,7 +87,7 @@ CHOICES = {
 }
 METAVARS = {"dataset": "NAME", "image_dir": "DIR", "labels": "FILE.csv", "data_dir": "DIR", "base": "NAME|PATH.keras",
             "weights": "imagenet|none|PATH", "output_dir": "DIR", "early_stopping": "PATIENCE",
-            "lr": "LR|auto", "class_weight": "none|balanced|W1,W2,..."}
+            "lr": "LR|auto", "class_weight": "none|balanced|W1,W2,...", "label_delimiter": "CHAR"}
 TUNE_CHOICES = {"tuner": V.TUNERS, "objective": V.TUNE_OBJECTIVES, "two_stage_lr": V.TWO_STAGE_LR_CHOICES}
 TUNE_METAVARS = {"lr_range": ("LO", "HI"), "batch_sizes": "N", "search": "DIM[,DIM...]", "max_trials": "N",
                  "executions_per_trial": "N", "trial_epochs": "N", "grid_points": "N", "max_consecutive_failures": "N"}
@@ -191,7 +191,7 @@ def _json(target: Any, text: str) -> None:
 def _evaluate_flags(p: argparse.ArgumentParser) -> None:
     add_fields(p, V.EvaluateConfig, positional=("model",), choices={"split": V.SPLITS},
                metavars={**DATA_METAVARS, "labels": "FILE", "num_misclassified": "N", "tta": "N", "ood": "DIR",
-                         "reject_below": "P"})
+                         "reject_below": "P", "label_delimiter": "CHAR"})
     _json(p, "Print the metrics as JSON instead of a table.")
 
 
@@ -269,6 +269,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                             table)
     if data.dataset is None and data.image_dir is None and data.labels is None:
         raise ConfigError("evaluate needs --dataset NAME or --image-dir DIR (or a run folder that names its data).")
+    if ec.label_delimiter is not None:
+        if not table:
+            raise ConfigError("--label-delimiter needs --labels FILE.csv (a table whose label cells hold several "
+                              "labels).")
+        data = dataclasses.replace(data, label_delimiter=ec.label_delimiter, multi_label=None)
+        C.check_label_delimiter(data)
     labels = None
     if ec.labels and not table:
         from tlkit.models.classifier import read_labels
@@ -303,9 +309,15 @@ def evaluation_report(m: dict[str, Any]) -> str:
         lines.append("\n" + ood_table(m["ood"]))
         if m["ood"].get("stored"):
             lines.append(f"[tlkit] threshold stored in {m['ood']['stored']}: predict answers 'unknown' below it")
+    if m.get("worst_examples"):
+        lines.append("\nworst examples (missed / spurious labels): " + "; ".join(
+            f"{os.path.basename(e.get('file', str(e['index'])))}: {', '.join(e['missed']) or '-'} / "
+            f"{', '.join(e['spurious']) or '-'}" for e in m["worst_examples"][:5]))
     if m.get("output_dir"):
-        lines.append(f"\n[tlkit] metrics.json, confusion_matrix.png, confusion_matrix.csv, misclassified.png and "
-                     f"misclassified_gradcam.png written to {m['output_dir']}")
+        files = ("metrics.json, pr_curves.png and worst_examples.png" if "mean_average_precision" in m else
+                 "metrics.json, confusion_matrix.png, confusion_matrix.csv, misclassified.png and "
+                 "misclassified_gradcam.png")
+        lines.append(f"\n[tlkit] {files} written to {m['output_dir']}")
     return "\n".join(lines)
 
 

@@ -113,6 +113,54 @@ def write_image_folder(root: str, classes: Sequence[str] = ("red", "green", "blu
     return str(root)
 
 
+def write_multilabel_table(root: str, n: int = 42, colours: Sequence[str] = ("red", "green", "blue"),
+                           size: tuple[int, int] = (40, 36), seed: int = 0) -> str:
+    """Writes `n` real JPEG/PNG files and `labels.csv`, a multi-label table (space-separated labels, a split column).
+
+    Image i carries the i-th non-empty subset of `colours` (in turn), and each label it carries is a bright colour
+    channel over pixel noise, so that any backbone's features separate the labels. The first two thirds of the rows
+    are `train`, the next sixth `val`, the rest `test`.
+
+    Args:
+        root: Folder to write into (created if missing); the CSV's file names are relative to it.
+        n: Number of images. Defaults to `42`.
+        colours: The labels, one per RGB channel (at most 3). Defaults to `("red", "green", "blue")`.
+        size: `(width, height)` of the images. Defaults to `(40, 36)`.
+        seed: Seed of the pixel noise. Defaults to `0`.
+
+    Returns:
+        The path of `root/labels.csv` (columns `file`, `label`, `split`), for
+        `DataConfig(labels=path, label_delimiter=" ")`.
+
+    Example:
+        write_multilabel_table("/tmp/colours")
+        # -> '/tmp/colours/labels.csv'
+    """
+    import csv
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    subsets = 2 ** len(colours) - 1
+    rows = []
+    for i in range(n):
+        arr = rng.integers(0, 50, (size[1], size[0], 3), dtype=np.uint8)
+        labels = [c for j, c in enumerate(colours) if (i % subsets + 1) >> j & 1]
+        for c in labels:
+            arr[..., colours.index(c)] += 180
+        name = f"img{i}.{'png' if i % 2 else 'jpg'}"
+        Image.fromarray(arr).save(os.path.join(root, name), **({} if i % 2 else {"quality": 95}))
+        split = "train" if i < n * 2 // 3 else ("val" if i < n * 5 // 6 else "test")
+        rows.append((name, " ".join(labels), split))
+    path = os.path.join(root, "labels.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(("file", "label", "split"))
+        w.writerows(rows)
+    return path
+
+
 def make_tiny_hub_preset(folder: str, size: int = 32, seed: int | None = 0) -> str:
     """Writes a small, randomly initialised keras-hub ResNet and its image converter as a preset folder.
 

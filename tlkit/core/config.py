@@ -50,6 +50,13 @@ class DataConfig:
         label_column: The table's column of labels. Defaults to `"label"`.
         split_column: The table's column of splits, used when present (a name other than the default must be
             present). Defaults to `"split"`.
+        label_delimiter: Several labels in one cell of the table's label column, separated by this (e.g. a space,
+            as in Kaggle's Planet CSV): multi-label data. Needs `labels`. Defaults to `None` (one label a cell; in
+            Python a cell may also be a list or tuple of labels).
+        multi_label: Multi-label classification: an image may have several labels (a sigmoid per class, binary
+            cross-entropy, per-class thresholds chosen on the validation split, mAP as the metric). `None` decides
+            from the data: multi-label when any row of the table has more than one label, or for a TensorFlow
+            Datasets label that is a sequence of class labels. Defaults to `None`.
         data_dir: TensorFlow Datasets data folder (for offline use). Defaults to `None` (tfds's own).
         val_split: Fraction of the training data held out for validation when the data has no validation
             split. Defaults to `0.1`.
@@ -75,6 +82,8 @@ class DataConfig:
     file_column: str = "file"
     label_column: str = "label"
     split_column: str = "split"
+    label_delimiter: str | None = None
+    multi_label: bool | None = None
     data_dir: str | None = None
     val_split: float = 0.1
     image_size: int | None = None
@@ -285,6 +294,7 @@ class FinetuneConfig:
         for name in ("file_column", "label_column", "split_column"):
             if not str(getattr(d, name)).strip():
                 raise ConfigError(f"{name} must not be empty.")
+        check_label_delimiter(d)
         _range("val_split", d.val_split, 0.0, 0.9)
         _positive("batch_size", d.batch_size)
         _positive("shapes_per_class", d.shapes_per_class)
@@ -316,6 +326,18 @@ class FinetuneConfig:
         if t.tensorboard:
             require_tensorboard()
         return self
+
+
+def check_label_delimiter(d: DataConfig) -> None:
+    """Refuses `label_delimiter` without a labels table, an empty one, or one that contradicts `multi_label`."""
+    if d.label_delimiter is None:
+        return
+    if d.labels is None:
+        raise ConfigError("--label-delimiter needs --labels FILE.csv (a table whose label cells hold several labels).")
+    if d.label_delimiter == "" or "\n" in d.label_delimiter:
+        raise ConfigError(f"label_delimiter must be a non-empty string without a line break, got {d.label_delimiter!r}.")
+    if d.multi_label is False:
+        raise ConfigError("--label-delimiter means several labels a cell: it cannot go with --no-multi-label.")
 
 
 def require_tensorboard() -> None:

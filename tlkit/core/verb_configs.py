@@ -61,6 +61,8 @@ class EvaluateConfig:
         labels: Class names, one per line, index = label (default: labels.txt beside the model, else the
             data's class names); a .csv file is a table of images and labels to evaluate on instead, its
             relative paths under --image-dir.
+        label_delimiter: With a .csv --labels: several labels a cell, separated by this (multi-label; default: the
+            run's own).
         num_misclassified: Worst errors drawn in misclassified.png and listed in metrics.json (default: 16).
         tta: Test-time augmentation: average the probabilities of each image and N deterministic views
             (flip, centre crop, its flip, corner crops, ...; crops at the scale the run was trained on), 0-11;
@@ -79,6 +81,7 @@ class EvaluateConfig:
     batch_size: int | None = None
     output_dir: str | None = None
     labels: str | None = None
+    label_delimiter: str | None = None
     num_misclassified: int = 16
     tta: int = 0
     ood: str | None = None
@@ -284,7 +287,17 @@ def parse_sparsities(text: str | None) -> list[float]:
 
 
 TUNERS = ("random", "bayesian", "hyperband", "grid")
-TUNE_OBJECTIVES = ("val_accuracy", "val_loss")
+TUNE_OBJECTIVES = ("val_accuracy", "val_map", "val_loss")
+
+
+def maximised(objective: str) -> bool:
+    """Whether a tuning objective is maximised (`val_accuracy`, `val_map`) rather than minimised (`val_loss`).
+
+    Example:
+        >>> maximised("val_map"), maximised("val_loss")
+        (True, False)
+    """
+    return not objective.endswith("loss")
 TUNE_DIMENSIONS = ("dropout", "label_smoothing", "unfreeze_stages", "optimizer", "augment")
 TWO_STAGE_LR_CHOICES = ("finetune", "head", "both")
 
@@ -305,8 +318,9 @@ class TuneConfig:
         max_trials: Number of trials (hyperparameter combinations) at most; re-running with a larger value
             continues the search. Defaults to `10`.
         executions_per_trial: Trainings per trial (different initialisation), averaged. Defaults to `1`.
-        objective: `val_accuracy` (maximised) or `val_loss` (minimised), the best epoch of a trial counts.
-            Defaults to `"val_accuracy"`.
+        objective: `val_accuracy` (maximised), `val_map` (maximised: the mean average precision of multi-label data,
+            which stands in for `val_accuracy` there) or `val_loss` (minimised), the best epoch of a trial counts.
+            Defaults to `"val_accuracy"` (`val_map` for multi-label data).
         trial_epochs: Epochs of each trial; replaces `epochs` (for `two_stage` the fine-tuning stage: the
             head stage keeps `head_steps`); the best configuration keeps your `epochs`. For `hyperband`
             the most epochs a trial gets. Defaults to `None` (`epochs`).

@@ -3,7 +3,7 @@
 Without a cache, training decodes only the random crop of each JPEG (`decode_and_crop_jpeg`).
 
 Images leave the pipeline as float32 in 0..255 (the model does its own preprocessing), labels one-hot
-float32 (so label smoothing, mixup and cutmix all work).
+float32, or multi-hot for multi-label data (so label smoothing, mixup and cutmix all work: they mix the vectors).
 """
 from __future__ import annotations
 
@@ -92,7 +92,8 @@ def make_dataset(split: Split, image_size: int, batch_size: int, num_classes: in
         flip: Override the preset's random horizontal flip. Defaults to `None` (the preset's).
 
     Returns:
-        A `tf.data.Dataset` of `(images float32 [B, S, S, 3] in 0..255, labels one-hot float32 [B, C])`.
+        A `tf.data.Dataset` of `(images float32 [B, S, S, 3] in 0..255, labels one-hot float32 [B, C])` (multi-hot
+        for multi-label splits).
 
     Example:
         ds = make_dataset(data.train, 224, 32, data.num_classes, training=True, augment="standard")
@@ -170,7 +171,8 @@ def make_dataset(split: Split, image_size: int, batch_size: int, num_classes: in
         x = tf.cast(x, tf.float32)
         if aug is not None and aug.layers:
             x = tf.clip_by_value(tf.cast(aug.images(x), tf.float32), 0.0, 255.0)
-        y = tf.one_hot(y, num_classes, dtype=tf.float32)
+        # Class indices become one-hot; multi-hot labels (multi-label data, float [B, C]) are already vectors.
+        y = tf.one_hot(y, num_classes, dtype=tf.float32) if y.shape.rank == 1 else tf.cast(y, tf.float32)
         if aug is not None:
             x, y = aug.mix(x, y)
         return x, y

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from tlkit.core.config import DataConfig
 from tlkit.core.errors import DataError, OfflineError, first_line, suggest
+from tlkit.data.multilabel import label_counts, multi_hot, multi_label_split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # Larger images are skipped: decoding one takes gigabytes (PIL's own decompression-bomb limit).
@@ -33,7 +34,8 @@ class Split:
     """One split of a dataset.
 
     Attributes:
-        ds: Unbatched `tf.data.Dataset` of `(image, label int64)`.
+        ds: Unbatched `tf.data.Dataset` of `(image, label int64)`, or for multi-label data of `(image, multi-hot
+            float32 [C])`.
         count: Number of examples.
         kind: `encoded` (image is encoded bytes), `path` (image is a file path) or `decoded` (uint8 HxWx3).
         files: For `path` splits, the file paths in order (for reporting and pictures).
@@ -57,6 +59,7 @@ class Datasets:
         name: Short name for run folders and reports.
         skipped: Files found but not usable (reported in the summary).
         skip_reasons: Why each skipped file was skipped (`{path: reason}`).
+        multi_label: An image may have several labels: the labels are multi-hot vectors.
     """
 
     train: Split
@@ -66,6 +69,7 @@ class Datasets:
     name: str
     skipped: list[str] = dataclasses.field(default_factory=list)
     skip_reasons: dict[str, str] = dataclasses.field(default_factory=dict)
+    multi_label: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -91,11 +95,30 @@ def load_sources(cfg: DataConfig, image_size: int, seed: int = 42) -> Datasets:
     if cfg.labels is not None:  # a table of files and labels (tlkit.data.table)
         return _from_table(cfg, seed)
     if cfg.image_dir is not None:
-        return _from_folder(cfg.image_dir, cfg.val_split, seed)
-    name = (cfg.dataset or "").strip()
-    if name == "shapes":
-        return _shapes(cfg.shapes_per_class, image_size, cfg.val_split, seed)
-    return _from_tfds(DATASET_ALIASES.get(name, name), cfg.data_dir, cfg.val_split)
+        data = _from_folder(cfg.image_dir, cfg.val_split, seed)
+    elif (cfg.dataset or "").strip() == "shapes":
+        data = _shapes(cfg.shapes_per_class, image_size, cfg.val_split, seed)
+    else:
+        name = (cfg.dataset or "").strip()
+        data = _from_tfds(DATASET_ALIASES.get(name, name), cfg.data_dir, cfg.val_split)
+    if cfg.multi_label is False and data.multi_label:
+        raise DataError(f"Dataset {data.name!r} gives several labels an image (a sequence of class labels); "
+                        "drop --no-multi-label.")
+    return as_multi_label(data) if cfg.multi_label and not data.multi_label else data
+
+
+def as_multi_label(data: Datasets) -> Datasets:
+    """Single-label `data` with its labels as one-hot float32 vectors: multi-label training on it (`--multi-label`)."""
+    n = data.num_classes
+
+    def convert(split: Split | None) -> Split | None:
+        if split is None:
+            return None
+        ds = split.ds.map(lambda x, y: (x, tf.one_hot(y, n, dtype=tf.float32)), num_parallel_calls=tf.data.AUTOTUNE)
+        return dataclasses.replace(split, ds=ds)
+
+    return dataclasses.replace(data, train=convert(data.train), val=convert(data.val), test=convert(data.test),
+                               multi_label=True)
 
 
 def _shapes(per_class: int, size: int, val_split: float, seed: int) -> Datasets:
@@ -143,9 +166,13 @@ def scan_folder(root: str, class_names: list[str] | None = None) -> tuple[list[s
     return files, labels, class_names
 
 
-def _path_split(files: list[str], labels: list[int]) -> Split:
-    ds = tf.data.Dataset.from_tensor_slices((tf.constant(files, tf.string), tf.constant(labels, tf.int64)))
-    return Split(ds, len(files), "path", list(files))
+def _path_split(files: list[str], labels: list, num_classes: int | None = None) -> Split:
+    """A `path` split; with `num_classes`, `labels` are tuples of indices and become multi-hot float32 vectors."""
+    if num_classes is None:
+        y = tf.constant(labels, tf.int64)
+    else:
+        y = tf.constant(multi_hot(labels, num_classes))
+    return Split(tf.data.Dataset.from_tensor_slices((tf.constant(files, tf.string), y)), len(files), "path", list(files))
 
 
 def _from_folder(root: str, val_split: float, seed: int) -> Datasets:
@@ -191,13 +218,14 @@ def _from_folder(root: str, val_split: float, seed: int) -> Datasets:
 
 def _from_table(cfg: DataConfig, seed: int) -> Datasets:
     """The splits of a labels table (`tlkit.data.table.read_table`): unusable files skipped and counted, and a
-    stratified validation split when the table has no `val` rows."""
+    validation split (stratified; for multi-label data, `multi_label_split`) when the table has no `val` rows."""
     from tlkit.data.table import read_table
 
     table = read_table(cfg)
     classes, reasons = table.class_names, {}
+    n = len(classes) if table.multi_label else None
 
-    def usable(files: list[str], labels: list[int]) -> tuple[list[str], list[int]]:
+    def usable(files: list[str], labels: list) -> tuple[list[str], list]:
         good, bad = check_images(files)
         reasons.update(bad)
         return [f for f, ok in zip(files, good) if ok], [l for l, ok in zip(labels, good) if ok]
@@ -207,22 +235,24 @@ def _from_table(cfg: DataConfig, seed: int) -> Datasets:
         first = next(iter(reasons), "?")
         raise DataError(f"{table.description} names no usable image files ({len(reasons)} missing or unreadable, "
                         f"e.g. {first!r}: {reasons.get(first, '')}).")
-    counts = np.bincount(labels, minlength=len(classes))
-    empty = [c for c, n in zip(classes, counts) if n == 0]
+    counts = label_counts(labels, len(classes))
+    empty = [c for c, k in zip(classes, counts) if k == 0]
     if empty:
         raise DataError(f"Label(s) with no usable training images in {table.description}: {', '.join(empty[:5])} "
                         "(their files are missing or unreadable).")
     val = test = None
     if table.splits["val"][0]:
         vf, vl = usable(*table.splits["val"])
-        val = _path_split(vf, vl) if vf else None
+        val = _path_split(vf, vl, n) if vf else None
     if table.splits["test"][0]:
         tf_, tl = usable(*table.splits["test"])
-        test = _path_split(tf_, tl) if tf_ else None
+        test = _path_split(tf_, tl, n) if tf_ else None
     if not table.splits["val"][0] and cfg.val_split > 0:
-        files, labels, vf, vl = _stratified_split(files, labels, cfg.val_split, seed, classes)
-        val = _path_split(vf, vl)
-    return _with_skipped(Datasets(_path_split(files, labels), val, test, classes, table.name), reasons)
+        split = multi_label_split if table.multi_label else _stratified_split
+        files, labels, vf, vl = split(files, labels, cfg.val_split, seed, classes)
+        val = _path_split(vf, vl, n)
+    data = Datasets(_path_split(files, labels, n), val, test, classes, table.name, multi_label=table.multi_label)
+    return _with_skipped(data, reasons)
 
 
 def _with_skipped(data: Datasets, reasons: dict[str, str]) -> Datasets:
@@ -392,6 +422,11 @@ def _from_tfds(name: str, data_dir: str | None, val_split: float) -> Datasets:
     features = builder.info.features
     image_key = next((k for k, f in features.items() if isinstance(f, tfds.features.Image)), None)
     label_key = next((k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)), None)
+    multi = False
+    if label_key is None:  # a Sequence(ClassLabel) feature: several labels an image (e.g. voc's `labels`)
+        label_key = next((k for k, f in features.items() if isinstance(f, tfds.features.Sequence)
+                          and isinstance(f.feature, tfds.features.ClassLabel)), None)
+        multi = label_key is not None
     if image_key is None or label_key is None:
         missing = "image feature" if image_key is None else "class-label feature"
         raise DataError(f"Dataset {name!r} has no {missing}: tlkit needs an image classification dataset "
@@ -415,9 +450,17 @@ def _from_tfds(name: str, data_dir: str | None, val_split: float) -> Datasets:
         except Exception:
             return False
 
+    label_feature = features[label_key].feature if multi else features[label_key]
+    num_classes = label_feature.num_classes
+
+    def label(y):
+        if not multi:
+            return tf.cast(y, tf.int64)
+        return tf.minimum(tf.reduce_sum(tf.one_hot(tf.cast(y, tf.int64), num_classes, dtype=tf.float32), 0), 1.0)
+
     def load(split: str) -> Split:
         ds = builder.as_dataset(split=split, decoders={image_key: tfds.decode.SkipDecoding()}, shuffle_files=False)
-        ds = ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int64)), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda ex: (ex[image_key], label(ex[label_key])), num_parallel_calls=tf.data.AUTOTUNE)
         count = int(ds.cardinality())
         if count < 0:
             count = int(ds.reduce(0, lambda c, _: c + 1))
@@ -434,5 +477,5 @@ def _from_tfds(name: str, data_dir: str | None, val_split: float) -> Datasets:
     else:
         train, val = load("train"), None
     test = load("test") if has("test") else None
-    class_names = list(features[label_key].names)
-    return Datasets(train, val, test, class_names, name)
+    class_names = list(label_feature.names)
+    return Datasets(train, val, test, class_names, name, multi_label=multi)

@@ -28,13 +28,19 @@ TABLE_FILE = "data.csv"  # the copy a run folder keeps of a table given in memor
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One row of a table: the image file (as written), its label, its split (`None` without a split column), and
-    where it came from (`labels.csv, line 7`) for error messages."""
+    """One row of a table: the image file (as written), its label cell (as written), its split (`None` without a split
+    column), where it came from (`labels.csv, line 7`) for error messages, and its labels (the cell split at the
+    label delimiter; the cell itself without one)."""
 
     file: str
     label: str
     split: str | None
     where: str
+    labels: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.labels:
+            object.__setattr__(self, "labels", (self.label,))
 
 
 def is_in_memory(labels: Any) -> bool:
@@ -47,7 +53,8 @@ def _describe(labels: Any) -> str:
 
 
 def read_rows(labels: Any, file_column: str = "file", label_column: str = "label",
-              split_column: str = "split", split_column_required: bool = False) -> list[Row]:
+              split_column: str = "split", split_column_required: bool = False,
+              label_delimiter: str | None = None) -> list[Row]:
     """Reads the rows of a table.
 
     Args:
@@ -57,9 +64,11 @@ def read_rows(labels: Any, file_column: str = "file", label_column: str = "label
         label_column: Column of the labels. Defaults to `"label"`.
         split_column: Column of the splits (`train`, `val`, `test`); used when present. Defaults to `"split"`.
         split_column_required: Refuse a table without `split_column`. Defaults to `False`.
+        label_delimiter: Split each label cell at this into several labels. Defaults to `None` (one label a cell;
+            a list or tuple cell of pairs or a DataFrame is several labels either way).
 
     Raises:
-        DataError: a missing file or column, an empty cell, an unknown split value.
+        DataError: a missing file or column, an empty cell (or one of delimiters only), an unknown split value.
 
     Example:
         >>> [r.label for r in read_rows([("a.jpg", "cat"), ("b.jpg", "dog")])]
@@ -71,7 +80,7 @@ def read_rows(labels: Any, file_column: str = "file", label_column: str = "label
         where = [f"{name}, line {i}" for i in range(2, len(records) + 2)]
     elif hasattr(labels, "columns") and hasattr(labels, "itertuples"):  # a pandas DataFrame (pandas not imported)
         header = [str(c) for c in labels.columns]
-        records = [["" if _isna(v) else str(v) for v in row] for row in labels.itertuples(index=False, name=None)]
+        records = [[_cell_value(v) for v in row] for row in labels.itertuples(index=False, name=None)]
         where = [f"{name}, row {i}" for i in range(len(records))]
     else:
         try:
@@ -84,7 +93,7 @@ def read_rows(labels: Any, file_column: str = "file", label_column: str = "label
             raise DataError(f"labels row {bad} has {len(records[bad])} item(s): expected (path, label) or "
                             f"(path, label, split).")
         header = [file_column, label_column] + ([split_column] if records and len(records[0]) == 3 else [])
-        records = [["" if v is None else str(v) for v in r] for r in records]
+        records = [[_cell_value(v) for v in r] for r in records]
         where = [f"{name}, row {i}" for i in range(len(records))]
     col = {c.strip(): i for i, c in enumerate(header)}
     for column, option in ((file_column, "--file-column"), (label_column, "--label-column")):
@@ -97,23 +106,48 @@ def read_rows(labels: Any, file_column: str = "file", label_column: str = "label
     fi, li, si = col[file_column], col[label_column], col.get(split_column)
     rows = []
     for rec, at in zip(records, where):
-        if not any(cell.strip() for cell in rec):
+        if not any(_text(cell) for cell in rec):
             continue  # a blank line
-        cell = lambda i: rec[i].strip() if i < len(rec) else ""  # noqa: E731
+        cell = lambda i: _text(rec[i]) if i < len(rec) else ""  # noqa: E731
         if not cell(fi):
             raise DataError(f"{at}: the {file_column!r} cell is empty.")
-        if not cell(li):
-            raise DataError(f"{at}: the {label_column!r} cell of {cell(fi)!r} is empty.")
+        names = split_labels(rec[li] if li < len(rec) else "", label_delimiter)
+        if not names:
+            raise DataError(f"{at}: the {label_column!r} cell of {cell(fi)!r} is empty"
+                            + (f" (no label between the delimiters {label_delimiter!r})." if cell(li) else "."))
         split = None
         if si is not None:
             split = SPLIT_NAMES.get(cell(si).lower())
             if split is None:
                 raise DataError(f"{at}: unknown split {cell(si)!r} in column {split_column!r} (expected train, val "
                                 "or test).")
-        rows.append(Row(cell(fi), cell(li), split, at))
+        rows.append(Row(cell(fi), cell(li), split, at, names))
     if not rows:
         raise DataError(f"{name} lists no images.")
     return rows
+
+
+def _cell_value(v: Any) -> Any:
+    """A table cell as text, or a tuple of texts for a list or tuple of labels; `None` and NaN are empty."""
+    if isinstance(v, (list, tuple)):
+        return tuple(str(x) for x in v if not _isna(x))
+    return "" if _isna(v) else str(v)
+
+
+def _text(v: Any) -> str:
+    return " ".join(v).strip() if isinstance(v, tuple) else v.strip()
+
+
+def split_labels(cell: Any, delimiter: str | None) -> tuple[str, ...]:
+    """The labels of one cell: a tuple cell's items, else the text split at `delimiter` (the whole text without
+    one), stripped, empty ones and repeats dropped, in order.
+
+    Example:
+        >>> split_labels(" haze primary  water", " ")
+        ('haze', 'primary', 'water')
+    """
+    parts = cell if isinstance(cell, tuple) else (cell.split(delimiter) if delimiter is not None else [cell])
+    return tuple(dict.fromkeys(p.strip() for p in parts if p.strip()))
 
 
 def _isna(v: Any) -> bool:
@@ -144,7 +178,7 @@ def resolve_rows(rows: Sequence[Row], root: str) -> dict[str, Row]:
         path = os.path.normpath(r.file if os.path.isabs(r.file) else os.path.join(root, r.file))
         seen = out.get(path)
         if seen is not None:
-            if seen.label != r.label:
+            if set(seen.labels) != set(r.labels):
                 raise DataError(f"{r.file!r} is listed twice with different labels: {seen.label!r} ({seen.where}) and "
                                 f"{r.label!r} ({r.where}).")
             if seen.split != r.split:
@@ -162,16 +196,29 @@ class Table:
     Attributes:
         name: Short name (the CSV's name without extension; the image folder's, else `table`, in memory).
         class_names: The train split's labels, sorted; index = label.
-        splits: `{"train"|"val"|"test": (absolute paths, label indices)}`; `val`/`test` empty without such rows.
+        splits: `{"train"|"val"|"test": (absolute paths, labels)}`, a label an index, or for multi-label a tuple of
+            indices; `val`/`test` empty without such rows.
         has_split_column: Whether the rows named their splits.
         description: What to call the table in messages (the CSV's path).
+        multi_label: Whether an image may have several labels (`DataConfig.multi_label`, else decided from the
+            rows: any with more than one label).
     """
 
     name: str
     class_names: list[str]
-    splits: dict[str, tuple[list[str], list[int]]]
+    splits: dict[str, tuple[list[str], list[Any]]]
     has_split_column: bool
     description: str
+    multi_label: bool = False
+
+
+def _is_multi_label(rows: dict[str, Row], cfg: DataConfig) -> bool:
+    """`cfg.multi_label`, else whether a row has several labels; refuses several labels under `multi_label: false`."""
+    several = next((r for r in rows.values() if len(r.labels) > 1), None)
+    if cfg.multi_label is False and several is not None:
+        raise DataError(f"{several.where}: {len(several.labels)} labels ({', '.join(map(repr, several.labels[:3]))}) "
+                        "but multi-label is off (--no-multi-label).")
+    return bool(cfg.multi_label) if cfg.multi_label is not None else several is not None
 
 
 def read_table(cfg: DataConfig) -> Table:
@@ -193,44 +240,58 @@ def read_table(cfg: DataConfig) -> Table:
     else:
         root = os.getcwd()
     rows = resolve_rows(read_rows(labels, cfg.file_column, cfg.label_column, cfg.split_column,
-                                  split_column_required=cfg.split_column != DataConfig.split_column), root)
-    by_split: dict[str, list[tuple[str, str]]] = {"train": [], "val": [], "test": []}
+                                  split_column_required=cfg.split_column != DataConfig.split_column,
+                                  label_delimiter=cfg.label_delimiter), root)
+    multi = _is_multi_label(rows, cfg)
+    by_split: dict[str, list[tuple[str, tuple[str, ...]]]] = {"train": [], "val": [], "test": []}
     for path, r in rows.items():
-        by_split[r.split or "train"].append((path, r.label))
+        by_split[r.split or "train"].append((path, r.labels))
     if not by_split["train"]:
         raise DataError(f"{description} has no rows of the train split.")
-    classes = sorted({label for _, label in by_split["train"]})
+    classes = sorted({label for _, names in by_split["train"] for label in names})
     for split in ("val", "test"):
-        unseen = sorted({label for _, label in by_split[split]} - set(classes))
+        unseen = sorted({label for _, names in by_split[split] for label in names} - set(classes))
         if unseen:
-            where = next(rows[p].where for p, l in by_split[split] if l == unseen[0])
+            where = next(rows[p].where for p, names in by_split[split] if unseen[0] in names)
             raise DataError(f"{where}: label {unseen[0]!r} of the {split} split never appears in the train split"
                             + (f" (nor do {len(unseen) - 1} more)" if len(unseen) > 1 else "") + ".")
     if len(classes) < 2:
         raise DataError(f"{description} has only one label in its train split ({classes[0]!r}); a classifier needs "
                         "at least two.")
     index = {c: i for i, c in enumerate(classes)}
-    splits = {k: ([p for p, _ in v], [index[l] for _, l in v]) for k, v in by_split.items()}
+    if multi:
+        splits = {k: ([p for p, _ in v], [tuple(index[n] for n in names) for _, names in v])
+                  for k, v in by_split.items()}
+    else:
+        splits = {k: ([p for p, _ in v], [index[names[0]] for _, names in v]) for k, v in by_split.items()}
     if is_in_memory(labels):
         name = os.path.basename(os.path.normpath(root)) if cfg.image_dir else "table"
     else:
         name = os.path.splitext(os.path.basename(os.fspath(labels)))[0]
-    return Table(name, classes, splits, any(r.split is not None for r in rows.values()), description)
+    return Table(name, classes, splits, any(r.split is not None for r in rows.values()), description, multi)
 
 
-def write_table(labels: Any, path: str, cfg: DataConfig) -> str:
+def write_table(labels: Any, path: str, cfg: DataConfig) -> DataConfig:
     """Writes a table given in memory as a CSV with `cfg`'s column names (what a run folder keeps as `data.csv`, so
-    that its config.yaml names the data); returns `path`."""
-    rows = read_rows(labels, cfg.file_column, cfg.label_column, cfg.split_column)
+    that its config.yaml names the data); returns `cfg` with the label delimiter the CSV needs (several labels of
+    a list cell are joined with one that no label contains)."""
+    rows = read_rows(labels, cfg.file_column, cfg.label_column, cfg.split_column, label_delimiter=cfg.label_delimiter)
     with_split = any(r.split is not None for r in rows)
+    delimiter = cfg.label_delimiter
+    if delimiter is None and any(len(r.labels) > 1 for r in rows):
+        used = {c for r in rows for name in r.labels for c in name}
+        delimiter = next((d for d in (" ", ";", "|", ",", "\t") if d not in used), None)
+        if delimiter is None:
+            raise DataError("Cannot write the labels table: its labels use every delimiter tried (space ; | , tab).")
     tmp = path + ".tmp"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow([cfg.file_column, cfg.label_column] + ([cfg.split_column] if with_split else []))
         for r in rows:
-            w.writerow([r.file, r.label] + ([r.split] if with_split else []))
+            cell = delimiter.join(r.labels) if delimiter is not None else r.label
+            w.writerow([r.file, cell] + ([r.split] if with_split else []))
     os.replace(tmp, path)
-    return path
+    return dataclasses.replace(cfg, label_delimiter=delimiter)
 
 
 def recorded(cfg: Any, out_dir: str) -> Any:
@@ -241,6 +302,7 @@ def recorded(cfg: Any, out_dir: str) -> Any:
     d = cfg.data
     if not is_in_memory(d.labels):
         return cfg
-    path = write_table(d.labels, os.path.join(out_dir, TABLE_FILE), d)
+    path = os.path.join(out_dir, TABLE_FILE)
+    d = write_table(d.labels, path, d)
     return dataclasses.replace(cfg, data=dataclasses.replace(d, labels=path, image_dir=d.image_dir or os.getcwd()))
 

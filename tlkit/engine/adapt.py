@@ -12,7 +12,8 @@ the fine-tuning stage starts, the `Adapter` decides, on the validation split:
    (`choose_augment`.)
 2. **What trains and how fast**: short trials from the probe, each a fifth of the budget at a constant rate —
    the top `unfreeze_stages` stages at `lr * finetune_lr_scale`, the whole backbone at that rate, the whole
-   backbone at `lr` — compared by validation accuracy, ties by validation loss. The best continues for the rest of
+   backbone at `lr` — compared by validation accuracy (for multi-label data its `val_map`, the run's objective:
+   `loop.monitor_metric`), ties by validation loss. The best continues for the rest of
    the budget (its cosine schedule from its rate); when none beats the probe on validation, there is no
    fine-tuning and the probe is the model. (`Adapter.__call__`.)
 
@@ -47,13 +48,22 @@ AUGMENT_LADDER = ("standard", "light", "none")  # strongest first
 DECISION_FILE = "adapt.json"
 
 
-def _probe_accuracy(head: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
+def _probe_accuracy(head: keras.Model, x: np.ndarray, y: np.ndarray, multi_label: bool = False) -> float:
+    """The probe's accuracy on features `x`; for a multi-label head its `map`, by the very metric the trials and the
+    checkpoints are compared by (`loop.classifier_metrics`), so that the figures are comparable."""
     p = np.asarray(head.predict(x, batch_size=256, verbose=0))
+    if multi_label:
+        from tlkit.engine.loop import classifier_metrics
+
+        metric = classifier_metrics(y.shape[-1], multi_label=True)[0]
+        metric.update_state(y, p)
+        return float(metric.result())
     return float(np.mean(p.argmax(-1) == y.argmax(-1)))
 
 
 def choose_augment(model: keras.Model, split, size: int, num_classes: int, batch_size: int, probe_val: float,
-                   seed: int, jit_compile: bool = False, verbose: bool = True) -> tuple[str, bool, dict[str, Any]]:
+                   seed: int, jit_compile: bool = False, verbose: bool = True,
+                   multi_label: bool = False) -> tuple[str, bool, dict[str, Any]]:
     """The augmentation the converged probe says the images tolerate: `(preset, flip, evidence)`.
 
     For each candidate the training images are augmented once (seeded), passed through the frozen backbone, and
@@ -69,6 +79,8 @@ def choose_augment(model: keras.Model, split, size: int, num_classes: int, batch
         seed: Seed of the augmentation draws.
         jit_compile: Compile the forward pass with XLA. Defaults to `False`.
         verbose: Print the evidence. Defaults to `True`.
+        multi_label: The probe is multi-label: its mean average precision stands for its accuracy. Defaults to
+            `False`.
     """
     from tlkit.data.pipeline import make_dataset
 
@@ -79,7 +91,7 @@ def choose_augment(model: keras.Model, split, size: int, num_classes: int, batch
         ds = make_dataset(split, size, batch_size, num_classes, training=True, augment=augment, cache="none",
                           seed=seed, flip=flip)
         x, y = F.extract_features(extractor, ds, jit_compile, f"augmented ({augment}, flip {flip}) train", forward)
-        return _probe_accuracy(head, x, y)
+        return _probe_accuracy(head, x, y, multi_label)
 
     evidence: dict[str, Any] = {"probe_val_accuracy": round(probe_val, 4)}
     flip_acc = accuracy("none", True)
@@ -157,7 +169,7 @@ class Adapter:
             print(f"[tlkit] {text}", flush=True)
 
     def __call__(self, index: int, stage, train_ds, resumed: bool):
-        from tlkit.engine.loop import NaNGuard, compile_classifier, stage_optimizer
+        from tlkit.engine.loop import NaNGuard, compile_classifier, monitor_metric, stage_optimizer
 
         if resumed and self.path and os.path.isfile(self.path):
             return self._resumed(stage), train_ds
@@ -170,12 +182,16 @@ class Adapter:
             return stage, train_ds
         feats = self.features.get(model, bool(model.jit_compile))
         _, head = F.split_model(model)
-        probe_val = _probe_accuracy(head, feats.x_val, feats.y_val)
+        multi = clf.multi_label
+        objective = monitor_metric(multi)  # val_accuracy, or val_map (multi-label)
+        probe_val = _probe_accuracy(head, feats.x_val, feats.y_val, multi)
         decision: dict[str, Any] = {"probe_val_accuracy": round(probe_val, 4)}
+        if multi:
+            decision["objective"] = objective
         if cfg.data.augment == "auto":
             augment, flip, evidence = choose_augment(
                 model, self.train_split, cfg.data.image_size, feats.y_train.shape[-1], cfg.data.batch_size,
-                probe_val, cfg.seed, bool(model.jit_compile), self.verbose)
+                probe_val, cfg.seed, bool(model.jit_compile), self.verbose, multi)
             decision["augment"] = {"preset": augment, "flip": flip, "evidence": evidence}
             self.cfg = cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment=augment, flip=flip))
             train_ds = self.make_train(augment, flip)
@@ -198,16 +214,16 @@ class Adapter:
             logs = {k: float(v[-1]) for k, v in hist.history.items()}
             ok = guard.bad_epoch is None and math.isfinite(logs.get("val_loss", math.nan))
             row = {"name": cand.name, "trainable": None if cand.trainable is None else sorted(cand.trainable),
-                   "lr": cand.lr, "steps": trial_steps, "accuracy": round(logs.get("accuracy", math.nan), 4),
-                   "val_accuracy": round(logs.get("val_accuracy", math.nan), 4) if ok else None,
+                   "lr": cand.lr, "steps": trial_steps, objective[4:]: round(logs.get(objective[4:], math.nan), 4),
+                   objective: round(logs.get(objective, math.nan), 4) if ok else None,
                    "val_loss": round(logs.get("val_loss", math.nan), 4) if ok else None,
                    "seconds": round(time.time() - c0, 1)}
             results.append(row)
             self._say(f"trial {cand.name} ({cand.describe(clf.num_stages)}, {trial_steps} steps): "
-                      + (f"val accuracy {row['val_accuracy']:.3f}, val loss {row['val_loss']:.3f}" if ok
+                      + (f"{objective.replace('_', ' ')} {row[objective]:.3f}, val loss {row['val_loss']:.3f}" if ok
                          else "the loss became NaN or infinite") + f" ({row['seconds']:.0f} s)")
             if ok:
-                key = (logs["val_accuracy"], -logs["val_loss"])
+                key = (logs[objective], -logs["val_loss"])
                 if best is None or key > best[0]:
                     best, best_weights = (key, cand), model.get_weights()
         decision["trials"] = results
@@ -225,7 +241,8 @@ class Adapter:
         decided = dataclasses.replace(stage, epochs=rest, lr=cand.lr, trainable=cand.trainable)
         decision["stage"] = {"name": cand.name, "trainable": None if cand.trainable is None else sorted(cand.trainable),
                              "lr": cand.lr, "epochs": rest, "steps_per_epoch": steps}
-        decision["summary"] = (f"fine-tuning {cand.describe(clf.num_stages)} (trial {cand.name}: val accuracy "
+        decision["summary"] = (f"fine-tuning {cand.describe(clf.num_stages)} (trial {cand.name}: "
+                               f"{objective.replace('_', ' ')} "
                                f"{best[0][0]:.3f} against the probe's {probe_val:.3f}), continued for {rest} more "
                                f"round(s) of {steps} steps")
         self._finish(decision)

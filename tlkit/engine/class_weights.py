@@ -11,6 +11,10 @@ computes the batch loss as `sum_i w_i * loss_i / B`, as `fit(class_weight=...)` 
 trained on cached features. Validation batches carry no weights: `val_loss`, `val_accuracy` and `metrics.json` stay
 comparable with and without class weights (the training `loss`/`accuracy` of history.csv are the weighted ones).
 
+Multi-label data (a sigmoid per class) weights each class's positive examples instead, inside the loss
+(`PositiveWeightedBCE`, as `tf.nn.weighted_cross_entropy_with_logits`'s `pos_weight`); `balanced` is then
+`(n - n_c) / n_c`, a label's negatives over its positives (`positive_weights`).
+
 Example:
     counts = class_counts(data.train, data.num_classes)
     balanced_weights(counts)            # [10, 10, 2] images
@@ -22,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import keras
 import numpy as np
 
 from tlkit.core.config import parse_class_weight
@@ -37,8 +42,25 @@ def class_counts(split, num_classes: int) -> np.ndarray:
     labels = split.ds.map(lambda x, y: y, num_parallel_calls=tf.data.AUTOTUNE)
     counts = np.zeros(num_classes, np.int64)
     for batch in labels.batch(4096):
-        counts += np.bincount(np.asarray(batch, np.int64).reshape(-1), minlength=num_classes)[:num_classes]
+        batch = np.asarray(batch)
+        if batch.ndim == 2:  # multi-hot labels (multi-label data): the images holding each label
+            counts += np.rint(batch.sum(0)).astype(np.int64)[:num_classes]
+        else:
+            counts += np.bincount(batch.astype(np.int64).reshape(-1), minlength=num_classes)[:num_classes]
     return counts
+
+
+def positive_weights(counts: Sequence[int], num_images: int, decimals: int = 4) -> list[float]:
+    """Multi-label `balanced`: each class's positive examples weighted `(n - n_c) / n_c` (its negatives over its
+    positives, as `tf.nn.weighted_cross_entropy_with_logits`'s `pos_weight`), so a rare label's few positives count
+    as much as its many negatives; a label present in every image gets 1.
+
+    Example:
+        >>> positive_weights([10, 2], 20)
+        [1.0, 9.0]
+    """
+    counts = np.asarray(counts, np.float64)
+    return [round(float(max(num_images - k, k) / k), decimals) if k > 0 else 1.0 for k in counts]
 
 
 def balanced_weights(counts: Sequence[int], decimals: int = 4) -> list[float]:
@@ -92,13 +114,17 @@ def resolve(cfg, data, log: bool = True):
         print(f"[tlkit] warning: {warning}", flush=True)
     if value == "none":
         return cfg, warning
-    weights = balanced_weights(counts) if value == "balanced" else value
+    if value == "balanced":
+        weights = positive_weights(counts, data.train.count) if data.multi_label else balanced_weights(counts)
+    else:
+        weights = value
     if len(weights) != data.num_classes:
         raise ConfigError(f"class_weight gives {len(weights)} weights but the data has {data.num_classes} classes "
                           f"({', '.join(data.class_names[:6])}{', ...' if data.num_classes > 6 else ''}).")
     if log:
         shown = ", ".join(f"{n} {w:g}" for n, w in list(zip(data.class_names, weights))[:8])
-        print(f"[tlkit] class weights ({value if isinstance(value, str) else 'given'}): {shown}"
+        kind = "positive weights per class" if data.multi_label else "class weights"
+        print(f"[tlkit] {kind} ({value if isinstance(value, str) else 'given'}): {shown}"
               + (" ..." if data.num_classes > 8 else ""), flush=True)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, class_weight=list(weights))), warning
 
@@ -119,6 +145,40 @@ def weight_vector(cfg, num_classes: int | None = None) -> np.ndarray | None:
     if num_classes is not None and len(w) != num_classes:
         raise ConfigError(f"class_weight gives {len(w)} weights but the model has {num_classes} classes.")
     return w
+
+
+def example_weights(cfg, num_classes: int | None, multi_label: bool) -> np.ndarray | None:
+    """The per-class weights that weight the training examples (`weighted_dataset`): `weight_vector`, or `None` for
+    a multi-label classifier, whose loss weights each class's positives instead (`PositiveWeightedBCE`)."""
+    return None if multi_label else weight_vector(cfg, num_classes)
+
+
+@keras.saving.register_keras_serializable("tlkit")
+class PositiveWeightedBCE(keras.losses.Loss):
+    """Binary cross-entropy on probabilities with a weight per class on its positive examples:
+    `-mean_c(w_c * y_c * log p_c + (1 - y_c) * log(1 - p_c))`, labels smoothed towards 1/2 first, as
+    `keras.losses.BinaryCrossentropy(label_smoothing=...)` does. With every weight 1 it is that loss.
+
+    Example:
+        loss = PositiveWeightedBCE([1.0, 9.0], label_smoothing=0.1)
+    """
+
+    def __init__(self, pos_weight, label_smoothing: float = 0.0, name: str = "binary_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.pos_weight = [float(w) for w in pos_weight]
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        ops = keras.ops
+        y_pred = ops.cast(y_pred, "float32")
+        y_true = ops.cast(y_true, "float32") * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
+        eps = keras.backend.epsilon()
+        p = ops.clip(y_pred, eps, 1.0 - eps)
+        w = ops.convert_to_tensor(np.asarray(self.pos_weight, np.float32))
+        return -ops.mean(w * y_true * ops.log(p) + (1.0 - y_true) * ops.log(1.0 - p), axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "pos_weight": self.pos_weight, "label_smoothing": self.label_smoothing}
 
 
 def sample_weights(labels, weights):

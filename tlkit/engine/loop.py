@@ -36,7 +36,7 @@ from tlkit.core.errors import TrainingError
 from tlkit.engine import checkpoints, class_weights, ema, weights_format
 from tlkit.engine import features as F
 from tlkit.models import param_groups, schedules
-from tlkit.models.classifier import Classifier
+from tlkit.models.classifier import Classifier, is_multi_label
 
 
 class EpochLog(keras.callbacks.Callback):
@@ -87,8 +87,12 @@ class NaNGuard(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def classifier_metrics(num_classes: int) -> list:
-    """Top-1 accuracy, and top-5 with more than five classes."""
+def classifier_metrics(num_classes: int, multi_label: bool = False) -> list:
+    """Top-1 accuracy, and top-5 with more than five classes; for multi-label, `map`: the area under each class's
+    precision-recall curve averaged over the classes (`keras.metrics.AUC(multi_label=True, curve="PR")`, the macro
+    average; an interpolated estimate of the mean average precision)."""
+    if multi_label:
+        return [keras.metrics.AUC(multi_label=True, num_labels=num_classes, curve="PR", name="map")]
     metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
     if num_classes > 5:
         metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top5"))
@@ -117,11 +121,35 @@ def compile_model(model: keras.Model, cfg, learning_rate, num_classes: int, jit_
     compile_classifier(model, stage_optimizer(cfg, learning_rate, clf), cfg, num_classes, jit_compile)
 
 
+def monitor_metric(multi_label: bool, validation: bool = True) -> str:
+    """The metric that picks the best epoch (maximised): `val_accuracy`, or `val_map` for multi-label (without
+    validation: `accuracy`, `map`).
+
+    Example:
+        >>> monitor_metric(True)
+        'val_map'
+    """
+    return ("val_" if validation else "") + ("map" if multi_label else "accuracy")
+
+
+def classifier_loss(cfg, multi_label: bool = False, num_classes: int | None = None):
+    """Label-smoothed cross-entropy; for multi-label, binary cross-entropy per class (smoothed the same way), with
+    `cfg.train.class_weight` as per-class positive weights (`class_weights.PositiveWeightedBCE`)."""
+    smoothing = cfg.train.label_smoothing
+    if not multi_label:
+        return keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
+    pos_weight = class_weights.weight_vector(cfg, num_classes)
+    if pos_weight is None:
+        return keras.losses.BinaryCrossentropy(label_smoothing=smoothing)
+    return class_weights.PositiveWeightedBCE(pos_weight.tolist(), label_smoothing=smoothing)
+
+
 def compile_classifier(model: keras.Model, optimizer, cfg, num_classes: int, jit_compile: bool) -> None:
-    """Compiles the classifier with `optimizer`, label-smoothed cross-entropy, top-1 and top-5 accuracy."""
-    model.compile(optimizer=optimizer,
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),
-                  metrics=classifier_metrics(num_classes), jit_compile=jit_compile)
+    """Compiles the classifier with `optimizer`, label-smoothed cross-entropy, top-1 and top-5 accuracy; a
+    multi-label classifier (`is_multi_label`) with binary cross-entropy and `map` (`classifier_loss`)."""
+    multi = is_multi_label(model)
+    model.compile(optimizer=optimizer, loss=classifier_loss(cfg, multi, num_classes),
+                  metrics=classifier_metrics(num_classes, multi), jit_compile=jit_compile)
 
 
 @dataclasses.dataclass
@@ -206,7 +234,8 @@ def fit_head_on_features(model: keras.Model, feats: HeadFeatures, cfg, rt, batch
     _, head = F.split_model(model)
     jit = bool(model.jit_compile)
     train = F.features_dataset(feats.x_train, feats.y_train, batch_size, training=True, seed=cfg.seed)
-    train = class_weights.weighted_dataset(train, class_weights.weight_vector(cfg, feats.y_train.shape[-1]))
+    train = class_weights.weighted_dataset(train, class_weights.example_weights(cfg, feats.y_train.shape[-1],
+                                                                                is_multi_label(model)))
     val = None
     if feats.x_val is not None:
         val = F.features_dataset(feats.x_val, feats.y_val, batch_size, training=False)
@@ -326,14 +355,15 @@ class _StageRunner:
         self.own_compile = compile_fn is None  # the classifier compiles itself (cross-entropy), finetune and tune
         self.describe = describe
         self.verbose = (1 if sys.stdout.isatty() else 2) if verbose is None else verbose
-        self.monitor = "val_accuracy" if val_ds is not None else "accuracy"
+        self.monitor = monitor_metric(clf.multi_label, val_ds is not None)
         self.es_monitor = early_stopping_monitor or self.monitor
         self.rows: list[dict[str, Any]] = checkpointer.history if checkpointer is not None else []
         self.epoch_log = EpochLog(history_path, self.rows)
         self.guard = NaNGuard()
         self.callbacks = [*callbacks, self.guard, self.epoch_log]
         if self.own_compile:  # --class-weight: per-example weights in the training batches (engine.class_weights)
-            train_ds = class_weights.weighted_dataset(train_ds, class_weights.weight_vector(cfg, num_classes))
+            train_ds = class_weights.weighted_dataset(train_ds, class_weights.example_weights(cfg, num_classes,
+                                                                                              clf.multi_label))
         elif cfg.train.ema or class_weights.parse_class_weight(cfg.train.class_weight) != "none":
             print("[tlkit] ema and class_weight apply to finetune and tune; this training runs without them",
                   flush=True)

@@ -10,24 +10,28 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-def predict_split(model: keras.Model, ds: tf.data.Dataset, forward=None) -> tuple[np.ndarray, np.ndarray]:
+def predict_split(model: keras.Model, ds: tf.data.Dataset, forward=None,
+                  multi_label: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Runs `model` over a batched dataset of `(images, one-hot labels)`: THE prediction loop of the engine.
 
     Args:
         model: The model (its outputs: probabilities, or logits for a logits model).
-        ds: Batches of `(images, one-hot labels)`.
+        ds: Batches of `(images, one-hot labels)` (multi-hot for multi-label data).
         forward: A traced forward pass to reuse across calls (`forward_fn(model)`). Defaults to `None` (traced here).
+        multi_label: Return the label vectors as they are instead of their argmax. Defaults to `False`.
 
     Returns:
-        `(y_true int [N], outputs float32 [N, C])`.
+        `(y_true int [N], outputs float32 [N, C])`; with `multi_label`, `y_true` float32 [N, C].
     """
     ys, ps = [], []
     predict = forward or forward_fn(model)
     for x, y in ds:
         ps.append(np.asarray(predict(x), np.float32))
-        ys.append(np.argmax(np.asarray(y), axis=-1))
+        ys.append(np.asarray(y, np.float32) if multi_label else np.argmax(np.asarray(y), axis=-1))
     if not ys:
-        return np.zeros((0,), np.int64), np.zeros((0, model.output_shape[-1]), np.float32)
+        c = model.output_shape[-1]
+        return np.zeros((0, c) if multi_label else (0,), np.float32 if multi_label else np.int64), \
+            np.zeros((0, c), np.float32)
     return np.concatenate(ys), np.concatenate(ps)
 
 
@@ -141,7 +145,8 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str
     }
 
 
-SUMMARY_KEYS = ("num_examples", "loss", "accuracy", "top5_accuracy", "mean_per_class_accuracy")
+SUMMARY_KEYS = ("num_examples", "loss", "accuracy", "top5_accuracy", "mean_per_class_accuracy",
+                "mean_average_precision", "micro_f1", "macro_f1", "exact_match")  # the last four: multi-label
 
 
 def summary_table(metrics_by_split: dict[str, dict[str, Any]]) -> str:
@@ -160,7 +165,12 @@ def summary_table(metrics_by_split: dict[str, dict[str, Any]]) -> str:
 
 
 def per_class_table(metrics: dict[str, Any], limit: int = 30) -> str:
-    """A plain-text per-class precision/recall/F1 table (the `limit` worst classes by F1 when there are more)."""
+    """A plain-text per-class precision/recall/F1 table (the `limit` worst classes by F1 when there are more); for
+    multi-label metrics `metrics_multilabel.per_class_table` (AP, F1, threshold)."""
+    if "mean_average_precision" in metrics:
+        from tlkit.engine import metrics_multilabel
+
+        return metrics_multilabel.per_class_table(metrics, limit)
     rows = sorted(metrics.get("per_class", []), key=lambda r: r["f1"])
     if len(rows) > limit:
         rows = rows[:limit]

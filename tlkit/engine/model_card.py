@@ -47,6 +47,19 @@ def input_description(fmt: str, quantize: str, int8_input: str, size: int) -> di
             "output": "float32 class probabilities"}
 
 
+def _multi_label_rows(metrics: dict[str, Any]) -> list[str]:
+    """The metrics table of a multi-label run (mAP, micro/macro F1 at the thresholds, exact match, loss)."""
+    rows = ["| split | examples | mAP | micro F1 | macro F1 | exact match | loss |", "|---|---|---|---|---|---|---|"]
+    for split in ("val", "test"):
+        m = metrics.get(split)
+        if isinstance(m, dict) and m.get("num_examples"):
+            cells = [m.get(k) for k in ("mean_average_precision", "micro_f1", "macro_f1", "exact_match", "loss")]
+            rows.append(f"| {split} | {m['num_examples']} | "
+                        + " | ".join("-" if v is None else f"{v:.4f}" for v in cells) + " |")
+    rows += ["", "Multi-label: a sigmoid per class; a class is predicted at or above its threshold (thresholds.json)."]
+    return rows
+
+
 def model_card(info: dict[str, Any], run_cfg: Any, metrics: dict[str, Any] | None, preprocessing: str) -> str:
     """The model_card.md text of an export."""
     def cfg(section: str, key: str, default: str = "unknown") -> Any:
@@ -81,7 +94,9 @@ def model_card(info: dict[str, Any], run_cfg: Any, metrics: dict[str, Any] | Non
     for k, v in info["input"].items():
         lines.append(f"- {k}: {v}")
     lines += ["", "## Metrics of the Keras model (from the run's metrics.json)", ""]
-    if metrics:
+    if metrics and any(isinstance(m, dict) and "mean_average_precision" in m for m in metrics.values()):
+        lines += _multi_label_rows(metrics)
+    elif metrics:
         lines += ["| split | examples | accuracy | top-5 | mean per-class accuracy | loss |", "|---|---|---|---|---|---|"]
         for split in ("val", "test"):
             m = metrics.get(split)
@@ -94,7 +109,9 @@ def model_card(info: dict[str, Any], run_cfg: Any, metrics: dict[str, Any] | Non
         lines.append("No metrics.json (the export was made from a bare .keras file).")
     c = info["check"]
     lines += ["", "## Parity with the Keras model", "",
-              f"{c['num_images']} images ({c['source']}): top-1 agreement {c['top1_agreement']:.2%} "
+              f"{c['num_images']} images ({c['source']}): "
+              f"{'label-set agreement at the thresholds' if 'label_agreement' in c else 'top-1 agreement'} "
+              f"{c.get('label_agreement', c['top1_agreement']):.2%} "
               f"(threshold {c['min_agreement']:.0%}), max |Δp| {c['max_abs_diff']:.2e}"
               f"{'' if c['max_abs_diff_allowed'] is None else ' (bound %g)' % c['max_abs_diff_allowed']}, mean |Δp| "
               f"{c['mean_abs_diff']:.2e}: **{'passed' if c['passed'] else 'FAILED'}**."]

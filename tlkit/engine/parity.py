@@ -63,7 +63,7 @@ def split_images(split, n: int) -> tuple[list[np.ndarray], list[int]]:
             imgs.append(decode(x, split.kind).numpy())
         except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
             continue
-        labels.append(int(y))
+        labels.append(np.asarray(y).tolist() if np.ndim(y) else int(y))  # multi-hot for multi-label data
         if len(imgs) >= n:
             break
     return imgs, labels
@@ -110,12 +110,17 @@ def representative_fn(datasets, steps: int, size: int) -> Callable[[], Iterator[
 
 # ---------------------------------------------------------------- the check
 
-def compare(reference: np.ndarray, exported: np.ndarray, tie_tolerance: float = TIE_TOLERANCE) -> dict[str, Any]:
+def compare(reference: np.ndarray, exported: np.ndarray, tie_tolerance: float = TIE_TOLERANCE,
+            thresholds: Sequence[float] | None = None) -> dict[str, Any]:
     """Top-1 agreement and probability differences between the Keras model and an export.
 
     The export's top-1 (its argmax, as a user reads it) agrees when the Keras model gives that class its
     highest probability, within `tie_tolerance` (a tie in the Keras model may go either way). A tie in a
     quantized output is not excused: argmax then picks the first tied class, which is what the user gets.
+
+    With `thresholds` (a multi-label model's sigmoid outputs), `label_agreement` is the fraction of images whose
+    set of labels at the thresholds is the same, a Keras probability within `tie_tolerance` of its threshold going
+    either way; it is then the agreement that the check requires.
 
     Example:
         >>> compare(np.array([[0.9, 0.1]]), np.array([[0.8, 0.2]]))["top1_agreement"]
@@ -129,17 +134,30 @@ def compare(reference: np.ndarray, exported: np.ndarray, tie_tolerance: float = 
     top, ref_top = exported.argmax(-1), reference.argmax(-1)
     agree = reference[np.arange(n), top] >= reference.max(-1) - tie_tolerance
     diff = np.abs(reference - exported)
-    return {"num_images": int(n), "top1_agreement": float(agree.mean()) if n else 0.0,
-            "strict_top1_agreement": float((ref_top == top).mean()) if n else 0.0,
-            "max_abs_diff": float(diff.max()) if n else 0.0, "mean_abs_diff": float(diff.mean()) if n else 0.0}
+    out = {"num_images": int(n), "top1_agreement": float(agree.mean()) if n else 0.0,
+           "strict_top1_agreement": float((ref_top == top).mean()) if n else 0.0,
+           "max_abs_diff": float(diff.max()) if n else 0.0, "mean_abs_diff": float(diff.mean()) if n else 0.0}
+    if thresholds is not None:
+        t = np.asarray(thresholds, np.float64)
+        same = ((exported >= t) == (reference >= t)) | (np.abs(reference - t) <= tie_tolerance)
+        out["label_agreement"] = float(same.all(1).mean()) if n else 0.0
+    return out
+
+
+def agreement_of(check: dict[str, Any]) -> float:
+    """The agreement a check requires: the label-set agreement of a multi-label export, else the top-1 agreement;
+    the lower of the SavedModel's two signatures."""
+    key = "label_agreement" if "label_agreement" in check else "top1_agreement"
+    return min(check[key], check.get("bytes_signature", check)[key])
 
 
 def check_export(model, predictor, samples: Samples, min_agreement: float, max_abs_diff: float | None = None,
-                 tie_tolerance: float = TIE_TOLERANCE) -> dict[str, Any]:
+                 tie_tolerance: float = TIE_TOLERANCE, thresholds: Sequence[float] | None = None) -> dict[str, Any]:
     """Runs the samples through the Keras model and the loaded export; returns the figures and `passed`.
 
-    It passes when the top-1 agreement is at least `min_agreement` and (when given) no probability differs
-    by more than `max_abs_diff`.
+    It passes when the top-1 agreement (with `thresholds`, a multi-label model's: the agreement of the label
+    sets, `compare`) is at least `min_agreement` and (when given) no probability differs by more than
+    `max_abs_diff`.
 
     For a SavedModel both signatures are checked: raw uint8 images (original sizes) and PNG bytes.
     """
@@ -151,19 +169,23 @@ def check_export(model, predictor, samples: Samples, min_agreement: float, max_a
     ref = np.concatenate([np.asarray(call_model(model, resize_batch(samples.images[i:i + 32], size)))
                           for i in range(0, len(samples.images), 32)])
     got = predictor.predict(samples.images)
-    result = compare(ref, got, tie_tolerance)
+    result = compare(ref, got, tie_tolerance, thresholds)
     result["source"] = samples.source
-    agreement = result["top1_agreement"]
     if isinstance(predictor, SavedModelPredictor):
         encoded = [tf.io.encode_png(img).numpy() for img in samples.images]
         b = np.concatenate([predictor.predict_bytes(encoded[i:i + 32]) for i in range(0, len(encoded), 32)])
-        result["bytes_signature"] = compare(ref, b, tie_tolerance)
-        agreement = min(agreement, result["bytes_signature"]["top1_agreement"])
+        result["bytes_signature"] = compare(ref, b, tie_tolerance, thresholds)
         result["max_abs_diff"] = max(result["max_abs_diff"], result["bytes_signature"]["max_abs_diff"])
+    agreement = agreement_of(result)
     if samples.labels is not None and samples.labels:
         y = np.asarray(samples.labels)
-        result["keras_accuracy"] = float((ref.argmax(-1) == y).mean())
-        result["export_accuracy"] = float((got.argmax(-1) == y).mean())
+        if thresholds is not None and y.ndim == 2:  # multi-label: the whole label set right (exact match)
+            t = np.asarray(thresholds)
+            result["keras_exact_match"] = float(((ref >= t) == (y > 0.5)).all(1).mean())
+            result["export_exact_match"] = float(((got >= t) == (y > 0.5)).all(1).mean())
+        elif y.ndim == 1:
+            result["keras_accuracy"] = float((ref.argmax(-1) == y).mean())
+            result["export_accuracy"] = float((got.argmax(-1) == y).mean())
     result["tie_tolerance"] = float(tie_tolerance)
     result["min_agreement"] = float(min_agreement)
     result["max_abs_diff_allowed"] = max_abs_diff
@@ -212,7 +234,8 @@ def tolerances(fmt: str, quantize: str, mixed: bool, min_agreement: float | None
 
 def summary_line(check: dict[str, Any], threshold: float, diff_bound: float | None) -> str:
     """The one line that reports a check."""
-    line = (f"[tlkit] check: {check['num_images']} images, top-1 agreement {check['top1_agreement']:.2%} "
+    what = "label-set agreement" if "label_agreement" in check else "top-1 agreement"
+    line = (f"[tlkit] check: {check['num_images']} images, {what} {agreement_of(check):.2%} "
             f"(threshold {threshold:.0%}), max |Δp| {check['max_abs_diff']:.2e}"
             f"{'' if diff_bound is None else f' (bound {diff_bound:g})'}: {'passed' if check['passed'] else 'FAILED'}")
     if "bytes_signature" in check:
@@ -223,8 +246,9 @@ def summary_line(check: dict[str, Any], threshold: float, diff_bound: float | No
 def failure_message(check: dict[str, Any], fmt: str, artifact: str, export_json: str, threshold: float,
                     diff_bound: float | None) -> str:
     """The message of the `ParityError` of a failed check (`export_json`: the export's export.json)."""
-    agreement = min(check["top1_agreement"], check.get("bytes_signature", check)["top1_agreement"])
-    why = (f"top-1 agreement {agreement:.2%} < {threshold:.0%}" if not check["agreement_ok"] else
+    agreement = agreement_of(check)
+    what = "label-set agreement" if "label_agreement" in check else "top-1 agreement"
+    why = (f"{what} {agreement:.2%} < {threshold:.0%}" if not check["agreement_ok"] else
            f"max |Δp| {check['max_abs_diff']:.3g} > {diff_bound:g}")
     return (f"The {fmt} export at {artifact} disagrees with the Keras model: {why} (agreement "
             f"{agreement:.2%}, max |Δp| {check['max_abs_diff']:.3g}); see {export_json}.")

@@ -136,7 +136,8 @@ def plot_misclassified(examples: Sequence[dict[str, Any]], class_names: Sequence
 
     Args:
         examples: Dicts with `image` (uint8 [H, W, 3]), `true`, `pred` (label indices), `prob` (probability of the
-            prediction) and `prob_true` (probability of the true class), as `evaluate` collects them.
+            prediction) and `prob_true` (probability of the true class), as `evaluate` collects them; or, for
+            multi-label errors, `image` and `caption` (the text above the image).
         class_names: Class names, index = label.
         path: Where to write the PNG. Defaults to `None` (not written).
         cols: Images per row. Defaults to `4`.
@@ -158,7 +159,8 @@ def plot_misclassified(examples: Sequence[dict[str, Any]], class_names: Sequence
         _save(fig, path)
         return fig
     rows = math.ceil(count / cols)
-    fig.suptitle(f"{title}: true / predicted (probability)", fontsize=11)
+    captions = all("caption" in ex for ex in examples)  # multi-label: missed and spurious labels
+    fig.suptitle(title if captions else f"{title}: true / predicted (probability)", fontsize=11)
     for k, ex in enumerate(examples):
         ax = fig.add_subplot(rows, cols, k + 1)
         img = np.asarray(ex["image"])
@@ -167,9 +169,59 @@ def plot_misclassified(examples: Sequence[dict[str, Any]], class_names: Sequence
         ax.imshow(img, interpolation="nearest" if img.shape[0] < 96 else "antialiased")
         ax.set_xticks([])
         ax.set_yticks([])
+        if captions:
+            ax.set_title(ex["caption"], fontsize=8, color="#b00000")
+            continue
         t, p = class_names[int(ex["true"])], class_names[int(ex["pred"])]
         ax.set_title(f"true: {_short(t, 16)} ({ex.get('prob_true', 0.0):.2f})\npred: {_short(p, 16)} "
                      f"({ex['prob']:.2f})", fontsize=8, color="#b00000")
+    _save(fig, path)
+    return fig
+
+
+def plot_pr_curves(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], path: str | None = None,
+                   thresholds: Sequence[float] | None = None, title: str = "Precision-recall",
+                   max_classes: int = 20) -> Figure:
+    """Draws each class's precision-recall curve (multi-label), its AP in the legend and its threshold marked.
+
+    Args:
+        y_true: Multi-hot labels [N, C].
+        probs: Sigmoid outputs [N, C].
+        class_names: Class names, index = column.
+        path: Where to write the PNG. Defaults to `None` (not written).
+        thresholds: Per-class thresholds, marked on each curve. Defaults to `None`.
+        title: Figure title. Defaults to `"Precision-recall"`.
+        max_classes: Draw at most this many classes, the lowest AP first. Defaults to `20`.
+
+    Example:
+        plot_pr_curves(y, p, class_names, "pr_curves.png", thresholds)
+    """
+    from tlkit.engine.metrics_multilabel import average_precision, pr_curve
+
+    y_true, probs = np.asarray(y_true), np.asarray(probs)
+    aps = [average_precision(y_true[:, c], probs[:, c]) for c in range(probs.shape[1])]
+    order = sorted((c for c in range(len(aps)) if aps[c] is not None), key=lambda c: aps[c])[:max_classes]
+    fig = _figure((7.5, 6.0))
+    ax = fig.add_subplot(1, 1, 1)
+    for c in order:
+        recall, precision = pr_curve(y_true[:, c], probs[:, c])
+        line, = ax.step(np.r_[0.0, recall], np.r_[precision[:1], precision], where="post",
+                        label=f"{_short(class_names[c])} (AP {aps[c]:.2f})")
+        if thresholds is not None:
+            pred = probs[:, c] >= thresholds[c]
+            tp = float((pred & (y_true[:, c] > 0.5)).sum())
+            r, p = tp / max(float((y_true[:, c] > 0.5).sum()), 1.0), tp / max(float(pred.sum()), 1.0)
+            ax.plot([r], [p], "o", color=line.get_color(), markersize=6)
+    if not order:
+        ax.text(0.5, 0.5, "no class with a positive image", ha="center", va="center", fontsize=12)
+    ax.set_xlim(0.0, 1.02)
+    ax.set_ylim(0.0, 1.05)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"{title} (dots: the thresholds)" if thresholds is not None else title, fontsize=11)
+    if order:
+        ax.legend(loc="lower left", fontsize=7)
     _save(fig, path)
     return fig
 
@@ -218,7 +270,8 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | None = None,
     axes = fig.subplots(1, 2)
     epochs = _series(history, "epoch")
     spans = _stage_spans(history) if history else []
-    for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
+    score = "map" if any("map" in r or "val_map" in r for r in history) else "accuracy"  # multi-label: mAP
+    for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], score, score)):
         for prefix, style, name in (("", "-", "train"), ("val_", "--", "validation")):
             y = _series(history, prefix + key)
             if np.isfinite(y).any():
@@ -241,7 +294,7 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | None = None,
                 ax.set_xticks(range(1, int(epochs.max()) + 1))
         ax.legend(loc="best", fontsize=8)
     axes[0].set_title("loss (lower is better)", fontsize=10)
-    axes[1].set_title("accuracy", fontsize=10)
+    axes[1].set_title("mean average precision (PR AUC)" if score == "map" else "accuracy", fontsize=10)
     if title:
         fig.suptitle(title, fontsize=11)
     _save(fig, path)
@@ -310,7 +363,9 @@ def plot_objective_vs_lr(rows: list[dict[str, Any]], objective: str, lr_name: st
         ys = [float(r[objective]) for r in done] or [0.0]
         ax.plot(failed, [min(ys)] * len(failed), "x", color="red", markersize=9, label="failed trial")
     if done:
-        best = (max if objective.endswith("accuracy") else min)(done, key=lambda r: r[objective])
+        from tlkit.core.verb_configs import maximised
+
+        best = (max if maximised(objective) else min)(done, key=lambda r: r[objective])
         ax.plot([float(best[lr_name])], [float(best[objective])], "*", color="black", markersize=14,
                 label=f"best (trial {best['trial']})")
     ax.set_xscale("log")

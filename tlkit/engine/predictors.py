@@ -23,7 +23,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from tlkit.core.errors import ConfigError, DataError, first_line
-from tlkit.models.classifier import load_model_and_labels, read_labels
+from tlkit.models.classifier import is_multi_label, load_model_and_labels, read_labels
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 FORMAT_FILES = {"keras": "model.keras", "tflite": "model.tflite", "onnx": "model.onnx"}
@@ -136,18 +136,31 @@ class Predictor:
     tta_flip: bool = True  # flipped TTA views; `load` turns them off for a run trained without flips
     # Top probability below which `predict_classes` answers "unknown" (`engine.ood`; `load` reads the run's ood.json).
     reject_below: float | None = None
+    # A multi-label model's per-class thresholds (`load` reads its thresholds.json); `None` for a single-label one.
+    thresholds: np.ndarray | None = None
 
-    def predict_classes(self, images: Any, batch_size: int = 32, tta: int = 0) -> list[str]:
+    @property
+    def multi_label(self) -> bool:
+        """Whether the model is multi-label (a sigmoid per class, a threshold per class)."""
+        return self.thresholds is not None
+
+    def predict_classes(self, images: Any, batch_size: int = 32, tta: int = 0) -> list:
         """The predicted class name of each image, or `"unknown"` where its top probability is below
-        `reject_below` (stored by `tlkit evaluate --ood`; `None`: never unknown).
+        `reject_below` (stored by `tlkit evaluate --ood`; `None`: never unknown). For a multi-label model, the
+        list of the classes at or above their thresholds, most probable first.
 
         Example:
             tlkit.load("runs/x").predict_classes(["cat.jpg", "noise.png"])
             # -> ['cat', 'unknown']
         """
+        probs = self.predict(images, batch_size, tta)
+        if self.multi_label:
+            from tlkit.engine.metrics_multilabel import labels_above
+
+            return [[c for c, _ in found] for found in labels_above(probs, self.thresholds, self.class_names)]
         from tlkit.core.rejection import label_of
 
-        return label_of(self.predict(images, batch_size, tta), self.class_names, self.reject_below)
+        return label_of(probs, self.class_names, self.reject_below)
 
     def predict(self, images: Any, batch_size: int = 32, tta: int = 0) -> np.ndarray:
         """Class probabilities of images.
@@ -423,6 +436,11 @@ def load(path: str) -> Predictor:
     from tlkit.core.rejection import read_rejection
 
     predictor.reject_below = read_rejection(path)
+    from tlkit.engine import metrics_multilabel as ML
+
+    predictor.thresholds = ML.read_thresholds(path, predictor.class_names)  # thresholds.json: a multi-label model
+    if predictor.thresholds is None and isinstance(predictor, KerasPredictor) and is_multi_label(predictor.model):
+        predictor.thresholds = ML.thresholds_or_default(None, predictor.class_names)
     return predictor
 
 

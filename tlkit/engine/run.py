@@ -16,7 +16,7 @@ from tlkit.core.config_io import absolute_paths
 from tlkit.core.errors import TrainingError
 from tlkit.engine import adapt, checkpoints, class_weights, features, interrupts, resume, run_folder, weights_format
 from tlkit.engine import setup as engine_setup
-from tlkit.engine.loop import run_stages
+from tlkit.engine.loop import monitor_metric, run_stages
 from tlkit.engine import lr_range
 from tlkit.engine.metrics import per_class_table, summary_table, training_report
 from tlkit.engine.setup import RunResult
@@ -43,6 +43,7 @@ def finetune_run(cfg: FinetuneConfig) -> RunResult:
     run = engine_setup.setup_run(cfg)
     spec, rt, size, data = run.spec, run.rt, run.size, run.data
     cfg, imbalance = class_weights.resolve(run.cfg, data)  # --class-weight balanced -> numbers, before config.yaml
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, multi_label=data.multi_label))  # as decided
     out_dir = cfg.output_dir or rundir.default_run_dir(spec.name, data.name)
     resolved = absolute_paths(dataclasses.replace(cfg, output_dir=out_dir))
     resolved = resume.open_run_dir(out_dir, resolved)  # refuses a non-empty folder unless --overwrite/--resume
@@ -51,7 +52,7 @@ def finetune_run(cfg: FinetuneConfig) -> RunResult:
 
     train_ds, val_ds, test_ds, plain_ds = engine_setup.make_pipelines(resolved, data, size, out_dir)
     clf, feats = engine_setup.build_model(spec, run.base, data.num_classes, resolved, size, rt, plain_ds, val_ds,
-                                          class_names=data.class_names)
+                                          class_names=data.class_names, multi_label=data.multi_label)
     model = clf.model
     del run
     steps = math.ceil(data.train.count / resolved.data.batch_size)
@@ -62,10 +63,11 @@ def finetune_run(cfg: FinetuneConfig) -> RunResult:
                            head_on_features=features.head_on_features(resolved))
     print(f"[tlkit] {spec.name} on {data.name}: {data.train.count} train / "
           f"{data.val.count if data.val else 0} val / {data.test.count if data.test else 0} test images, "
-          f"{data.num_classes} classes, {size}px, batch {resolved.data.batch_size}; {rt.describe()}", flush=True)
+          f"{data.num_classes} {'labels (multi-label)' if data.multi_label else 'classes'}, {size}px, batch "
+          f"{resolved.data.batch_size}; {rt.describe()}", flush=True)
     t0 = time.time()
     failure: TrainingError | None = None
-    monitor = "val_accuracy" if val_ds is not None else "accuracy"
+    monitor = monitor_metric(data.multi_label, val_ds is not None)
     state = checkpoints.load_state(out_dir) if resolved.resume else None
     if state is not None:
         checkpoints.check_plan(state, plan, out_dir)
@@ -100,7 +102,8 @@ def finetune_run(cfg: FinetuneConfig) -> RunResult:
         raise TrainingError(f"{failure} No epoch had finished with a finite loss, so no model was saved.")
     if os.path.exists(best):
         weights_format.load_weights(model, best)  # the weights only, not the optimizer state stored with them
-    metrics = run_folder.split_metrics(model, {"val": val_ds, "test": test_ds}, data.class_names)
+    metrics = run_folder.split_metrics(model, {"val": val_ds, "test": test_ds}, data.class_names,
+                                       thresholds_dir=out_dir)  # multi-label: thresholds.json, chosen on val
     summary = {k: {kk: vv for kk, vv in m.items() if kk not in ("per_class", "confusion_matrix")}
                for k, m in metrics.items()}
     ran = [s for s in plan if not s.adaptive] + ([adapter.stage] if adapter.stage is not None else [])
@@ -125,9 +128,11 @@ def _report(metrics: dict, summary: dict, imbalance, overfitting: dict | None, s
     """Prints the metrics table, the per-class table of imbalanced data, the overfitting note and the skipped
     files."""
     print(summary_table(summary), flush=True)
-    if imbalance and metrics:  # imbalanced data: the per-class table (worst first) next to the mean per-class accuracy
+    multi = any("mean_average_precision" in m for m in metrics.values())
+    if (imbalance or multi) and metrics:  # the per-class table (worst first): imbalanced data, or multi-label
         split = "test" if "test" in metrics else next(iter(metrics))
-        print(f"\nper class ({split}, worst F1 first):\n{per_class_table(metrics[split], limit=10)}", flush=True)
+        worst = "AP" if multi else "F1"
+        print(f"\nper class ({split}, worst {worst} first):\n{per_class_table(metrics[split], limit=10)}", flush=True)
     if overfitting:
         print(f"[tlkit] {overfitting['message']}", flush=True)
     if skipped:

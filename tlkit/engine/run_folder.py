@@ -38,22 +38,36 @@ def write_labels(out_dir: str, class_names: Sequence[str]) -> None:
 
 
 def split_metrics(model, splits: Mapping[str, Any], class_names: Sequence[str],
-                  predict: Callable[[Any], tuple] | None = None) -> dict[str, dict[str, Any]]:
+                  predict: Callable[[Any], tuple] | None = None,
+                  thresholds_dir: str | None = None) -> dict[str, dict[str, Any]]:
     """`{split: compute_metrics(...)}` of `model` on every dataset in `splits` that is not `None`.
+
+    A multi-label model (`is_multi_label`) gets `compute_multilabel_metrics` at per-class thresholds chosen on the
+    `val` split (the best F1 of each class; 0.5 without it), written to `thresholds_dir/thresholds.json` when given.
 
     Args:
         model: The classifier.
         splits: `{name: batched (images, one-hot labels) dataset or None}`, e.g. `{"val": ..., "test": ...}`.
         class_names: Names of the output columns.
         predict: `predict(ds) -> (y_true, probs)`, a prediction loop to reuse. Defaults to `predict_split`.
+        thresholds_dir: Where a multi-label model's `thresholds.json` goes. Defaults to `None` (not written).
     """
-    predict = predict or (lambda ds: predict_split(model, ds))
-    out: dict[str, dict[str, Any]] = {}
-    for name, ds in splits.items():
-        if ds is not None:
-            y, p = predict(ds)
-            out[name] = compute_metrics(y, p, class_names)
-    return out
+    from tlkit.models.classifier import is_multi_label
+
+    multi = is_multi_label(model)
+    predict = predict or (lambda ds: predict_split(model, ds, multi_label=multi))
+    outputs = {name: predict(ds) for name, ds in splits.items() if ds is not None}
+    if not multi:
+        return {name: compute_metrics(y, p, class_names) for name, (y, p) in outputs.items()}
+    from tlkit.engine import metrics_multilabel as ML
+
+    val = outputs.get("val")
+    chosen = [ML.best_threshold(val[0][:, c], val[1][:, c]) for c in range(len(class_names))] if val else None
+    thresholds = [t for t, _ in chosen] if chosen else [ML.DEFAULT_THRESHOLD] * len(class_names)
+    if thresholds_dir is not None:
+        ML.write_thresholds(os.path.join(thresholds_dir, ML.THRESHOLDS_FILE), class_names, thresholds,
+                            "val" if chosen else None, [f for _, f in chosen] if chosen else None)
+    return {name: ML.compute_multilabel_metrics(y, p, thresholds, class_names) for name, (y, p) in outputs.items()}
 
 
 def stage_records(stages: Sequence) -> list[dict[str, Any]]:

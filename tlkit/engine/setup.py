@@ -175,12 +175,14 @@ def feature_stats(feats: HeadFeatures) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_model(spec, base: keras.Model, num_classes: int, cfg, size: int, rt, plain_ds, val_ds,
-                class_names: list[str] | None = None) -> tuple[Classifier, HeadFeatures]:
+                class_names: list[str] | None = None, multi_label: bool = False) -> tuple[Classifier, HeadFeatures]:
     """The classifier with its head standardising the backbone's features, and those features.
 
     The features of the un-augmented training images (and of the validation images) are computed once through
     the backbone; their per-feature mean and variance become the constants of the head's `feature_norm` layer, and
     the same features train the head stage (`HeadFeatures`, passed to `loop.run_stages`).
+
+    With `multi_label`, the head ends in a sigmoid per class (`build_classifier`).
 
     Returns:
         `(classifier, features)`: a `Classifier` record and the `HeadFeatures`.
@@ -190,6 +192,6 @@ def build_model(spec, base: keras.Model, num_classes: int, cfg, size: int, rt, p
     feats = HeadFeatures.lazy(plain_ds, val_ds).get(probe, rt.jit_compile)
     with rt.scope():
         clf = Classifier.build(spec, num_classes, cfg.model, size, base=base, feature_stats=feature_stats(feats),
-                               class_names=class_names)
+                               class_names=class_names, multi_label=multi_label)
     del probe
     return clf, feats

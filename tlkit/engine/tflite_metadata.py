@@ -174,7 +174,9 @@ def write_for_export(flat: bytes, class_names: Sequence[str], source: str, run_c
     base = os.path.basename(os.path.normpath(base)) if base else None  # a .keras path: its file name
     data = getattr(run_cfg, "data", None)
     data_name = getattr(data, "dataset", None) or getattr(data, "image_dir", None)
-    description = (f"Image classifier of {len(class_names)} classes trained with tlkit"
+    kind = "Multi-label image classifier (a sigmoid per class)" if getattr(data, "multi_label", None) else \
+        "Image classifier"
+    description = (f"{kind} of {len(class_names)} classes trained with tlkit"
                    f"{f' from {base}' if base else ''}{f' on {data_name}' if data_name else ''}; "
                    f"TFLite {'float32' if quantize == 'none' else quantize}"
                    f"{f' ({int8_input} input)' if quantize == 'int8' else ''}. Input RGB 0..255.")

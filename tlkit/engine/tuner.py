@@ -18,7 +18,7 @@ from keras_tuner.engine.trial import TrialStatus  # public
 
 from tlkit.core import config as C
 from tlkit.core import rundir
-from tlkit.core.verb_configs import TUNERS, TuneConfig
+from tlkit.core.verb_configs import TUNERS, TuneConfig, maximised
 from tlkit.core.errors import (BackboneError, ConfigError, DataError, OfflineError, OutputExistsError,
                                TrainingError, first_line)
 from tlkit.core import private
@@ -166,7 +166,7 @@ def role() -> str:
 
 def make_oracle(tc: TuneConfig, seed: int, max_epochs: int) -> kt.Oracle:
     """The KerasTuner oracle of `tc.tuner`."""
-    direction = "max" if tc.objective.endswith("accuracy") else "min"
+    direction = "max" if maximised(tc.objective) else "min"
     common = dict(objective=kt.Objective(tc.objective, direction), seed=seed, max_retries_per_trial=0,
                   max_consecutive_failed_trials=tc.max_consecutive_failures)
     if tc.tuner == "random":

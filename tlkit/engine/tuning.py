@@ -24,7 +24,7 @@ import keras_tuner as kt
 from tlkit.core import config as C
 from tlkit.core import runtime
 from tlkit.core.config import FinetuneConfig
-from tlkit.core.verb_configs import TuneConfig
+from tlkit.core.verb_configs import TuneConfig, maximised
 from tlkit.core.errors import TrainingError
 from tlkit.data import Datasets, make_dataset
 from tlkit.engine import features as F
@@ -166,7 +166,7 @@ class TlkitHyperModel(kt.HyperModel):
         cfg = self.trial_config(values)
         with self.rt.scope():
             return build_classifier(self.spec, self.data.num_classes, cfg.model, self.image_size,
-                                    feature_stats=self.feature_stats)
+                                    feature_stats=self.feature_stats, multi_label=self.data.multi_label)
 
     def fit(self, hp: kt.HyperParameters, model: keras.Model, *args, callbacks: Sequence[Any] | None = None,
             epochs: int | None = None, initial_epoch: int = 0, **kwargs) -> dict[str, float]:
@@ -215,7 +215,7 @@ def _best_epoch(rows: list[dict[str, float]], objective: str) -> dict[str, float
     finite = [r for r in rows if math.isfinite(r.get(objective, float("nan")))]
     if not finite:
         raise kt.errors.FailedTrialError(f"no epoch gave a finite {objective}")
-    pick = max if objective.endswith("accuracy") else min
+    pick = max if maximised(objective) else min
     best = pick(finite, key=lambda r: r[objective])
     out = {k: v for k, v in best.items() if math.isfinite(v)}
     out["epochs"] = float(len(rows))
@@ -283,7 +283,7 @@ def summary_table(rows: list[dict[str, Any]], objective: str, hm: TlkitHyperMode
     """The printed table: the best `top` completed trials, then the failed ones."""
     names = value_names(hm)
     done = [r for r in rows if r["status"] == "COMPLETED"]
-    done.sort(key=lambda r: r[objective], reverse=objective.endswith("accuracy"))
+    done.sort(key=lambda r: r[objective], reverse=maximised(objective))
     failed = [r for r in rows if r["status"] != "COMPLETED"]
     cols = ["rank", "trial", objective] + names + ["seconds", "status"]
     table = []

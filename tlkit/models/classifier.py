@@ -63,7 +63,8 @@ def preprocessing(mode: str, x: keras.KerasTensor, scale: float | tuple[float, .
 
 def build_classifier(spec: BackboneSpec, num_classes: int, cfg: ModelConfig, image_size: int,
                      base: keras.Model | None = None,
-                     feature_stats: tuple[np.ndarray, np.ndarray] | None = None) -> keras.Model:
+                     feature_stats: tuple[np.ndarray, np.ndarray] | None = None,
+                     multi_label: bool = False) -> keras.Model:
     """Builds backbone + classification head.
 
     Args:
@@ -75,10 +76,13 @@ def build_classifier(spec: BackboneSpec, num_classes: int, cfg: ModelConfig, ima
         feature_stats: `(mean, variance)` of the pooled backbone features over the training images
             (`engine.setup.feature_stats`): the head standardises the features with them (a frozen
             `Normalization` layer, constants in the saved model). Defaults to `None` (mean 0, variance 1).
+        multi_label: A sigmoid per class (independent probabilities, several labels an image) in place of the
+            softmax. Defaults to `False`.
 
     Returns:
         A functional `keras.Model` from float32 images [B, S, S, 3] in 0..255 to float32 class
-        probabilities. Its layer `"backbone"` is the base, `"logits"` the pre-softmax outputs.
+        probabilities. Its layer `"backbone"` is the base, `"logits"` the pre-softmax (pre-sigmoid) outputs,
+        `"probs"` the float32 softmax (sigmoid) that `is_multi_label` reads.
 
     Example:
         m = build_classifier(get_backbone("resnet50"), 5, ModelConfig(weights="none"), 32)
@@ -110,12 +114,33 @@ def build_classifier(spec: BackboneSpec, num_classes: int, cfg: ModelConfig, ima
     x = keras.layers.Dropout(cfg.dropout, name="head_dropout")(x)
     reg = keras.regularizers.L2(cfg.l2) if cfg.l2 else None
     logits = keras.layers.Dense(num_classes, kernel_regularizer=reg, kernel_initializer="zeros", name="logits")(x)
-    probs = keras.layers.Activation("softmax", dtype="float32", name="probs")(logits)
+    probs = keras.layers.Activation(output_activation(multi_label), dtype="float32", name="probs")(logits)
     model = keras.Model(inputs, probs, name=f"tlkit_{spec.name}")
     for layer in model.layers:
         if layer.name == "preprocess":
             layer.trainable = False
     return model
+
+
+def output_activation(multi_label: bool) -> str:
+    """The activation of the `probs` layer: `sigmoid` for multi-label, else `softmax`."""
+    return "sigmoid" if multi_label else "softmax"
+
+
+def is_multi_label(model: keras.Model) -> bool:
+    """Whether a classifier is multi-label: its float32 `probs` layer (or, for another model, its last layer) is a
+    sigmoid. The saved model itself records it, so every loader knows without a side file.
+
+    Example:
+        >>> is_multi_label(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="sigmoid")]))
+        True
+    """
+    try:
+        layer = model.get_layer("probs")
+    except ValueError:
+        layer = model.layers[-1]
+    activation = getattr(layer, "activation", None)
+    return getattr(activation, "__name__", str(activation)) == "sigmoid"
 
 
 def get_base(model: keras.Model) -> keras.Model:
@@ -192,7 +217,7 @@ def fold_feature_norm(model: keras.Model) -> keras.Model:
     logits = folded(x)
     folded.set_weights([(kernel / std[:, None]).astype(np.float32),
                         (bias - (mean / std) @ kernel).astype(np.float32)])
-    probs = keras.layers.Activation("softmax", dtype="float32", name="probs")(logits)
+    probs = keras.layers.Activation(output_activation(is_multi_label(model)), dtype="float32", name="probs")(logits)
     return keras.Model(model.inputs, probs, name=model.name)
 
 
@@ -311,9 +336,10 @@ class Classifier:
     @classmethod
     def build(cls, spec: BackboneSpec, num_classes: int, cfg: ModelConfig, image_size: int,
               base: keras.Model | None = None, feature_stats: tuple[np.ndarray, np.ndarray] | None = None,
-              class_names: list[str] | None = None) -> "Classifier":
+              class_names: list[str] | None = None, multi_label: bool = False) -> "Classifier":
         """`build_classifier` wrapped in its record (same arguments)."""
-        return cls(build_classifier(spec, num_classes, cfg, image_size, base=base, feature_stats=feature_stats),
+        return cls(build_classifier(spec, num_classes, cfg, image_size, base=base, feature_stats=feature_stats,
+                                    multi_label=multi_label),
                    spec, list(class_names) if class_names is not None else None)
 
     @classmethod
@@ -345,6 +371,11 @@ class Classifier:
     @property
     def num_classes(self) -> int:
         return int(self.model.output_shape[-1])
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether the model is multi-label (a sigmoid per class; `is_multi_label`)."""
+        return is_multi_label(self.model)
 
     def set_trainable(self, stages: set[int] | None, train_bn: bool = False) -> int:
         """Freezes the backbone except `stages` (`None`: all, empty: none); the head always trains.

@@ -40,7 +40,7 @@ from tlkit.engine import run_folder
 from tlkit.engine.metrics import predict_split
 from tlkit.engine.setup import RunResult
 from tlkit.models import strategies
-from tlkit.models.classifier import load_model_and_labels
+from tlkit.models.classifier import is_multi_label, load_model_and_labels
 
 
 class _LogOf(keras.layers.Layer):
@@ -92,6 +92,10 @@ def probs_at_size(classifier: keras.Model, image_size: int) -> keras.Model:
     x = inp = keras.Input((image_size, image_size, 3), dtype="float32")
     x = keras.layers.Resizing(own, own)(x)
     return keras.Model(inp, classifier(x), name=f"{classifier.name}_at_{image_size}")
+
+
+MULTI_LABEL_REFUSAL = ("distill handles single-label (softmax) classifiers only; multi-label distillation (a sigmoid "
+                       "per class) is not implemented: fine-tune the small backbone directly instead.")
 
 
 def distillation_terms(y_true, student_logits, teacher_logits, temperature: float, label_smoothing: float = 0.0):
@@ -282,8 +286,12 @@ def distill(cfg: FinetuneConfig, dcfg: DistillConfig) -> RunResult:
         raise ConfigError(f"--cache-teacher needs a training split without augmentation (--augment none), got "
                           f"--augment {cfg.data.augment}: the teacher must see the augmented images.")
     teacher, teacher_labels, _ = load_model_and_labels(dcfg.teacher)
+    if is_multi_label(teacher) or cfg.data.multi_label or cfg.data.label_delimiter is not None:
+        raise ConfigError(MULTI_LABEL_REFUSAL)
     run = engine_setup.setup_run(cfg, default_size=int(teacher.input_shape[1]))
     cfg, spec, rt, size, data = run.cfg, run.spec, run.rt, run.size, run.data
+    if data.multi_label:
+        raise ConfigError(MULTI_LABEL_REFUSAL)
     if int(teacher.output_shape[-1]) != data.num_classes:
         raise DataError(f"The teacher {dcfg.teacher!r} predicts {teacher.output_shape[-1]} classes but the data has "
                         f"{data.num_classes}.")

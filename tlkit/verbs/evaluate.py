@@ -1,5 +1,7 @@
 """`tlkit evaluate`: metrics of a trained classifier on a split (loss, top-1, top-5, mean per-class accuracy,
-per-class report, confusion matrix, worst errors), written next to the run (`engine/metrics.py`)."""
+per-class report, confusion matrix, worst errors), written next to the run (`engine/metrics.py`); for a multi-label
+model mAP, micro/macro F1 at its thresholds, per-class precision-recall curves and the worst examples
+(`engine/metrics_multilabel.py`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,6 +9,7 @@ import os
 from typing import Any
 
 import keras
+import numpy as np
 
 from tlkit.core import rundir
 from tlkit.core.config import DataConfig
@@ -18,7 +21,7 @@ from tlkit.engine import ood as ood_scores
 from tlkit.engine import plots
 from tlkit.engine import tta as tta_views
 from tlkit.engine.metrics import compute_metrics, confusion_csv_rows, most_confused, predict_with_errors
-from tlkit.models.classifier import load_model_and_labels
+from tlkit.models.classifier import is_multi_label, load_model_and_labels
 
 
 def evaluate(model: str | keras.Model, data: DataConfig, split: str = E.split, batch_size: int | None = None,
@@ -63,15 +66,22 @@ def evaluate(model: str | keras.Model, data: DataConfig, split: str = E.split, b
     tta = tta_views.check_n(tta, flip)
     reject_below = ood_scores.check_reject_below(reject_below)
     ood = ood_scores.check_ood_dir(ood)
-    run_dir = None
+    run_dir, model_path = None, None
     if isinstance(model, keras.Model):
         labels = None
     else:
+        model_path = os.fspath(model)
         model, labels, run_dir = load_model_and_labels(model)
     labels = class_names or labels
     size = int(model.input_shape[1])
-    data = dataclasses.replace(data, image_size=size)
+    multi = is_multi_label(model)
+    if multi and (ood is not None or reject_below is not None):
+        raise ConfigError("--ood and --reject-below apply to single-label models; this model is multi-label (a "
+                          "sigmoid per class, each with its own threshold in thresholds.json).")
+    data = dataclasses.replace(data, image_size=size, multi_label=True if multi else data.multi_label)
     sources = load_sources(data, size, seed)
+    if sources.multi_label and not multi:
+        raise DataError("The data is multi-label (several labels an image) but the model is single-label (softmax).")
     if labels is not None and len(labels) != sources.num_classes:
         raise DataError(f"The model was trained on {len(labels)} classes but the data has {sources.num_classes}.")
     if model.output_shape[-1] != sources.num_classes:
@@ -90,6 +100,12 @@ def evaluate(model: str | keras.Model, data: DataConfig, split: str = E.split, b
     ds = make_dataset(s, size, batch_size or data.batch_size, sources.num_classes, cache="none")
     names = list(sources.class_names)
     forward = tta_views.averaged(lambda x: model(x, training=False), tta, side, flip) if tta else None
+    if output_dir is None and run_dir is not None:
+        output_dir = os.path.join(run_dir, f"eval-{split}")
+    if multi:
+        extra = {"tta": tta_views.describe(tta, side, flip)} if tta else {}
+        return _evaluate_multi_label(model, model_path, ds, s, split, names, num_misclassified, forward, output_dir,
+                                     extra)
     y, p, worst = predict_with_errors(model, ds, keep=num_misclassified, forward=forward)
     metrics = compute_metrics(y, p, names)
     if tta:
@@ -111,8 +127,6 @@ def evaluate(model: str | keras.Model, data: DataConfig, split: str = E.split, b
             metrics["ood"]["stored"] = ood_scores.write_rejection(
                 run_dir, metrics["ood"]["reject_below"], metrics["ood"]["rule"],
                 **{k: metrics["ood"][k] for k in ("known_accepted", "unknown_rejected", "ood_dir") if k in metrics["ood"]})
-    if output_dir is None and run_dir is not None:
-        output_dir = os.path.join(run_dir, f"eval-{split}")
     if output_dir is not None:
         os.makedirs(output_dir, exist_ok=True)
         if "confusion_matrix" in metrics:
@@ -125,6 +139,41 @@ def evaluate(model: str | keras.Model, data: DataConfig, split: str = E.split, b
             metrics["gradcam"] = gradcam.draw_worst(model, worst, names, os.path.join(output_dir,
                                                                                     "misclassified_gradcam.png"),
                                                     title=f"Worst errors ({split}), Grad-CAM of the prediction")
+        rundir.write_json(os.path.join(output_dir, "metrics.json"), metrics)
+        metrics["output_dir"] = output_dir
+    return metrics
+
+
+def _evaluate_multi_label(model: keras.Model, model_path: str | None, ds, split_data, split: str, names: list[str],
+                          num_misclassified: int, forward, output_dir: str | None,
+                          extra: dict[str, Any]) -> dict[str, Any]:
+    """`evaluate` of a multi-label model: mAP, micro/macro F1 and the per-class table at the model's stored thresholds
+    (`thresholds.json`, else 0.5), the worst examples (missed and spurious labels) and, with `output_dir`,
+    `metrics.json`, `pr_curves.png` and `worst_examples.png`; `extra` (the TTA record) goes into the metrics."""
+    from tlkit.engine import metrics_multilabel as ML
+
+    stored = ML.thresholds_path(model_path) if model_path else None
+    thresholds = ML.thresholds_or_default(model_path, names)
+    y, p, worst = ML.predict_with_label_errors(model, ds, thresholds, keep=num_misclassified, forward=forward)
+    metrics = ML.compute_multilabel_metrics(y, p, thresholds, names)
+    metrics.update(extra)  # tta
+    metrics["split"] = split
+    metrics["class_names"] = names
+    metrics["thresholds_from"] = stored or f"{ML.DEFAULT_THRESHOLD} for every class (no thresholds.json)"
+    files = split_data.files if split_data.files is not None and len(split_data.files) == len(y) else None
+    metrics["worst_examples"] = [
+        {"index": e["index"], **({"file": files[e["index"]]} if files else {}),
+         "true": [names[i] for i in np.flatnonzero(y[e["index"]] > 0.5)],
+         "missed": [names[i] for i in e["missed"]], "spurious": [names[i] for i in e["spurious"]],
+         "loss": round(e["loss"], 4)} for e in worst]
+    if output_dir is not None:
+        os.makedirs(output_dir, exist_ok=True)
+        plots.plot_pr_curves(y, p, names, os.path.join(output_dir, "pr_curves.png"), thresholds,
+                             title=f"Precision-recall ({split})")
+        captions = [dict(e, caption="missed: " + (", ".join(names[i] for i in e["missed"]) or "-") + "\nspurious: "
+                         + (", ".join(names[i] for i in e["spurious"]) or "-")) for e in worst]
+        plots.plot_misclassified(captions, names, os.path.join(output_dir, "worst_examples.png"),
+                                 title=f"Worst examples ({split}): missed and spurious labels")
         rundir.write_json(os.path.join(output_dir, "metrics.json"), metrics)
         metrics["output_dir"] = output_dir
     return metrics

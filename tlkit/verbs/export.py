@@ -151,10 +151,11 @@ def export(model: str, format: str = E.format, output: str | None = None, *, qua
     if run_dir is not None and os.path.isfile(os.path.join(run_dir, "ood.json")):  # the run's "unknown" threshold
         with open(os.path.join(run_dir, "ood.json"), encoding="utf-8") as f:
             rundir.write_text(sidecar(artifact, "ood.json"), f.read())
+    thresholds = _write_thresholds(keras_model, model_path, artifact, labels)  # multi-label: thresholds.json
 
     predictor = load(artifact)
     threshold, diff_bound, tie = parity.tolerances(format, quantize, mixed, min_agreement, max_diff, predictor)
-    check = parity.check_export(keras_model, predictor, samples, threshold, diff_bound, tie)
+    check = parity.check_export(keras_model, predictor, samples, threshold, diff_bound, tie, thresholds)
     if format == "tflite":  # which interpreter produced the parity figures
         check["runtime"] = predictor.runtime
     size_bytes = formats.disk_size(artifact)
@@ -173,6 +174,22 @@ def export(model: str, format: str = E.format, output: str | None = None, *, qua
     return ExportResult(artifact, export_dir, format, quantize, size_bytes, check, check["passed"], list(labels))
 
 
+def _write_thresholds(keras_model, model_path: str, artifact: str, labels: Sequence[str]):
+    """A multi-label model's per-class thresholds (its run's or its own `thresholds.json`, else 0.5 each), written
+    beside the export as its `thresholds.json` sidecar, which tells every loader that the export is multi-label;
+    `None` for a single-label model."""
+    from tlkit.engine import metrics_multilabel as ML
+    from tlkit.models.classifier import is_multi_label
+
+    if not is_multi_label(keras_model):
+        return None
+    source = ML.thresholds_path(model_path)
+    thresholds = ML.thresholds_or_default(model_path, labels)
+    ML.write_thresholds(sidecar(artifact, ML.THRESHOLDS_FILE), labels, thresholds,
+                        f"{source} (copied)" if source else None)
+    return thresholds
+
+
 def _export_info(format: str, quantize: str, int8_input: str, artifact: str, export_dir: str, model_path: str,
                  size_bytes: int, size: int, num_classes: int, labels: Sequence[str], mixed: bool, check: dict[str, Any], predictor,
                  calibration_steps: int, tflite_md: Any) -> dict[str, Any]:
@@ -186,6 +203,7 @@ def _export_info(format: str, quantize: str, int8_input: str, artifact: str, exp
         "format": format, "quantize": quantize, "int8_input": int8_input if quantize == "int8" else None,
         "artifact": os.path.basename(os.path.normpath(artifact)) if format != "savedmodel" else ".",
         "size_bytes": size_bytes, "image_size": size, "num_classes": num_classes, "class_names": list(labels),
+        "multi_label": predictor.multi_label,
         "input": model_card.input_description(format, quantize, int8_input, size),
         "source": model_path, "source_precision": "mixed" if mixed else "float32",
         "export_precision": "mixed" if mixed and format == "keras" else "float32", "created": datetime.datetime.now().isoformat(timespec="seconds"),

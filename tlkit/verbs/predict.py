@@ -1,4 +1,5 @@
-"""`tlkit predict`: the top classes of image files, through any tlkit model or export (`engine/predictors.py`).
+"""`tlkit predict`: the top classes of image files, through any tlkit model or export (`engine/predictors.py`); for a
+multi-label model, every class at or above its threshold (`thresholds.json`).
 
 Example:
     result = tlkit.predict("runs/resnet50-shapes-1", ["cat.jpg", "photos/"], top_k=3)
@@ -34,11 +35,20 @@ class Prediction:
     file: str
     top: list[tuple[str, float]]
     unknown: bool = False
+    multi_label: bool = False
 
     @property
     def label(self) -> str:
-        """The answer: the top class, or `"unknown"` when its probability is below the model's threshold."""
+        """The answer: the top class, or `"unknown"` when its probability is below the model's threshold; for a
+        multi-label model the labels at or above their thresholds, space-separated (`""`: none)."""
+        if self.multi_label:
+            return " ".join(self.labels)
         return "unknown" if self.unknown else self.top[0][0]
+
+    @property
+    def labels(self) -> list[str]:
+        """Multi-label: every class at or above its threshold, most probable first (`top` holds them all)."""
+        return [c for c, _ in self.top]
 
 
 @dataclasses.dataclass
@@ -66,7 +76,7 @@ class PredictResult:
 
     def to_dict(self) -> dict[str, Any]:
         out = {"model": self.model, "format": self.format,
-               "predictions": [{"file": p.file, "label": p.label,
+               "predictions": [{"file": p.file, "label": p.label, **({"labels": p.labels} if p.multi_label else {}),
                                 "top": [{"class": c, "probability": pr} for c, pr in p.top]}
                                for p in self.predictions],
                "skipped": [{"file": f, "error": e} for f, e in self.skipped]}
@@ -83,6 +93,8 @@ class PredictResult:
         image is rejected)."""
         rows = [("file", "class", "probability")]
         for p in self.predictions:
+            if p.multi_label and not p.top:  # no class reached its threshold
+                rows.append((p.file, "(no label above its threshold)", ""))
             if p.unknown:
                 rows.append((p.file, "unknown", f"<{self.reject_below:.4f}"))
             for i, (c, pr) in enumerate(p.top):
@@ -134,6 +146,9 @@ def predict(model: str | Predictor, inputs: str | Sequence[str], top_k: int = P.
                               f"{os.fspath(model)} is a TFLite, ONNX or SavedModel export.")
     clf = model if isinstance(model, Predictor) else load(model)
     tta_views.check_n(tta, clf.tta_flip)  # a model trained without flips has fewer views
+    if clf.multi_label and reject_below is not None:
+        raise ConfigError("--reject-below applies to single-label models; this model is multi-label: each class has "
+                          "its own threshold (thresholds.json).")
     threshold = reject_below if reject_below is not None else clf.reject_below
     if explain is not None and not hasattr(clf, "model"):
         raise ConfigError(f"--explain needs a Keras model (a run folder or .keras file) to take gradients of; "
@@ -163,6 +178,12 @@ def predict(model: str | Predictor, inputs: str | Sequence[str], top_k: int = P.
                 explained[0].extend(chunk)
                 explained[1].extend(imgs)
             probs = clf.predict_uint8(imgs, tta)
+            if clf.multi_label:  # every label at or above its threshold (top_k does not cut them)
+                from tlkit.engine.metrics_multilabel import labels_above
+
+                preds += [Prediction(f, found, multi_label=True)
+                          for f, found in zip(chunk, labels_above(probs, clf.thresholds, clf.class_names))]
+                probs = []
             for f, p in zip(chunk, probs):
                 order = np.argsort(-p)[:k]
                 preds.append(Prediction(f, [(clf.class_names[i], float(p[i])) for i in order],

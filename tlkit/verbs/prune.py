@@ -271,6 +271,9 @@ def prune(cfg: PruneConfig) -> RunResult:
     with rt.scope():
         loaded = Classifier.from_run(cfg.run_dir)
     model, labels = loaded.model, loaded.class_names
+    if loaded.multi_label:
+        raise ConfigError("prune handles single-label (softmax) classifiers only; pruning a multi-label model (a "
+                          "sigmoid per class) is not implemented.")
     size = int(model.input_shape[1])
     data = load_sources(dataclasses.replace(run_cfg.data, image_size=size), size, run_cfg.seed)
     if labels is not None and list(labels) != list(data.class_names):

@@ -37,7 +37,7 @@ import keras
 
 from tlkit.core import config_io
 from tlkit.core import rundir
-from tlkit.core.verb_configs import TuneConfig
+from tlkit.core.verb_configs import TuneConfig, maximised
 from tlkit.core.config import FinetuneConfig
 from tlkit.core.config_io import absolute_paths, config_to_dict, differences, dump_yaml
 from tlkit.core.errors import ConfigError, OutputExistsError, TrainingError, first_line
@@ -120,6 +120,7 @@ def tune(cfg: FinetuneConfig, tune_cfg: TuneConfig | None = None,
     rt, base, size, data = run.rt, run.base, run.size, run.data
     num_stages = spec.num_stages(base)
     del run
+    tc = _objective_for(tc, data)
     _check_data(data, tc)
     cfg, _ = class_weights.resolve(cfg, data)  # --class-weight balanced -> numbers (tune.yaml, best_config.yaml)
     out = cfg.output_dir or os.path.join("runs", _safe(f"tune-{spec.name}-{data.name}"))
@@ -177,6 +178,19 @@ def tune(cfg: FinetuneConfig, tune_cfg: TuneConfig | None = None,
     return result
 
 
+def _objective_for(tc: TuneConfig, data) -> TuneConfig:
+    """`tc` with its objective fitted to the data: multi-label data is tuned for `val_map` where `val_accuracy` is
+    asked (the default); `val_map` on single-label data is refused."""
+    if data.multi_label and tc.objective == "val_accuracy":
+        print("[tlkit] multi-label data: the objective is val_map (mean average precision), not val_accuracy",
+              flush=True)
+        return dataclasses.replace(tc, objective="val_map")
+    if not data.multi_label and tc.objective == "val_map":
+        raise ConfigError("--objective val_map is the multi-label objective; this data is single-label (use "
+                          "val_accuracy or val_loss).")
+    return tc
+
+
 def _share_head_features(hm: TlkitHyperModel, base) -> None:
     """The base features of the training images, once: every trial's head starts from them (and their statistics
     standardise its input), as in `finetune`."""
@@ -184,7 +198,8 @@ def _share_head_features(hm: TlkitHyperModel, base) -> None:
     batch = min(max(hm.tc.batch_sizes), data.train.count)
     plain = make_dataset(data.train, size, batch, data.num_classes, cache="none", seed=cfg.seed)
     val = make_dataset(data.val, size, batch, data.num_classes, cache="none", seed=cfg.seed)
-    _, feats = engine_setup.build_model(hm.spec, base, data.num_classes, cfg, size, hm.rt, plain, val)
+    _, feats = engine_setup.build_model(hm.spec, base, data.num_classes, cfg, size, hm.rt, plain, val,
+                                        multi_label=data.multi_label)
     hm.feature_stats = engine_setup.feature_stats(feats)
     hm.head_features = dataclasses.replace(feats, train_ds=None, val_ds=None)
 
@@ -217,7 +232,7 @@ def _write_best(hm: TlkitHyperModel, rows: list[dict[str, Any]], out: str, secon
     if not done:
         raise TrainingError(f"All {len(rows)} trials failed (reasons in {os.path.join(out, 'trials.csv')}); first: "
                             f"{rows[0]['reason'] if rows else 'no trial ran'}.")
-    best_row = (max if tc.objective.endswith("accuracy") else min)(done, key=lambda r: r[tc.objective])
+    best_row = (max if maximised(tc.objective) else min)(done, key=lambda r: r[tc.objective])
     best_values = {k: best_row[k] for k in value_names(hm) if k in best_row}
     best_cfg = dataclasses.replace(hm.trial_config(best_values), output_dir=None, overwrite=False)
     header = (f"# tlkit tune: best of {len(rows)} trial(s) ({len(done)} completed), trial {best_row['trial']}: "
