@@ -74,16 +74,18 @@ def load_weights(model: keras.Model, path: str) -> None:
                 model.load_weights(full)
 
 
-def fingerprint(entries: list) -> str:
-    """A digest of the current values of the variables of weights-layout entries (`weights_layout`)."""
+def fingerprint(entries: list, samples: int = 4096) -> str:
+    """A digest of the current values of the variables of weights-layout entries (`weights_layout`): each one's path,
+    shape and about `samples` of its values, evenly strided (about 0.1 s for ResNet50's 25 million)."""
     import hashlib
 
     backend = private.keras_backend()
-    digest = hashlib.blake2b(digest_size=16)
+    digest = hashlib.sha1()
     for entry in entries:
         for key, value in entry.values.items():
-            digest.update(f"{entry.path}/{key}".encode())
-            digest.update(memoryview(np.ascontiguousarray(backend.convert_to_numpy(value))).cast("B"))
+            flat = np.ravel(backend.convert_to_numpy(value))
+            digest.update(f"{entry.path}/{key}:{np.shape(value)}:{flat.dtype}".encode())
+            digest.update(np.ascontiguousarray(flat[::max(1, flat.size // samples)]).tobytes())
     return digest.hexdigest()
 
 
