@@ -9,7 +9,7 @@ The parts are read from the time each of tlkit's log lines arrives (every line i
   statistics, the classifier);
 - head: from there to "head trained on cached features" (the head's passes, its checkpoint);
 - after training: from there to the process's exit (the best weights, validation/test figures, `model.keras`,
-  `metrics.json`, the plots).
+  `metrics.json`, the plots; `of_which_exit`: after the last line, the interpreter's exit).
 
 `--code DIR` runs another checkout's tlkit (`PYTHONPATH=DIR`, from a neutral working directory), so a branch can be
 measured against main in the same invocation, the runs alternating. Timings on a shared machine are noisy: medians
@@ -65,6 +65,7 @@ def parts(total: float, lines: list[tuple[float, str]]) -> dict[str, float]:
         out[name] = round(lines[i][0] - prev, 2)
         prev = lines[i][0]
     out["after_training"] = round(total - prev, 2)
+    out["of_which_exit"] = round(total - lines[-1][0], 2) if lines else 0.0  # after the last line: interpreter exit
     out["total"] = round(total, 2)
     return out
 

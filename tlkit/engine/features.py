@@ -10,6 +10,12 @@ instead of a forward pass through the backbone, so the head can be trained to co
 seconds, on 50 images or 50,000. Features are computed in inference mode (`training=False`), as the frozen base
 runs anyway. `cache_features: false` (`head_on_features`) trains the head stage on the images instead.
 
+The features are N x D float32 (10 GB for ImageNet through ResNet50). A run bounds them like `--cache auto`
+(`data.cache_policy.decide_features`): beyond a share of the memory available they are written batch by batch to
+`.npy` files in the run folder's `cache/` (`NpyWriter`) and memory-mapped; `features_dataset` then reads each batch by
+its row indices, shuffled exactly as the in-memory rows would be, and `mean_var` reads them by chunks. The labels are
+stored the same way, whatever their shape and dtype.
+
 Example:
     extractor, head = split_model(model)
     x_train, y_train, x_val, y_val = extract_splits(extractor, plain_train_ds, val_ds)

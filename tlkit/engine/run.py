@@ -134,8 +134,10 @@ def _predictor(model: keras.Model, feats: HeadFeatures, val_ds, batch_size: int,
     if not exact or feats.x_val is None or val_ds is None:
         return None
     _, head = features.split_model(model)
-    val_feats = features.features_dataset(feats.x_val, feats.y_val, batch_size, training=False)
-    return lambda ds: predict_split(head, val_feats) if ds is val_ds else predict_split(model, ds)
+    # a few matrix products: large batches, run eagerly (tracing the head would cost more than running it)
+    val_feats = features.features_dataset(feats.x_val, feats.y_val, max(batch_size, 1024), training=False)
+    head_forward = lambda x: head(x, training=False)  # noqa: E731
+    return lambda ds: predict_split(head, val_feats, head_forward) if ds is val_ds else predict_split(model, ds)
 
 
 def _report(metrics: dict, summary: dict, imbalance, overfitting: dict | None, skipped: list[str]) -> None:
