@@ -97,3 +97,52 @@ def test_two_stage_caches_the_head_stage_only_then_fine_tunes(tmp_path, tiny_bac
     assert out.count("head trained on cached features") == 1
     assert [row["stage"] for row in r.history] == ["head", "finetune"]
     assert os.path.exists(os.path.join(r.run_dir, "model.keras"))
+
+
+def test_npy_writer_and_memory_mapped_batches_match_the_in_memory_ones(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(23, 5)).astype("float32"), rng.integers(0, 2, (23, 3)).astype("float32")
+    wx, wy = features.NpyWriter(str(tmp_path / "x.npy")), features.NpyWriter(str(tmp_path / "y.npy"))
+    for i in range(0, 23, 4):
+        wx.append(x[i:i + 4])
+        wy.append(y[i:i + 4])
+    mx, my = wx.finish(), wy.finish()
+    assert isinstance(mx, np.memmap) and mx.shape == (23, 5) and my.shape == (23, 3)
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), x)
+    for training in (True, False):
+        a = list(features.features_dataset(x, y, 4, training=training, seed=3).repeat(2))
+        b = list(features.features_dataset(mx, my, 4, training=training, seed=3).repeat(2))
+        assert len(a) == len(b) == 12
+        for (xa, ya), (xb, yb) in zip(a, b):  # the same batches, epoch after epoch (same seed, same shuffles)
+            np.testing.assert_array_equal(xa, xb)
+            np.testing.assert_array_equal(ya, yb)
+    mean, var = features.mean_var(mx, rows=5)  # by chunks
+    np.testing.assert_allclose(mean, x.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(var, x.astype(np.float64).var(0), rtol=1e-10)
+
+
+def test_features_too_large_for_memory_are_memory_mapped_and_train_the_same_head(tmp_path, tiny_backbone, capsys,
+                                                                                   monkeypatch):
+    from tlkit.data import cache_policy
+    from tlkit.engine import run as engine_run
+
+    root = write_image_folder(tmp_path / "img", classes=("r", "g", "b"), per_class=8, size=(36, 36))
+    in_memory = _run(root, tiny_backbone, tmp_path / "mem", cache=None)
+    assert "feature cache -> memory:" in capsys.readouterr().out
+    mapped_files = []
+    finish = features.NpyWriter.finish
+    monkeypatch.setattr(features.NpyWriter, "finish", lambda self: mapped_files.append(self.path) or finish(self))
+    monkeypatch.setattr(cache_policy, "available_memory", lambda: 4096)  # 25% of it: 1 KB, less than the features
+    monkeypatch.setattr(engine_run, "_predictor", lambda *a: None)  # and the final figures through the images
+    mapped = _run(root, tiny_backbone, tmp_path / "map", cache=None)
+    assert "feature cache -> memory-mapped files in" in capsys.readouterr().out
+    assert sorted(os.path.basename(p) for p in mapped_files) == [
+        "features-train.npy", "features-validation.npy", "labels-train.npy", "labels-validation.npy"]
+    assert all(os.path.dirname(p) == str(tmp_path / "map" / "cache") for p in mapped_files)
+    assert not any(os.path.exists(p) for p in mapped_files)  # removed at the end of the run
+    assert mapped.history[0]["kept_pass"] == in_memory.history[0]["kept_pass"]
+    for key in ("loss", "val_loss", "val_accuracy"):  # the same head, trained on the same batches
+        assert mapped.history[0][key] == pytest.approx(in_memory.history[0][key], abs=1e-6)
+    # the validation figures from the cached features (first run) are those through the images (second run)
+    for key in ("accuracy", "loss", "mean_per_class_accuracy"):
+        assert mapped.metrics["val"][key] == pytest.approx(in_memory.metrics["val"][key], abs=1e-5)

@@ -257,6 +257,11 @@ def test_multi_label_run_end_to_end(table, tiny_backbone, tmp_path, capsys):
     with open(os.path.join(run, "eval-test", "pr_curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.isfile(os.path.join(run, "eval-test", "worst_examples.png"))
+    # a frozen run's validation figures come from its cached features: the same as through the images
+    assert cli.main(["evaluate", run, "--split", "val", "--json"]) == 0
+    mv = json.loads(capsys.readouterr().out)
+    assert mv["mean_average_precision"] == pytest.approx(metrics["val"]["mean_average_precision"], abs=1e-5)
+    assert mv["micro_f1"] == pytest.approx(metrics["val"]["micro_f1"], abs=1e-6)
 
     two = [os.path.join(root, images[i][0]) for i in (4, 6)]  # labels red+blue, and all three
     assert cli.main(["predict", run, *two, "--json"]) == 0

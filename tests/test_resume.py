@@ -433,3 +433,51 @@ def test_auto_resumes_inside_fine_tuning_with_the_decision_it_made(tmp_path, tin
     with open(os.path.join(run, "metrics.json")) as f:
         metrics = json.load(f)
     assert metrics["stages"][-1]["trainable"] is None and metrics["stages"][-1]["lr"] == pytest.approx(0.001)
+
+
+def test_a_run_that_never_trains_the_backbone_writes_no_copy_of_it_and_its_checkpoints_check_it(tmp_path,
+                                                                                                 tiny_backbone):
+    """feature extraction: the checkpoints hold the head and a fingerprint of the backbone the run builds again."""
+    import keras
+    import numpy as np
+
+    from tlkit.core.errors import TrainingError
+    from tlkit.models.classifier import set_trainable
+    from tlkit.models.strategies import Stage
+
+    spec, model = _tiny_classifier(tiny_backbone)
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0, 255, (8, 32, 32, 3)).astype("float32"), np.eye(3)[rng.integers(0, 3, 8)]
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "run"), "accuracy", [], frozen_in_model=True)
+    ckpt.set_model(model)
+    set_trainable(model, spec, set())
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy", metrics=["accuracy"])
+    ckpt.begin_stage(0, Stage("head", 2, 1e-2, frozenset()), 0, [])
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[ckpt])
+    ck = tmp_path / "run" / "checkpoints"
+    assert not list(ck.glob("frozen-*")), sorted(os.listdir(ck))
+    state = checkpoints.load_state(str(tmp_path / "run"))  # names no missing file
+    assert weights_format.files_needed(str(ck / state.weights)) == []
+    _, fresh = _tiny_classifier(tiny_backbone)  # the same backbone, built again
+    weights_format.load_weights(fresh, str(ck / state.weights))
+    for a, b in zip(model.get_weights(), fresh.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    _, other = _tiny_classifier(tiny_backbone)
+    w = other.get_layer("backbone").weights[0]
+    w.assign(w + 1.0)  # a backbone that differs from the one the head was trained on
+    with pytest.raises(TrainingError, match="differ"):
+        weights_format.load_weights(other, str(ck / state.weights))
+
+
+def test_a_finished_feature_extraction_run_resumes_to_the_same_figures(tmp_path, tiny_backbone, capsys):
+    images = write_image_folder(tmp_path / "images", per_class=6)
+    args = ["finetune", "--base", tiny_backbone, "--image-size", "32", "--weights", "none", "--image-dir", images,
+            "--batch-size", "4", "--val-split", "0.25", "--epochs", "3", "--augment", "none", "--seed", "3",
+            "--strategy", "feature_extraction", "--output-dir", str(tmp_path / "run")]
+    assert cli.main(args) == 0
+    first = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert not list((tmp_path / "run" / "checkpoints").glob("frozen-*"))
+    assert cli.main(args + ["--resume"]) == 0  # the head from its checkpoint, the backbone as built
+    again = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("accuracy", "loss"):
+        assert again["val"][key] == pytest.approx(first["val"][key], abs=1e-5)

@@ -1,5 +1,3 @@
-import sys
+from tlkit.cli import run
 
-from tlkit.cli import main
-
-sys.exit(main())
+run()

@@ -467,5 +467,21 @@ def main(argv: list[str] | None = None) -> int:
         return int(getattr(e, "exit_code", 130))
 
 
+def run() -> None:
+    """The process entry point (`tlkit`, `python -m tlkit`): `main`, then exit with its code.
+
+    Before exiting, the objects alive are frozen out of the garbage collector (`gc.freeze`): the interpreter's
+    shutdown otherwise runs full collections over the whole Keras and TensorFlow object graph, which took 1.5-4 s
+    after a ResNet50 run (`benchmarks/frozen_e2e.py`, `of_which_exit`). Every output is written and closed by then.
+    """
+    import gc
+
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

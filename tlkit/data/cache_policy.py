@@ -11,6 +11,10 @@ The cache of the training pipeline holds every decoded, resized image as uint8: 
 `--cache memory` on images that cannot fit in the memory available is refused at once, with the estimate, instead of
 the kernel killing the run hours later.
 
+The head stage's cached base features (N x D float32: 1.28 million ImageNet images through ResNet50's 2,048 features
+are about 10 GB) are bounded the same way (`decide_features`): in memory when they fit in `MEMORY_SHARE` of the
+memory available, else memory-mapped from `.npy` files in the run folder's `cache/`.
+
 Example:
     >>> d = decide("auto", counts=[1000, 100], image_size=224, cache_dir=None, available=8 * 2**30)
     >>> d.mode, round(d.estimate_bytes / 2**20)
@@ -152,3 +156,31 @@ def decide(requested: str, counts: Iterable[int], image_size: int, cache_dir: st
     else:
         where = "and there is no run folder for a disk cache"
     return CacheDecision("none", est, f"cache auto -> none: {size}, {over} {where}; every epoch decodes from the files")
+
+
+def decide_features(rows: int, dim: int, cache_dir: str | None, *, available: int | None = -1) -> CacheDecision:
+    """Where the head's cached features of `rows` examples of `dim` float32 go: `memory`, or `memmap` (`.npy` files
+    in `cache_dir`, read back by the batch) when they exceed `MEMORY_SHARE` of the memory available.
+
+    Args:
+        rows: Examples whose features are cached (train and validation).
+        dim: Features per example.
+        cache_dir: Folder for the memory-mapped files, or `None` (no run folder: memory).
+        available: Memory available in bytes; `-1` measures it (`available_memory`), `None` means unknown.
+
+    Example:
+        >>> decide_features(1_281_167, 2048, "run/cache", available=16 * 2**30).mode
+        'memmap'
+    """
+    est = int(rows) * int(dim) * 4
+    size = f"head features of {rows} examples x {dim} float32: about {est / _GB:.2f} GB"
+    if available == -1:
+        available = available_memory()
+    budget = None if available is None else int(MEMORY_SHARE * available)
+    if budget is None or est <= budget or not cache_dir:
+        room = ("memory available unknown" if budget is None else
+                f"within {MEMORY_SHARE:.0%} of the {available / _GB:.2f} GB available" if est <= budget else
+                "no run folder to map them from")
+        return CacheDecision("memory", est, f"feature cache -> memory: {size}, {room}")
+    return CacheDecision("memmap", est, f"feature cache -> memory-mapped files in {cache_dir}: {size}, more than "
+                                        f"{MEMORY_SHARE:.0%} of the {available / _GB:.2f} GB of memory available")

@@ -5,7 +5,8 @@ After every finished epoch `Checkpointer` writes, each file atomically (temporar
 - `checkpoints/epoch-NNNN.weights.h5`: the model weights (BatchNorm statistics included). In a stage that
   trains no backbone weight, the frozen layers cannot change: their weights are written once per stage, into
   `checkpoints/frozen-NNNN.weights.h5`, and the epoch's file holds the rest (the head) and names that file
-  (`engine.weights_format`);
+  (`engine.weights_format`). When no stage of the run trains the backbone (`frozen_in_model`), no such file is
+  written at all: the run rebuilds the same frozen layers from its configuration, and `model.keras` holds them;
 - `checkpoints/best.weights.h5`: the best epoch's weights file (a hard link to it where the file system
   allows), in the same form;
 - `checkpoints/epoch-NNNN.optimizer.npz`: every optimizer variable, its iteration count included, so the
@@ -229,6 +230,8 @@ class Checkpointer(keras.callbacks.Callback):
         head_margin: Added to the monitor of an epoch in which no backbone weight trained (the head on the frozen
             backbone, the probe): a fine-tuned epoch replaces it only when it beats it by more than this (one
             validation image: `1 / n_val`), or by exactly this at a lower loss. Defaults to `0.0`.
+        frozen_in_model: No stage of the run trains the backbone: its frozen layers are written in no checkpoint
+            (`weights_format.IncrementalWeights(in_model=True)`). Defaults to `False`.
 
     Example:
         ckpt = Checkpointer("runs/try", "val_accuracy", rows)
@@ -236,8 +239,9 @@ class Checkpointer(keras.callbacks.Callback):
     """
 
     def __init__(self, run_dir: str, monitor: str = "val_accuracy", history: list[dict[str, Any]] | None = None,
-                 head_margin: float = 0.0):
+                 head_margin: float = 0.0, frozen_in_model: bool = False):
         super().__init__()
+        self.holds_best = False  # the model holds the best weights now: the last save, a head on cached features
         self.head_margin = float(head_margin)
         self.loss_key = "val_loss" if monitor.startswith("val_") else "loss"
         self.best_loss: float = math.inf
@@ -255,7 +259,8 @@ class Checkpointer(keras.callbacks.Callback):
         self.early_stopping: keras.callbacks.EarlyStopping | None = None
         self._es_restore: dict[str, Any] | None = None
         self.last: RunState | None = None
-        self._weights = IncrementalWeights(self.dir)  # the frozen layers' weights once per stage
+        self._weights = IncrementalWeights(self.dir, frozen_in_model)  # the frozen layers' weights once per stage
+        self.stage_on_features = False
 
     def restore(self, state: RunState) -> None:
         """Takes over the best metric and history of a resumed run."""
@@ -274,6 +279,7 @@ class Checkpointer(keras.callbacks.Callback):
         self.stage_index, self.stage_name, self.stage_epochs, self.stage_start = (
             index, stage.name, stage.epochs, start_epoch)
         self.stage_frozen = stage.trainable == frozenset()
+        self.stage_on_features = bool(getattr(stage, "passes", 0))
         self.early_stopping = next((c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping)), None)
         self._guards = [c for c in callbacks if hasattr(c, "bad_epoch")]  # the loop's NaNGuard
         self._es_restore = es_state
@@ -323,6 +329,8 @@ class Checkpointer(keras.callbacks.Callback):
         save_optimizer(self.model.optimizer, os.path.join(self.dir, opt))
         if as_best:
             _link_or_copy(os.path.join(self.dir, weights), self.best_path)
+        # a head stage on cached features ends with its kept pass in the model, which is what was saved
+        self.holds_best = as_best and self.stage_on_features
         stage_epoch = epoch_done - self.stage_start
         es = None
         if self.early_stopping is not None:

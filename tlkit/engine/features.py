@@ -10,12 +10,19 @@ instead of a forward pass through the backbone, so the head can be trained to co
 seconds, on 50 images or 50,000. Features are computed in inference mode (`training=False`), as the frozen base
 runs anyway. `cache_features: false` (`head_on_features`) trains the head stage on the images instead.
 
+The features are N x D float32 (10 GB for ImageNet through ResNet50). A run bounds them like `--cache auto`
+(`data.cache_policy.decide_features`): beyond a share of the memory available they are written batch by batch to
+`.npy` files in the run folder's `cache/` (`NpyWriter`) and memory-mapped; `features_dataset` then reads each batch by
+its row indices, shuffled exactly as the in-memory rows would be, and `mean_var` reads them by chunks. The labels are
+stored the same way, whatever their shape and dtype.
+
 Example:
     extractor, head = split_model(model)
     x_train, y_train, x_val, y_val = extract_splits(extractor, plain_train_ds, val_ds)
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import keras
@@ -50,19 +57,94 @@ def compiled_forward(extractor: keras.Model, jit_compile: bool):
                        input_signature=[spec])
 
 
+class _InMemory:
+    """Collects the batches of `extract_features` in lists, joined at the end."""
+
+    def __init__(self):
+        self.parts: tuple[list, list] = ([], [])
+
+    def add(self, feats: np.ndarray, labels: np.ndarray) -> None:
+        self.parts[0].append(feats)
+        self.parts[1].append(labels)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.concatenate(self.parts[0]), np.concatenate(self.parts[1])
+
+
+class NpyWriter:
+    """Appends batches (any shape after the first axis, any dtype) to a `.npy` file, then maps it read-only.
+
+    The header written first (for 0 rows) has room for any row count (NumPy pads it for growth along the first
+    axis), so it is rewritten in place at the end. The file is written under a temporary name and renamed, so a
+    memory map of an earlier file of the same name stays valid.
+
+    Example:
+        w = NpyWriter("run/cache/features-train.npy")
+        w.append(batch); x = w.finish()           # np.memmap [N, ...]
+    """
+
+    def __init__(self, path: str):
+        self.path, self.tmp = path, path + ".part"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.file = open(self.tmp, "wb")
+        self.rows, self.header_len = 0, 0
+        self.dtype, self.shape = None, ()
+
+    def _header(self, rows: int) -> None:
+        self.file.seek(0)
+        np.lib.format.write_array_header_1_0(self.file, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                         "fortran_order": False, "shape": (rows, *self.shape)})
+
+    def append(self, batch: np.ndarray) -> None:
+        batch = np.ascontiguousarray(batch)
+        if self.dtype is None:
+            self.dtype, self.shape = batch.dtype, batch.shape[1:]
+            self._header(0)
+            self.header_len = self.file.tell()
+        self.file.write(batch.astype(self.dtype, copy=False).tobytes())
+        self.rows += len(batch)
+
+    def finish(self) -> np.memmap:
+        end = self.file.tell()
+        self._header(self.rows)
+        if self.file.tell() != self.header_len:  # NumPy's header no longer has room for growth: cannot happen
+            raise RuntimeError(f"The header of {self.path} changed length.")
+        self.file.seek(end)
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return np.load(self.path, mmap_mode="r")
+
+
+class _OnDisk:
+    """Collects the batches of `extract_features` in two memory-mapped `.npy` files (features, labels)."""
+
+    def __init__(self, folder: str, what: str):
+        self.writers = (NpyWriter(os.path.join(folder, f"features-{what}.npy")),
+                        NpyWriter(os.path.join(folder, f"labels-{what}.npy")))
+
+    def add(self, feats: np.ndarray, labels: np.ndarray) -> None:
+        self.writers[0].append(feats)
+        self.writers[1].append(labels)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.writers[0].finish(), self.writers[1].finish()
+
+
 def extract_features(extractor: keras.Model, ds: tf.data.Dataset, jit_compile: bool = False,
-                     what: str = "train", forward=None) -> tuple[np.ndarray, np.ndarray]:
+                     what: str = "train", forward=None, folder: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Runs `extractor` over a batched `(images, labels)` dataset once, with a progress bar.
 
     Args:
         extractor: Images -> features.
-        ds: Batches of `(images, one-hot labels)`.
+        ds: Batches of `(images, labels)` (one-hot, or any per-example array).
         jit_compile: Compile the forward pass with XLA. Defaults to `False`.
-        what: Name of the split, for the progress line. Defaults to `"train"`.
+        what: Name of the split, for the progress line and the file names. Defaults to `"train"`.
         forward: An already compiled forward pass to reuse. Defaults to `None` (compiled here).
+        folder: Write the features and labels to `features-{what}.npy` and `labels-{what}.npy` there and return
+            them memory-mapped (`cache_policy.decide_features`). Defaults to `None` (in memory).
 
     Returns:
-        `(features float32 [N, ...], labels float32 [N, C])`.
+        `(features float32 [N, ...], labels float32 [N, ...])`.
 
     Example:
         f, y = extract_features(extractor, val_ds, what="val")
@@ -71,29 +153,45 @@ def extract_features(extractor: keras.Model, ds: tf.data.Dataset, jit_compile: b
     steps = int(ds.cardinality())
     bar = keras.utils.Progbar(steps if steps > 0 else None, unit_name="batch")
     print(f"[tlkit] computing base features of the {what} split (once)", flush=True)
-    feats, labels = [], []
+    out = _OnDisk(folder, what) if folder else _InMemory()
+    empty = True
     for x, y in ds:
-        feats.append(forward(x).numpy())
-        labels.append(np.asarray(y, np.float32))
+        out.add(forward(x).numpy(), np.asarray(y, np.float32))
+        empty = False
         bar.add(1)
-    if not feats:
+    if empty:
         raise ValueError(f"The {what} split gave no batches to compute features from.")
-    return np.concatenate(feats), np.concatenate(labels)
+    return out.result()
 
 
 def extract_splits(extractor: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset | None,
-                   jit_compile: bool = False):
+                   jit_compile: bool = False, folder: str | None = None):
     """Features of the training and (optional) validation batches with one compiled forward pass.
+
+    Args:
+        folder: Memory-map them from `.npy` files there (`extract_features`). Defaults to `None` (in memory).
 
     Returns:
         `(x_train, y_train, x_val, y_val)`, the last two `None` without `val_ds`.
     """
     forward = compiled_forward(extractor, jit_compile)
-    x_train, y_train = extract_features(extractor, train_ds, jit_compile, "train", forward)
+    x_train, y_train = extract_features(extractor, train_ds, jit_compile, "train", forward, folder)
     if val_ds is None:
         return x_train, y_train, None, None
-    x_val, y_val = extract_features(extractor, val_ds, jit_compile, "validation", forward)
+    x_val, y_val = extract_features(extractor, val_ds, jit_compile, "validation", forward, folder)
     return x_train, y_train, x_val, y_val
+
+
+def mean_var(x: np.ndarray, rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and variance (float64) of `x`; a memory-mapped `x` is read `rows` rows at a time."""
+    if not isinstance(x, np.memmap):
+        x = np.asarray(x, np.float64)
+        return x.mean(axis=0), x.var(axis=0)
+    n = len(x)
+    total = sum(np.asarray(x[i:i + rows], np.float64).sum(axis=0) for i in range(0, n, rows))
+    mean = total / n
+    sq = sum(np.square(np.asarray(x[i:i + rows], np.float64) - mean).sum(axis=0) for i in range(0, n, rows))
+    return mean, sq / n
 
 
 def fresh_metrics(model: keras.Model) -> list:
@@ -105,8 +203,30 @@ def fresh_metrics(model: keras.Model) -> list:
 
 def features_dataset(feats: np.ndarray, labels: np.ndarray, batch_size: int, *, training: bool,
                      seed: int = 42) -> tf.data.Dataset:
-    """Batches of cached `(features, labels)`, reshuffled every epoch when `training`."""
-    ds = tf.data.Dataset.from_tensor_slices((feats, labels))
+    """Batches of cached `(features, labels)`, reshuffled every epoch when `training`.
+
+    Features in memory are sliced as tensors; memory-mapped ones are read by the batch (their row indices
+    shuffled the same way, so both give the same batches for the same seed).
+    """
+    mapped = isinstance(feats, np.memmap)
+    ds = tf.data.Dataset.range(len(feats)) if mapped else tf.data.Dataset.from_tensor_slices((feats, labels))
     if training:
         ds = ds.shuffle(len(feats), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size)
+    if mapped:
+        ds = ds.map(_rows_of(feats, labels))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _rows_of(feats: np.ndarray, labels: np.ndarray):
+    """`indices -> (feats[indices], labels[indices])` as a tf.data map function (NumPy reads the mapped files)."""
+    def take(idx):
+        return np.asarray(feats[idx]), np.asarray(labels[idx])
+
+    def rows(idx):
+        x, y = tf.numpy_function(take, [idx], [tf.as_dtype(feats.dtype), tf.as_dtype(labels.dtype)], stateful=False)
+        x.set_shape([None, *feats.shape[1:]])
+        y.set_shape([None, *labels.shape[1:]])
+        return x, y
+
+    return rows

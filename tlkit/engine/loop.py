@@ -20,6 +20,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -33,6 +34,7 @@ import numpy as np
 
 from tlkit.core import rundir
 from tlkit.core.errors import TrainingError
+from tlkit.data import cache_policy
 from tlkit.engine import checkpoints, class_weights, ema, weights_format
 from tlkit.engine import features as F
 from tlkit.models import param_groups, schedules
@@ -171,18 +173,35 @@ class HeadFeatures:
     train_ds: Any = None
     val_ds: Any = None
     fresh: bool = False  # computed with the current backbone weights
+    cache_dir: str | None = None  # where they are memory-mapped from when too large for memory (the run's cache/)
+    rows: int | None = None  # examples of train and validation, for that decision (None: memory)
 
     @classmethod
-    def lazy(cls, train_ds, val_ds) -> "HeadFeatures":
-        return cls(train_ds=train_ds, val_ds=val_ds)
+    def lazy(cls, train_ds, val_ds, cache_dir: str | None = None, rows: int | None = None) -> "HeadFeatures":
+        return cls(train_ds=train_ds, val_ds=val_ds, cache_dir=cache_dir, rows=rows)
 
     def get(self, model: keras.Model, jit_compile: bool = False) -> "HeadFeatures":
         if not self.fresh:
             extractor, _ = F.split_model(model)
+            folder = None
+            if self.rows is not None:  # bounded like --cache auto: memory when it fits, else memory-mapped files
+                decision = cache_policy.decide_features(self.rows, int(extractor.output_shape[-1]), self.cache_dir)
+                print(f"[tlkit] {decision.reason}", flush=True)
+                folder = self.cache_dir if decision.mode == "memmap" else None
             self.x_train, self.y_train, self.x_val, self.y_val = F.extract_splits(
-                extractor, self.train_ds, self.val_ds, jit_compile)
+                extractor, self.train_ds, self.val_ds, jit_compile, folder)
             self.fresh = True
         return self
+
+    def release(self) -> None:
+        """Drops the features; removes their memory-mapped files, if any."""
+        arrays = (self.x_train, self.y_train, self.x_val, self.y_val)
+        self.x_train = self.y_train = self.x_val = self.y_val = None
+        self.fresh = False
+        for a in arrays:
+            if isinstance(a, np.memmap) and a.filename:
+                with contextlib.suppress(OSError):
+                    os.remove(a.filename)
 
 
 class KeepBest(keras.callbacks.Callback):

@@ -16,9 +16,9 @@ from tlkit.core.config_io import absolute_paths
 from tlkit.core.errors import TrainingError
 from tlkit.engine import adapt, checkpoints, class_weights, features, interrupts, resume, run_folder, weights_format
 from tlkit.engine import setup as engine_setup
-from tlkit.engine.loop import monitor_metric, run_stages
+from tlkit.engine.loop import HeadFeatures, monitor_metric, run_stages
 from tlkit.engine import lr_range
-from tlkit.engine.metrics import per_class_table, summary_table, training_report
+from tlkit.engine.metrics import per_class_table, predict_split, summary_table, training_report
 from tlkit.engine.setup import RunResult
 from tlkit.models import strategies
 
@@ -52,7 +52,8 @@ def finetune_run(cfg: FinetuneConfig) -> RunResult:
 
     train_ds, val_ds, test_ds, plain_ds = engine_setup.make_pipelines(resolved, data, size, out_dir)
     clf, feats = engine_setup.build_model(spec, run.base, data.num_classes, resolved, size, rt, plain_ds, val_ds,
-                                          class_names=data.class_names, multi_label=data.multi_label)
+                                          class_names=data.class_names, multi_label=data.multi_label, data=data,
+                                          out_dir=out_dir)
     model = clf.model
     del run
     steps = math.ceil(data.train.count / resolved.data.batch_size)
@@ -61,6 +62,7 @@ def finetune_run(cfg: FinetuneConfig) -> RunResult:
         run_folder.write_config(out_dir, resolved)
     plan = strategies.plan(resolved.train, clf.num_stages, steps,
                            head_on_features=features.head_on_features(resolved))
+    frozen_run = all(s.trainable == frozenset() for s in plan)  # the backbone stays as built: no copy of it saved
     print(f"[tlkit] {spec.name} on {data.name}: {data.train.count} train / "
           f"{data.val.count if data.val else 0} val / {data.test.count if data.test else 0} test images, "
           f"{data.num_classes} {'labels (multi-label)' if data.multi_label else 'classes'}, {size}px, batch "
@@ -87,12 +89,13 @@ def finetune_run(cfg: FinetuneConfig) -> RunResult:
             class_weights.weight_vector(resolved, data.num_classes)),
         data.train, out_dir, on_resolved=lambda decided: run_folder.write_config(out_dir, decided))
     n_val = data.val.count if (data.val is not None and val_ds is not None) else 0
+    checkpointer = checkpoints.Checkpointer(out_dir, monitor, head_margin=1.0 / n_val if n_val else 0.0,
+                                            frozen_in_model=frozen_run)
     with interrupts.interruptible(out_dir, checkpoints.epochs_saved):  # Ctrl-C / SIGTERM -> Interrupted
         try:
             history = run_stages(clf, plan, train_ds, val_ds, resolved, rt, num_classes=data.num_classes,
                                  steps_per_epoch=steps, features=feats, callbacks=callbacks,
-                                 checkpointer=checkpoints.Checkpointer(out_dir, monitor,
-                                                                       head_margin=1.0 / n_val if n_val else 0.0),
+                                 checkpointer=checkpointer,
                                  history_path=os.path.join(out_dir, "history.csv"), state=state, adapt=adapter)
         except TrainingError as e:  # NaN/inf loss: outputs from the last good checkpoint, then the error
             failure, history = e, getattr(e, "history", [])
@@ -100,10 +103,15 @@ def finetune_run(cfg: FinetuneConfig) -> RunResult:
     best = os.path.join(out_dir, "checkpoints", "best.weights.h5")
     if failure is not None and not os.path.exists(best):
         raise TrainingError(f"{failure} No epoch had finished with a finite loss, so no model was saved.")
-    if os.path.exists(best):
+    frozen_run = frozen_run and failure is None
+    if os.path.exists(best) and not (frozen_run and checkpointer.holds_best):  # else the model holds it already
         weights_format.load_weights(model, best)  # the weights only, not the optimizer state stored with them
+    exact = frozen_run and state is None and feats.fresh and rt.precision == "float32"
     metrics = run_folder.split_metrics(model, {"val": val_ds, "test": test_ds}, data.class_names,
+                                       predict=_predictor(model, feats, val_ds, resolved.data.batch_size, exact,
+                                                          data.multi_label),
                                        thresholds_dir=out_dir)  # multi-label: thresholds.json, chosen on val
+    feats.release()
     summary = {k: {kk: vv for kk, vv in m.items() if kk not in ("per_class", "confusion_matrix")}
                for k, m in metrics.items()}
     ran = [s for s in plan if not s.adaptive] + ([adapter.stage] if adapter.stage is not None else [])
@@ -122,6 +130,21 @@ def finetune_run(cfg: FinetuneConfig) -> RunResult:
         raise TrainingError(f"{failure} The best model before it was saved to {os.path.join(out_dir, 'model.keras')}.")
     print(f"[tlkit] run folder: {out_dir}", flush=True)
     return RunResult(model, history, out_metrics, out_dir, data.class_names, adapter.cfg)
+
+
+def _predictor(model: keras.Model, feats: HeadFeatures, val_ds, batch_size: int, exact: bool,
+               multi_label: bool = False):
+    """The prediction loop of the run's final figures: with `exact` (the backbone as the features were computed, in
+    float32), the validation split's from its cached features through the head, else `None` (every split through
+    the images). `multi_label`: the label vectors are returned as they are (`predict_split`)."""
+    if not exact or feats.x_val is None or val_ds is None:
+        return None
+    _, head = features.split_model(model)
+    # a few matrix products: large batches, run eagerly (tracing the head would cost more than running it)
+    val_feats = features.features_dataset(feats.x_val, feats.y_val, max(batch_size, 1024), training=False)
+    head_forward = lambda x: head(x, training=False)  # noqa: E731
+    return lambda ds: (predict_split(head, val_feats, head_forward, multi_label) if ds is val_ds
+                       else predict_split(model, ds, multi_label=multi_label))
 
 
 def _report(metrics: dict, summary: dict, imbalance, overfitting: dict | None, skipped: list[str]) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 from tlkit.core import runtime
 from tlkit.core.errors import DataError
 from tlkit.data import Datasets, cache_policy, load_sources, make_dataset
+from tlkit.engine import features
 from tlkit.engine.loop import HeadFeatures
 from tlkit.models import backbones
 from tlkit.models.classifier import Classifier, build_classifier
@@ -169,27 +170,31 @@ def make_train_pipeline(cfg, data: Datasets, size: int, out_dir: str | None, aug
 
 
 def feature_stats(feats: HeadFeatures) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and variance of the training features (float64 sums)."""
-    x = np.asarray(feats.x_train, np.float64)
-    return x.mean(axis=0), x.var(axis=0)
+    """Per-feature mean and variance of the training features (float64 sums; memory-mapped ones by chunks)."""
+    return features.mean_var(feats.x_train)
 
 
 def build_model(spec, base: keras.Model, num_classes: int, cfg, size: int, rt, plain_ds, val_ds,
-                class_names: list[str] | None = None, multi_label: bool = False) -> tuple[Classifier, HeadFeatures]:
+                class_names: list[str] | None = None, multi_label: bool = False, data: Datasets | None = None,
+                out_dir: str | None = None) -> tuple[Classifier, HeadFeatures]:
     """The classifier with its head standardising the backbone's features, and those features.
 
     The features of the un-augmented training images (and of the validation images) are computed once through
     the backbone; their per-feature mean and variance become the constants of the head's `feature_norm` layer, and
     the same features train the head stage (`HeadFeatures`, passed to `loop.run_stages`).
 
-    With `multi_label`, the head ends in a sigmoid per class (`build_classifier`).
+    With `multi_label`, the head ends in a sigmoid per class (`build_classifier`). With `data` and `out_dir`, the
+    features are bounded like `--cache auto` (`cache_policy.decide_features`): memory-mapped from the run folder's
+    `cache/` when they exceed the share of the memory available.
 
     Returns:
         `(classifier, features)`: a `Classifier` record and the `HeadFeatures`.
     """
     with rt.scope():
         probe = build_classifier(spec, num_classes, cfg.model, size, base=base)  # for its feature extractor
-    feats = HeadFeatures.lazy(plain_ds, val_ds).get(probe, rt.jit_compile)
+    rows = sum(_cached_counts(data)) if data is not None and out_dir else None
+    feats = HeadFeatures.lazy(plain_ds, val_ds, os.path.join(out_dir, "cache") if out_dir else None, rows)
+    feats.get(probe, rt.jit_compile)
     with rt.scope():
         clf = Classifier.build(spec, num_classes, cfg.model, size, base=base, feature_stats=feature_stats(feats),
                                class_names=class_names, multi_label=multi_label)
