@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 import tlkit
 from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig, TrainConfig
@@ -56,3 +57,22 @@ def test_candidates_span_probe_to_the_whole_net_at_the_head_rate():
     names = [(c.name, None if c.trainable is None else sorted(c.trainable), c.lr)
              for c in adapt.candidates(stage, cfg, 5)]
     assert names == [("top2", [3, 4], 1e-4), ("all", None, 1e-4), ("all_fast", None, 1e-3)]
+
+
+def test_probe_accuracy_read_by_chunks_equals_the_whole_arrays(tiny_backbone):
+    """The probe is scored chunk by chunk (memory-mapped features stay on disk): the same figure as at once."""
+    from tlkit.core.config import ModelConfig
+    from tlkit.models.backbones import get_backbone
+    from tlkit.models.classifier import build_classifier, split_model
+
+    model = build_classifier(get_backbone(tiny_backbone), 3, ModelConfig(base=tiny_backbone, weights="none"), 32)
+    _, head = split_model(model)
+    rng = np.random.default_rng(0)
+    head.get_layer("logits").set_weights([rng.normal(size=w.shape).astype("float32")
+                                          for w in head.get_layer("logits").get_weights()])
+    x = rng.normal(size=(50, int(head.input_shape[-1]))).astype("float32")
+    y = np.eye(3, dtype="float32")[rng.integers(0, 3, 50)]
+    whole = float(np.mean(np.asarray(head.predict(x, verbose=0)).argmax(-1) == y.argmax(-1)))
+    assert 0 < whole < 1
+    assert adapt._probe_accuracy(head, x, y, rows=7) == pytest.approx(whole)
+    assert adapt._probe_accuracy(head, x, y) == pytest.approx(whole)

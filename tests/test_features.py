@@ -146,3 +146,47 @@ def test_features_too_large_for_memory_are_memory_mapped_and_train_the_same_head
     # the validation figures from the cached features (first run) are those through the images (second run)
     for key in ("accuracy", "loss", "mean_per_class_accuracy"):
         assert mapped.metrics["val"][key] == pytest.approx(in_memory.metrics["val"][key], abs=1e-5)
+
+
+def test_moments_merged_batch_by_batch_equal_the_whole_arrays():
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(37, 6)) * 50 + 1000).astype("float32")  # a large mean: the naive sum of squares loses it
+    m = features.Moments()
+    for lo, hi in ((0, 1), (1, 9), (9, 9), (9, 30), (30, 37)):  # uneven batches, one empty
+        m.add(x[lo:hi])
+    mean, var = m.result()
+    np.testing.assert_allclose(mean, x.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(var, x.astype(np.float64).var(0), rtol=1e-9)
+    with pytest.raises(ValueError):
+        features.Moments().result()
+
+
+def test_statistics_only_build_streams_the_features_and_standardises_as_the_kept_ones(tmp_path, tiny_backbone,
+                                                                                      capsys, monkeypatch):
+    """lr-find and distill need only the head's statistics: `keep_features=False` streams them (no feature array
+    is collected) and the classifier's `feature_norm` gets the same constants as from the kept features."""
+    from tlkit.core.config import DataConfig, FinetuneConfig, ModelConfig, RuntimeConfig
+    from tlkit.engine import setup as engine_setup
+
+    root = write_image_folder(tmp_path / "img", classes=("r", "g"), per_class=10, size=(36, 36))
+    cfg = FinetuneConfig(data=DataConfig(image_dir=root, image_size=32, batch_size=4),
+                         model=ModelConfig(base=tiny_backbone, weights="none"),
+                         runtime=RuntimeConfig(precision="float32", xla="off"), seed=0)
+    run = engine_setup.setup_run(cfg)
+    _, _, _, plain = engine_setup.make_pipelines(run.cfg, run.data, run.size, None)
+    kept_clf, kept = engine_setup.build_model(run.spec, run.base, 2, run.cfg, run.size, run.rt, plain, None)
+    assert kept.fresh and kept.x_train.shape[0] == run.data.train.count
+    collected = []
+    monkeypatch.setattr(features._InMemory, "add", lambda self, *a: collected.append(a))
+    clf, feats = engine_setup.build_model(run.spec, run.base, 2, run.cfg, run.size, run.rt, plain, None,
+                                          keep_features=False)
+    assert not collected and not feats.fresh and feats.x_train is None  # nothing kept
+    assert capsys.readouterr().out.count("computing base features of the train split") == 2
+
+    def norm(model):
+        layer = model.get_layer("feature_norm")
+        return [keras.ops.convert_to_numpy(layer.mean), keras.ops.convert_to_numpy(layer.variance)]
+
+    assert np.ptp(norm(clf.model)[0]) > 0  # real statistics, not the zeros/ones of no statistics
+    for a, b in zip(norm(kept_clf.model), norm(clf.model)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -303,3 +303,28 @@ def test_chief_and_two_workers_on_loopback(tiny_backbone, tmp_path, monkeypatch,
     assert len(rows) == 3 and all(r["status"] == "COMPLETED" for r in rows)
     assert {r["worker"] for r in rows} <= {"tuner0", "tuner1"}
     assert config_io.load_config(out / "best_config.yaml").data.batch_size in (4, 8)
+
+
+def test_search_head_features_too_large_for_memory_are_memory_mapped_and_removed_after(tiny_backbone, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """The features every trial's head trains on are bounded like finetune's: memory-mapped from the tuner's cache
+    folder when they exceed the share of the memory available, and their files removed when the search ends."""
+    import numpy as np
+
+    from tlkit.data import cache_policy
+    from tlkit.engine import features
+
+    seen = []
+    original = features.features_dataset
+    monkeypatch.setattr(features, "features_dataset", lambda x, *a, **k: seen.append(type(x)) or original(x, *a, **k))
+    monkeypatch.setattr(cache_policy, "available_memory", lambda: 4096)  # 25% of it: 1 KB, less than the features
+    out = tmp_path / "run"
+    cfg = _cfg(tiny_backbone, out, head_steps=20)
+    result = tune(cfg, V.TuneConfig(tuner="random", max_trials=2, batch_sizes=(4,), lr_range=(1e-3, 1e-2),
+                                    trial_epochs=1))
+    assert "feature cache -> memory-mapped files in" in capsys.readouterr().out
+    assert seen and all(t is np.memmap for t in seen)  # every trial's head stage read the mapped files
+    rows = _read_csv(out / "trials.csv")
+    assert [r["status"] for r in rows] == ["COMPLETED", "COMPLETED"] and result.best_value is not None
+    left = [f for _, _, names in os.walk(out / "cache") for f in names if f.endswith(".npy")]
+    assert left == []

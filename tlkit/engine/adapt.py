@@ -48,17 +48,51 @@ AUGMENT_LADDER = ("standard", "light", "none")  # strongest first
 DECISION_FILE = "adapt.json"
 
 
-def _probe_accuracy(head: keras.Model, x: np.ndarray, y: np.ndarray, multi_label: bool = False) -> float:
-    """The probe's accuracy on features `x`; for a multi-label head its `map`, by the very metric the trials and the
-    checkpoints are compared by (`loop.classifier_metrics`), so that the figures are comparable."""
-    p = np.asarray(head.predict(x, batch_size=256, verbose=0))
-    if multi_label:
-        from tlkit.engine.loop import classifier_metrics
+class _Score:
+    """The probe's accuracy (a multi-label probe's `map`) accumulated batch by batch: memory does not grow with the
+    number of examples scored."""
 
-        metric = classifier_metrics(y.shape[-1], multi_label=True)[0]
-        metric.update_state(y, p)
-        return float(metric.result())
-    return float(np.mean(p.argmax(-1) == y.argmax(-1)))
+    def __init__(self, predict, multi_label: bool):
+        self.predict, self.multi_label = predict, multi_label  # predict: `_compiled_head`
+        self.correct = self.n = 0
+        self.metric = None
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        p = np.asarray(self.predict(np.asarray(x, np.float32)))
+        y = np.asarray(y)
+        if self.multi_label:
+            if self.metric is None:
+                from tlkit.engine.loop import classifier_metrics
+
+                self.metric = classifier_metrics(y.shape[-1], multi_label=True)[0]
+            self.metric.update_state(y, p)
+        else:
+            self.correct += int(np.sum(p.argmax(-1) == y.argmax(-1)))
+        self.n += len(y)
+
+    def result(self) -> float:
+        if self.multi_label:
+            return float(self.metric.result()) if self.metric is not None else 0.0
+        return self.correct / max(self.n, 1)
+
+
+def _compiled_head(head: keras.Model):
+    """`head(x, training=False)` as one traced function of any batch size (as `predict` runs it)."""
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, *head.input_shape[1:]], tf.float32)
+    return tf.function(lambda x: head(x, training=False), input_signature=[spec])
+
+
+def _probe_accuracy(head: keras.Model, x: np.ndarray, y: np.ndarray, multi_label: bool = False,
+                    rows: int = 4096) -> float:
+    """The probe's accuracy on features `x`; for a multi-label head its `map`, by the very metric the trials and the
+    checkpoints are compared by (`loop.classifier_metrics`), so that the figures are comparable. `x` is read `rows`
+    rows at a time (memory-mapped features stay on disk)."""
+    score = _Score(_compiled_head(head), multi_label)
+    for i in range(0, len(x), rows):
+        score.add(x[i:i + rows], y[i:i + rows])
+    return score.result()
 
 
 def choose_augment(model: keras.Model, split, size: int, num_classes: int, batch_size: int, probe_val: float,
@@ -86,12 +120,14 @@ def choose_augment(model: keras.Model, split, size: int, num_classes: int, batch
 
     extractor, head = F.split_model(model)
     forward = F.compiled_forward(extractor, jit_compile)
+    predict = _compiled_head(head)
 
     def accuracy(augment: str, flip: bool | None) -> float:
         ds = make_dataset(split, size, batch_size, num_classes, training=True, augment=augment, cache="none",
                           seed=seed, flip=flip)
-        x, y = F.extract_features(extractor, ds, jit_compile, f"augmented ({augment}, flip {flip}) train", forward)
-        return _probe_accuracy(head, x, y, multi_label)
+        score = _Score(predict, multi_label)  # streamed: no feature is kept
+        F.stream_features(extractor, ds, jit_compile, f"augmented ({augment}, flip {flip}) train", forward, score)
+        return score.result()
 
     evidence: dict[str, Any] = {"probe_val_accuracy": round(probe_val, 4)}
     flip_acc = accuracy("none", True)

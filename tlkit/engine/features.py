@@ -149,11 +149,20 @@ def extract_features(extractor: keras.Model, ds: tf.data.Dataset, jit_compile: b
     Example:
         f, y = extract_features(extractor, val_ds, what="val")
     """
+    out = _OnDisk(folder, what) if folder else _InMemory()
+    stream_features(extractor, ds, jit_compile, what, forward, out)
+    return out.result()
+
+
+def stream_features(extractor: keras.Model, ds: tf.data.Dataset, jit_compile: bool, what: str, forward,
+                    out) -> None:
+    """The loop of `extract_features`: each batch's features and labels into `out.add(features, labels)`, with a
+    progress bar. `out` may keep them (`extract_features`) or only fold them into a figure (`Moments`, the `auto`
+    recipe's augmentation scores): memory then stays that of one batch."""
     forward = forward or compiled_forward(extractor, jit_compile)
     steps = int(ds.cardinality())
     bar = keras.utils.Progbar(steps if steps > 0 else None, unit_name="batch")
     print(f"[tlkit] computing base features of the {what} split (once)", flush=True)
-    out = _OnDisk(folder, what) if folder else _InMemory()
     empty = True
     for x, y in ds:
         out.add(forward(x).numpy(), np.asarray(y, np.float32))
@@ -161,6 +170,56 @@ def extract_features(extractor: keras.Model, ds: tf.data.Dataset, jit_compile: b
         bar.add(1)
     if empty:
         raise ValueError(f"The {what} split gave no batches to compute features from.")
+
+
+class Moments:
+    """Per-column count, mean and variance (float64) of batches of rows, merged one batch at a time (the pairwise
+    update of Chan, Golub and LeVeque), so that the statistics of N rows need the memory of one batch.
+
+    Example:
+        m = Moments()
+        for batch in batches: m.add(batch)
+        mean, var = m.result()
+    """
+
+    def __init__(self):
+        self.n = 0
+        self.mean: np.ndarray | None = None
+        self.m2: np.ndarray | None = None
+
+    def add(self, x: np.ndarray, labels: Any = None) -> None:
+        x = np.asarray(x, np.float64)
+        nb = len(x)
+        if nb == 0:
+            return
+        mb = x.mean(axis=0)
+        m2b = np.square(x - mb).sum(axis=0)
+        if self.mean is None:
+            self.n, self.mean, self.m2 = nb, mb, m2b
+            return
+        n = self.n + nb
+        delta = mb - self.mean
+        self.mean = self.mean + delta * (nb / n)
+        self.m2 = self.m2 + m2b + np.square(delta) * (self.n * nb / n)
+        self.n = n
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.mean is None:
+            raise ValueError("No rows to take the mean and variance of.")
+        return self.mean, self.m2 / self.n
+
+
+def feature_moments(extractor: keras.Model, ds: tf.data.Dataset, jit_compile: bool = False,
+                    what: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and variance (float64) of `extractor`'s features over a batched `(images, labels)` dataset,
+    streamed: no feature is kept, so the memory does not grow with the dataset (what `mean_var` of
+    `extract_features`'s output gives, for a verb that needs only the statistics: `lr-find`, `distill`).
+
+    Example:
+        mean, var = feature_moments(extractor, plain_train_ds)
+    """
+    out = Moments()
+    stream_features(extractor, ds, jit_compile, what, None, out)
     return out.result()
 
 

@@ -176,27 +176,36 @@ def feature_stats(feats: HeadFeatures) -> tuple[np.ndarray, np.ndarray]:
 
 def build_model(spec, base: keras.Model, num_classes: int, cfg, size: int, rt, plain_ds, val_ds,
                 class_names: list[str] | None = None, multi_label: bool = False, data: Datasets | None = None,
-                out_dir: str | None = None) -> tuple[Classifier, HeadFeatures]:
+                out_dir: str | None = None, feature_dir: str | None = None,
+                keep_features: bool = True) -> tuple[Classifier, HeadFeatures]:
     """The classifier with its head standardising the backbone's features, and those features.
 
     The features of the un-augmented training images (and of the validation images) are computed once through
     the backbone; their per-feature mean and variance become the constants of the head's `feature_norm` layer, and
     the same features train the head stage (`HeadFeatures`, passed to `loop.run_stages`).
 
-    With `multi_label`, the head ends in a sigmoid per class (`build_classifier`). With `data` and `out_dir`, the
-    features are bounded like `--cache auto` (`cache_policy.decide_features`): memory-mapped from the run folder's
-    `cache/` when they exceed the share of the memory available.
+    With `multi_label`, the head ends in a sigmoid per class (`build_classifier`). With `data` and `out_dir` (or
+    `feature_dir`), the features are bounded like `--cache auto` (`cache_policy.decide_features`): memory-mapped from
+    `feature_dir`, else the run folder's `cache/`, when they exceed the share of the memory available. Without
+    `keep_features` (a verb that trains no head on them: `lr-find`, `distill`), only the statistics are taken, batch
+    by batch (`features.feature_moments`), and the returned `HeadFeatures` is not computed: memory does not grow
+    with the data.
 
     Returns:
         `(classifier, features)`: a `Classifier` record and the `HeadFeatures`.
     """
     with rt.scope():
         probe = build_classifier(spec, num_classes, cfg.model, size, base=base)  # for its feature extractor
-    rows = sum(_cached_counts(data)) if data is not None and out_dir else None
-    feats = HeadFeatures.lazy(plain_ds, val_ds, os.path.join(out_dir, "cache") if out_dir else None, rows)
-    feats.get(probe, rt.jit_compile)
+    folder = feature_dir or (os.path.join(out_dir, "cache") if out_dir else None)
+    rows = sum(_cached_counts(data)) if data is not None and folder else None
+    feats = HeadFeatures.lazy(plain_ds, val_ds, folder, rows)
+    if keep_features:
+        stats = feature_stats(feats.get(probe, rt.jit_compile))
+    else:
+        extractor, _ = features.split_model(probe)
+        stats = features.feature_moments(extractor, plain_ds, rt.jit_compile)
     with rt.scope():
-        clf = Classifier.build(spec, num_classes, cfg.model, size, base=base, feature_stats=feature_stats(feats),
+        clf = Classifier.build(spec, num_classes, cfg.model, size, base=base, feature_stats=stats,
                                class_names=class_names, multi_label=multi_label)
     del probe
     return clf, feats

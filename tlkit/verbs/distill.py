@@ -320,7 +320,7 @@ def distill(cfg: FinetuneConfig, dcfg: DistillConfig) -> RunResult:
         val_fit = with_teacher_logits(data.val, t_logits, training=False, cache=d.cache, **packed) if data.val else None
     # The student's head standardises its backbone's features of the training images, as finetune's does.
     clf, _ = engine_setup.build_model(spec, run.base, data.num_classes, cfg, size, rt, plain, None,
-                                      class_names=data.class_names)
+                                      class_names=data.class_names, keep_features=False)
     student = clf.model
     del run
     with rt.scope():

@@ -64,7 +64,7 @@ def lr_find(cfg: FinetuneConfig, *, model: keras.Model | None = None, start_lr: 
     if model is None:  # as finetune builds it: the head standardises the features of the training images
         plain = make_dataset(data.train, size, cfg.data.batch_size, data.num_classes, cache="none", seed=cfg.seed)
         clf, _ = engine_setup.build_model(spec, run.base, data.num_classes, cfg, size, rt, plain, None,
-                                          multi_label=data.multi_label)
+                                          multi_label=data.multi_label, keep_features=False)
     elif model.output_shape[-1] != data.num_classes:
         raise ConfigError(f"The model predicts {model.output_shape[-1]} classes but the data has {data.num_classes}.")
     else:

@@ -199,7 +199,7 @@ def _share_head_features(hm: TlkitHyperModel, base) -> None:
     plain = make_dataset(data.train, size, batch, data.num_classes, cache="none", seed=cfg.seed)
     val = make_dataset(data.val, size, batch, data.num_classes, cache="none", seed=cfg.seed)
     _, feats = engine_setup.build_model(hm.spec, base, data.num_classes, cfg, size, hm.rt, plain, val,
-                                        multi_label=data.multi_label)
+                                        multi_label=data.multi_label, data=data, feature_dir=hm.cache_dir)
     hm.feature_stats = engine_setup.feature_stats(feats)
     hm.head_features = dataclasses.replace(feats, train_ds=None, val_ds=None)
 
@@ -220,6 +220,8 @@ def _search(tuner: TlkitTuner, hm: TlkitHyperModel, callbacks: list, out: str, r
         return TrainingError(f"Search stopped: {hm.tc.max_consecutive_failures} trials failed in a row (last: "
                              f"{last_line(str(e))}); see {os.path.join(out, 'trials.csv')}.")
     finally:
+        if hm.head_features is not None:  # memory-mapped features (a large training split): their files go
+            hm.head_features.release()
         keras.backend.clear_session()
         keras.mixed_precision.set_dtype_policy(hm.rt.precision)
     return None
