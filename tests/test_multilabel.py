@@ -273,14 +273,17 @@ def test_multi_label_run_end_to_end(table, tiny_backbone, tmp_path, capsys):
 
     keras_probs = tlkit.load(run).predict(two)
     assert keras_probs.shape == (2, 3) and not np.allclose(keras_probs.sum(1), 1.0)  # sigmoid, not softmax
-    for fmt in ("keras", "tflite"):  # two artifacts in one folder: each its own sidecars
-        art = str(tmp_path / "exp" / f"m_{fmt}.{fmt}")
+    for fmt in ("keras", "tflite", "savedmodel"):  # three artifacts in one folder: each its own sidecars
+        art = str(tmp_path / "exp" / (f"m_{fmt}.{fmt}" if fmt != "savedmodel" else f"m_{fmt}"))
         assert cli.main(["export", run, "--format", fmt, "--output", art]) == 0
-        with open(str(tmp_path / "exp" / f"m_{fmt}.export.json")) as f:
+        # a SavedModel folder holds its sidecars; a file has them beside it, under its own name
+        sidecar = (lambda name: os.path.join(art, name)) if fmt == "savedmodel" else (
+            lambda name: str(tmp_path / "exp" / f"m_{fmt}.{name}"))
+        with open(sidecar("export.json")) as f:
             info = json.load(f)
         assert info["multi_label"] and info["check"]["passed"] and info["check"]["label_agreement"] == 1.0
         assert info["check"]["max_abs_diff"] < 1e-3
-        with open(str(tmp_path / "exp" / f"m_{fmt}.thresholds.json")) as f:
+        with open(sidecar("thresholds.json")) as f:
             assert json.load(f)["thresholds"] == stored["thresholds"]
         loaded = tlkit.load(art)
         assert loaded.multi_label
@@ -343,3 +346,21 @@ def test_tune_optimises_val_map_on_multi_label_data(table, tiny_backbone, tmp_pa
         _objective_for(TuneConfig(objective="val_map"), single)
     assert _objective_for(TuneConfig(objective="val_loss"), load_sources(DataConfig(labels=path, label_delimiter=" "),
                                                                          32)).objective == "val_loss"
+
+
+def test_lr_find_on_multi_label_data_trains_the_sigmoid_head_with_binary_cross_entropy(table, tiny_backbone,
+                                                                                     tmp_path, capsys):
+    """`lr-find` builds the run's multi-label classifier: its first step's loss is binary cross-entropy at zero
+    logits (ln 2 for every label), not the softmax's ln 3."""
+    import math
+
+    root, path, _ = table
+    out = tmp_path / "lf"
+    assert cli.main(["lr-find", "--labels", path, "--image-dir", root, "--label-delimiter", " ", "--base",
+                     tiny_backbone, "--weights", "none", "--image-size", "32", "--batch-size", "8", "--augment",
+                     "none", "--label-smoothing", "0", "--num-steps", "12", "--start-lr", "1e-7", "--end-lr", "1e-6",
+                     "--output-dir", str(out)]) == 0
+    with open(out / "lr_find.json") as f:
+        found = json.load(f)
+    assert found["losses"][0] == pytest.approx(math.log(2), abs=0.02)
+    assert "suggested --lr" in capsys.readouterr().out
