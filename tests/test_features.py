@@ -1,6 +1,7 @@
 """tlkit/features.py: frozen-feature caching gives the same head, the same accuracy, and a full saved model."""
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
 
@@ -72,6 +73,15 @@ def test_feature_cache_trains_the_same_head_to_the_same_accuracy_and_saves_the_f
     # The cached head stage is one row for the run (its kept pass); the same pass of the plain run, which
     # trained the full model on the images epoch by epoch, has the same losses within float noise.
     assert len(plain.history) == 8 and len(cached.history) == 1 and cached.history[0]["stage"] == "head"
+    # Every pass is in head_passes.csv (curves.png draws them: a head-only run's history is one row), the same
+    # pass by pass as the plain run's epochs, and the kept one is the history's row.
+    with open(os.path.join(cached.run_dir, "head_passes.csv"), newline="") as f:
+        passes = list(csv.DictReader(f))
+    assert [int(r["pass"]) for r in passes] == list(range(1, 9))
+    np.testing.assert_allclose([float(r["loss"]) for r in passes], [r["loss"] for r in plain.history], atol=5e-3)
+    kept = passes[int(cached.history[0]["kept_pass"]) - 1]
+    assert float(kept["val_loss"]) == pytest.approx(cached.history[0]["val_loss"], rel=1e-6)
+    assert not os.path.exists(os.path.join(plain.run_dir, "head_passes.csv"))
     row = cached.history[0]
     assert row["epoch"] == 1 and row["head_passes"] == 8  # one epoch of the run, eight passes over the features
     same = plain.history[int(row["kept_pass"]) - 1]

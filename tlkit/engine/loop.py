@@ -227,6 +227,7 @@ class KeepBest(keras.callbacks.Callback):
         self.weights: list | None = None
         self.logs: dict[str, float] = {}
         self.epoch = 0
+        self.passes: list[dict[str, Any]] = []  # fit_head_on_features: every pass's logs
 
     def on_epoch_end(self, epoch, logs=None):
         logs = {k: float(v) for k, v in (logs or {}).items() if np.ndim(v) == 0}
@@ -262,7 +263,8 @@ def fit_head_on_features(model: keras.Model, feats: HeadFeatures, cfg, rt, batch
         head.compile(optimizer=model.optimizer, loss=model.loss, metrics=F.fresh_metrics(model), jit_compile=jit)
     keep, guard = KeepBest(monitor), NaNGuard()
     t0 = time.time()
-    head.fit(train, validation_data=val, epochs=epochs, callbacks=[guard, keep], verbose=0, shuffle=False)
+    fitted = head.fit(train, validation_data=val, epochs=epochs, callbacks=[guard, keep], verbose=0, shuffle=False)
+    keep.passes = pass_rows(fitted.history if fitted is not None else {})
     if keep.weights is not None:
         head.set_weights(keep.weights)
         keep.logs = dict(keep.logs, head_passes=float(epochs), kept_pass=float(keep.epoch))
@@ -271,7 +273,18 @@ def fit_head_on_features(model: keras.Model, feats: HeadFeatures, cfg, rt, batch
     if verbose:
         print(f"[tlkit] head trained on cached features: {epochs} passes ({steps} steps, batch {batch_size}) in "
               f"{time.time() - t0:.1f} s; kept pass {keep.epoch}: {shown}", flush=True)
-    return keep.logs, guard
+    return keep.logs, guard, keep.passes
+
+
+PASSES_FILE = "head_passes.csv"
+
+
+def pass_rows(history: dict[str, list]) -> list[dict[str, Any]]:
+    """The head's passes on cached features as rows (`pass`, then `fit`'s logs of that pass), for `head_passes.csv`
+    and the curves of a run whose only stage is the head."""
+    n = max((len(v) for v in history.values()), default=0)
+    return [{"pass": i + 1, **{k: float(v[i]) for k, v in history.items() if i < len(v) and np.ndim(v[i]) == 0}}
+            for i in range(n)]
 
 
 def nan_message(epoch: int, stage, optimizer: keras.optimizers.Optimizer, precision: str) -> str:
@@ -378,6 +391,7 @@ class _StageRunner:
         self.es_monitor = early_stopping_monitor or self.monitor
         self.rows: list[dict[str, Any]] = checkpointer.history if checkpointer is not None else []
         self.epoch_log = EpochLog(history_path, self.rows)
+        self.history_path = history_path
         self.guard = NaNGuard()
         self.callbacks = [*callbacks, self.guard, self.epoch_log]
         if self.own_compile:  # --class-weight: per-example weights in the training batches (engine.class_weights)
@@ -475,8 +489,10 @@ class _StageRunner:
         cbl = keras.callbacks.CallbackList(cbs, add_history=False, add_progbar=False, model=model)
         cbl.on_train_begin()
         cbl.on_epoch_begin(b - 1)
-        logs, head_guard = fit_head_on_features(model, feats, self.cfg, self.rt, self.cfg.data.batch_size,
-                                                self.monitor, stage.passes, self.verbose)
+        logs, head_guard, passes = fit_head_on_features(model, feats, self.cfg, self.rt, self.cfg.data.batch_size,
+                                                        self.monitor, stage.passes, self.verbose)
+        if self.history_path and passes:  # every pass, beside history.csv (whose row is the kept pass)
+            rundir.write_csv(os.path.join(os.path.dirname(self.history_path), PASSES_FILE), passes)
         if head_guard.bad_epoch is not None and not logs:
             self.guard.bad_epoch = s0 + 1
         else:

@@ -286,6 +286,20 @@ def detect_overfitting(history: list[dict[str, Any]], min_rise: float = 0.05,
     return note
 
 
+def _head_passes(history: list[dict[str, Any]], out_dir: str) -> list[dict[str, Any]]:
+    """The rows of `head_passes.csv` when the run's history is one head stage on cached features, else `[]`."""
+    import csv
+
+    from tlkit.engine.loop import PASSES_FILE
+
+    path = os.path.join(out_dir, PASSES_FILE)
+    if len(history) != 1 or not history[0].get("head_passes") or not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        rows = [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
+    return [r for r in rows if "pass" in r]
+
+
 def training_report(history: list[dict[str, Any]], metrics: dict[str, Any], class_names: list[str],
                     out_dir: str) -> dict[str, Any] | None:
     """What `finetune` adds to a run folder after training: `curves.png`, `confusion_matrix.png`, the overfitting note.
@@ -307,8 +321,14 @@ def training_report(history: list[dict[str, Any]], metrics: dict[str, Any], clas
     try:  # the pictures must never cost a finished run its model and metrics
         from tlkit.engine import plots
 
-        plots.plot_curves(history, os.path.join(out_dir, "curves.png"), overfitting=note,
-                          title=os.path.basename(os.path.normpath(out_dir)))
+        title = os.path.basename(os.path.normpath(out_dir))
+        passes = _head_passes(history, out_dir)
+        if passes:  # the run is its head stage alone: one row; its passes are the curve
+            plots.plot_curves([dict(r, epoch=r["pass"], stage="head on cached features") for r in passes],
+                              os.path.join(out_dir, "curves.png"), title=title, xlabel="head pass",
+                              kept=int(history[0].get("kept_pass") or 0) or None)
+        else:
+            plots.plot_curves(history, os.path.join(out_dir, "curves.png"), overfitting=note, title=title)
         for split in ("test", "val"):
             m = metrics.get(split) or {}
             if m.get("confusion_matrix"):

@@ -250,7 +250,8 @@ def _series(history: Sequence[dict[str, Any]], key: str) -> np.ndarray:
 
 
 def plot_curves(history: Sequence[dict[str, Any]], path: str | None = None,
-                overfitting: dict[str, Any] | None = None, title: str | None = None) -> Figure:
+                overfitting: dict[str, Any] | None = None, title: str | None = None, xlabel: str = "epoch",
+                kept: int | None = None) -> Figure:
     """Draws loss and accuracy per epoch, train against validation, with the stage changes marked.
 
     Args:
@@ -259,6 +260,8 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | None = None,
         path: Where to write the PNG. Defaults to `None` (not written).
         overfitting: The note of `detect_overfitting`, to shade the epochs after it began. Defaults to `None`.
         title: Figure title. Defaults to `None`.
+        xlabel: What a row is (`epoch`, or `head pass` for the passes of `head_passes.csv`). Defaults to `epoch`.
+        kept: The row whose weights were kept, marked with a vertical line. Defaults to `None` (none marked).
 
     Returns:
         The figure.
@@ -285,7 +288,9 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | None = None,
             if len(spans) > 1 or stage:
                 ax.annotate(stage, xy=(first - 0.4, 1.0), xycoords=("data", "axes fraction"), xytext=(0, -12),
                             textcoords="offset points", fontsize=8, color="dimgray")
-        ax.set_xlabel("epoch")
+        if kept:
+            ax.axvline(kept, color="green", linestyle="-.", linewidth=1, label=f"kept ({xlabel} {kept})")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         if len(epochs):
