@@ -23,7 +23,8 @@ Recipes, each run in this process on the same folders, for every task and seed:
   three parameter groups (lower body, upper body, head), AdamW (betas 0.9/0.99, wd 0.01), batch 16, flip
   augmentation; the last epoch is the model (as fastai's `fine_tune`), so no validation-based selection.
 - `tlkit`: `tlkit finetune --base PATH.keras --image-dir TASK --image-size S` with every other flag at its
-  default.
+  default; `tlkit_trial_warmup` the same with `--trial-warmup 0.3` (a candidate default, not yet measured on
+  every pair).
 
 Prints a table of test accuracy (mean and spread over the seeds) and writes JSON. A benchmark, not a test: the
 whole run takes about an hour on a 2-core CPU (`--tasks`, `--seeds`, `--recipes` make it shorter).
@@ -246,12 +247,12 @@ def fastai_recipe(task_dir, backbone, size, seed, freeze_epochs=1, epochs=10, ba
     return _test_acc(model, test)
 
 
-def tlkit_recipe(task_dir, backbone, size, seed) -> float:
+def tlkit_recipe(task_dir, backbone, size, seed, **train) -> float:
     import tlkit
 
     cfg = tlkit.FinetuneConfig(
         data=tlkit.DataConfig(image_dir=task_dir, image_size=size),
-        model=tlkit.ModelConfig(base=backbone), seed=seed,
+        model=tlkit.ModelConfig(base=backbone), train=tlkit.TrainConfig(**train), seed=seed,
         output_dir=tempfile.mkdtemp(prefix="tlkit-transfer-"), overwrite=True)
     with contextlib.redirect_stdout(io.StringIO()):
         result = tlkit.finetune(cfg)
@@ -281,6 +282,7 @@ RECIPES = {
     "keras_whole_1e-4": lambda t, b, s, seed: keras_whole_recipe(t, b, s, seed, lr=1e-4),
     "fastai_fine_tune": fastai_recipe,
     "tlkit": tlkit_recipe,
+    "tlkit_trial_warmup": lambda t, b, s, seed: tlkit_recipe(t, b, s, seed, trial_warmup=0.3),
 }
 PLAIN = ("keras_frozen", "keras_guide", "keras_whole", "keras_whole_1e-4", "fastai_fine_tune")
 

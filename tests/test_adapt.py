@@ -76,3 +76,36 @@ def test_probe_accuracy_read_by_chunks_equals_the_whole_arrays(tiny_backbone):
     assert 0 < whole < 1
     assert adapt._probe_accuracy(head, x, y, rows=7) == pytest.approx(whole)
     assert adapt._probe_accuracy(head, x, y) == pytest.approx(whole)
+
+
+def test_trial_warmup_ramps_each_trial_from_a_hundredth_of_its_rate(tmp_path, tiny_backbone, monkeypatch):
+    """`trial_warmup`: every trial's rate rises linearly from rate/100 over that share of its steps, then holds."""
+    from conftest import write_image_folder
+
+    from tlkit.engine import loop
+    from tlkit.models import schedules
+
+    seen: dict[int, list[float]] = {}
+
+    class Recording(loop.NaNGuard):  # every fit of the run has one: the rate each step starts with, per optimizer
+        def on_train_batch_begin(self, batch, logs=None):
+            seen.setdefault(id(self.model.optimizer), []).append(schedules.current_lr(self.model.optimizer))
+
+    monkeypatch.setattr(loop, "NaNGuard", Recording)
+    root = write_image_folder(tmp_path / "img", classes=("r", "g"), per_class=12, size=(36, 36))
+    cfg = FinetuneConfig(data=DataConfig(image_dir=root, image_size=32, batch_size=4, augment="none", val_split=0.25),
+                         model=ModelConfig(base=tiny_backbone, weights="none"),
+                         train=TrainConfig(strategy="auto", head_steps=10, finetune_steps=50, trial_warmup=0.5),
+                         runtime=RuntimeConfig(precision="float32", xla="off"), output_dir=str(tmp_path / "run"),
+                         seed=0)
+    r = tlkit.finetune(cfg)
+    trials = r.metrics["recipe"]["trials"]
+    assert len(trials) >= 2
+    for t in trials:
+        steps, lr, warm = t["steps"], t["lr"], t["warmup_steps"]
+        assert warm == round(0.5 * steps) and warm >= 2
+        runs = [v for v in seen.values() if len(v) == steps and v[0] == pytest.approx(lr / 100, rel=1e-4)]
+        assert runs, (t, [(len(v), v[0]) for v in seen.values()])
+        rates = runs[0]
+        assert all(b > a for a, b in zip(rates[:warm], rates[1:warm + 1]))  # rising through the warm-up
+        np.testing.assert_allclose(rates[warm:], lr, rtol=1e-5)  # then the trial's rate

@@ -153,6 +153,10 @@ class TrainConfig:
         finetune_steps: `auto` without `epochs`: the fine-tuning budget is at least this many optimizer steps (and
             at least 30 passes over the training split), so that 50 images get as many updates as 500; its trials
             take a fifth of it each. Defaults to `500`.
+        trial_warmup: `auto`: the share of each trial's steps over which its rate rises linearly (from a hundredth
+            of it) before staying constant; `0` starts every trial at its rate. A trial that jumps from the converged
+            probe to a high rate can collapse within its short budget (the whole backbone at `lr` on some near
+            pairs) where a longer run would recover. Defaults to `0.0`.
         unfreeze_stages: Number of top backbone stages to unfreeze (`two_stage`, `top_k`). Defaults to `2`.
         gradual_every: Epochs between two unfreezings of `gradual`. Defaults to `1`.
         finetune_lr_scale: Learning-rate factor of the backbone in the stages after the head stage
@@ -197,6 +201,7 @@ class TrainConfig:
     epochs: int | None = None
     head_steps: int = 300
     finetune_steps: int = 500
+    trial_warmup: float = 0.0
     unfreeze_stages: int = 2
     gradual_every: int = 1
     finetune_lr_scale: float = 0.1
@@ -315,6 +320,7 @@ class FinetuneConfig:
             raise ConfigError(f"lr must be > 0, got {t.lr}.")
         if t.early_stopping is not None and t.early_stopping < 1:
             raise ConfigError(f"early_stopping must be >= 1 epoch, got {t.early_stopping}.")
+        _range("trial_warmup", t.trial_warmup, 0.0, 0.9)
         if t.warmup_epochs < 0:
             raise ConfigError(f"warmup_epochs must be >= 0, got {t.warmup_epochs}.")
         if not t.lr_mult > 0:

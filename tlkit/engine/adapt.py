@@ -42,6 +42,7 @@ import numpy as np
 
 from tlkit.core import rundir
 from tlkit.engine import features as F
+from tlkit.models.schedules import StageSchedule
 
 TRIAL_SHARE = 0.2  # of the fine-tuning budget, for each trial
 AUGMENT_LADDER = ("standard", "light", "none")  # strongest first
@@ -236,13 +237,15 @@ class Adapter:
         steps = stage.steps or max(1, int(train_ds.cardinality()))
         trial_steps = max(1, math.ceil(stage.epochs * steps * TRIAL_SHARE))
         rest = max(1, stage.epochs - round(stage.epochs * TRIAL_SHARE))
+        warmup = int(round(cfg.train.trial_warmup * trial_steps))
         start = model.get_weights()
         results, best, best_weights = [], None, None
         for cand in candidates(stage, cfg, clf.num_stages):
             model.set_weights(start)
             clf.set_trainable(None if cand.trainable is None else set(cand.trainable), cfg.model.bn_trains)
+            rate = StageSchedule("constant", cand.lr, trial_steps, warmup) if warmup else cand.lr
             with self.rt.scope():
-                compile_classifier(model, stage_optimizer(cfg, cand.lr, clf), cfg, feats.y_train.shape[-1],
+                compile_classifier(model, stage_optimizer(cfg, rate, clf), cfg, feats.y_train.shape[-1],
                                    self.rt.jit_compile)
             guard, c0 = NaNGuard(), time.time()
             hist = model.fit(train_ds.repeat(), steps_per_epoch=trial_steps, epochs=1, validation_data=self.val_ds,
@@ -250,7 +253,8 @@ class Adapter:
             logs = {k: float(v[-1]) for k, v in hist.history.items()}
             ok = guard.bad_epoch is None and math.isfinite(logs.get("val_loss", math.nan))
             row = {"name": cand.name, "trainable": None if cand.trainable is None else sorted(cand.trainable),
-                   "lr": cand.lr, "steps": trial_steps, objective[4:]: round(logs.get(objective[4:], math.nan), 4),
+                   "lr": cand.lr, "steps": trial_steps, **({"warmup_steps": warmup} if warmup else {}),
+                   objective[4:]: round(logs.get(objective[4:], math.nan), 4),
                    objective: round(logs.get(objective, math.nan), 4) if ok else None,
                    "val_loss": round(logs.get("val_loss", math.nan), 4) if ok else None,
                    "seconds": round(time.time() - c0, 1)}
