@@ -126,6 +126,11 @@ def finetune_run(cfg: FinetuneConfig) -> RunResult:
     clf.save(os.path.join(out_dir, "model.keras"))
     run_folder.write_metrics(out_dir, out_metrics)
     _report(metrics, summary, imbalance, overfitting, data.skipped)
+    if failure is None:  # finished: the decoded-image disk cache has served (an interrupted run keeps it)
+        freed = run_folder.remove_image_cache(out_dir)
+        if freed:
+            print(f"[tlkit] removed the decoded-image disk cache ({freed / 2**30:.2f} GB) from "
+                  f"{os.path.join(out_dir, 'cache')}: the run is finished", flush=True)
     if failure is not None:
         raise TrainingError(f"{failure} The best model before it was saved to {os.path.join(out_dir, 'model.keras')}.")
     print(f"[tlkit] run folder: {out_dir}", flush=True)

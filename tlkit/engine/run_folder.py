@@ -92,3 +92,24 @@ def run_metrics(metrics: Mapping[str, Any], *, train_seconds: float, epochs: int
 def write_metrics(out_dir: str, metrics: Mapping[str, Any]) -> None:
     """Writes `metrics.json` atomically."""
     rundir.write_json(os.path.join(out_dir, METRICS_FILE), metrics)
+
+
+IMAGE_CACHES = ("train", "eval")  # the names of the decoded-image disk caches in RUN/cache (`make_dataset`)
+
+
+def remove_image_cache(out_dir: str) -> int:
+    """Removes the decoded-image disk caches of a finished run from `out_dir/cache` (`--cache disk`, or `auto` on
+    images too large for memory: 15 GB for 100,000 images at 224 px), and the folder when nothing else is in it;
+    returns the bytes freed. An interrupted run keeps them for `--resume`."""
+    folder = os.path.join(out_dir, "cache")
+    if not os.path.isdir(folder):
+        return 0
+    freed = 0
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.split(".", 1)[0] in IMAGE_CACHES and os.path.isfile(path):
+            freed += os.path.getsize(path)
+            os.remove(path)
+    if not os.listdir(folder):
+        os.rmdir(folder)
+    return freed
