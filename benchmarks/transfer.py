@@ -23,8 +23,8 @@ Recipes, each run in this process on the same folders, for every task and seed:
   three parameter groups (lower body, upper body, head), AdamW (betas 0.9/0.99, wd 0.01), batch 16, flip
   augmentation; the last epoch is the model (as fastai's `fine_tune`), so no validation-based selection.
 - `tlkit`: `tlkit finetune --base PATH.keras --image-dir TASK --image-size S` with every other flag at its
-  default; `tlkit_trial_warmup` the same with `--trial-warmup 0.3` (a candidate default, not yet measured on
-  every pair).
+  default; `tlkit_trial_warmup` the same with `--trial-warmup 0.3` explicitly (the default since session 7: on a
+  checkout before it, the way to measure it).
 
 Prints a table of test accuracy (mean and spread over the seeds) and writes JSON. A benchmark, not a test: the
 whole run takes about an hour on a 2-core CPU (`--tasks`, `--seeds`, `--recipes` make it shorter).
