@@ -42,6 +42,7 @@ import numpy as np
 
 from tlkit.core import rundir
 from tlkit.engine import features as F
+from tlkit.engine.metrics import forward_fn
 from tlkit.models.schedules import StageSchedule
 
 TRIAL_SHARE = 0.2  # of the fine-tuning budget, for each trial
@@ -54,7 +55,7 @@ class _Score:
     number of examples scored."""
 
     def __init__(self, predict, multi_label: bool):
-        self.predict, self.multi_label = predict, multi_label  # predict: `_compiled_head`
+        self.predict, self.multi_label = predict, multi_label  # predict: `metrics.forward_fn(head)`
         self.correct = self.n = 0
         self.metric = None
 
@@ -77,20 +78,12 @@ class _Score:
         return self.correct / max(self.n, 1)
 
 
-def _compiled_head(head: keras.Model):
-    """`head(x, training=False)` as one traced function of any batch size (as `predict` runs it)."""
-    import tensorflow as tf
-
-    spec = tf.TensorSpec([None, *head.input_shape[1:]], tf.float32)
-    return tf.function(lambda x: head(x, training=False), input_signature=[spec])
-
-
 def _probe_accuracy(head: keras.Model, x: np.ndarray, y: np.ndarray, multi_label: bool = False,
                     rows: int = 4096) -> float:
     """The probe's accuracy on features `x`; for a multi-label head its `map`, by the very metric the trials and the
     checkpoints are compared by (`loop.classifier_metrics`), so that the figures are comparable. `x` is read `rows`
     rows at a time (memory-mapped features stay on disk)."""
-    score = _Score(_compiled_head(head), multi_label)
+    score = _Score(forward_fn(head), multi_label)
     for i in range(0, len(x), rows):
         score.add(x[i:i + rows], y[i:i + rows])
     return score.result()
@@ -121,7 +114,7 @@ def choose_augment(model: keras.Model, split, size: int, num_classes: int, batch
 
     extractor, head = F.split_model(model)
     forward = F.compiled_forward(extractor, jit_compile)
-    predict = _compiled_head(head)
+    predict = forward_fn(head)
 
     def accuracy(augment: str, flip: bool | None) -> float:
         ds = make_dataset(split, size, batch_size, num_classes, training=True, augment=augment, cache="none",
